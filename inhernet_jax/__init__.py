@@ -1,0 +1,28 @@
+"""InherNet in JAX: inherit a trained teacher instead of distilling a student.
+
+Public API::
+
+  import inhernet_jax as ij
+  new_params = ij.inherit(teacher_params, 32, heads=3)
+  spec = ij.InherSpec(rank=32, heads=3)
+  model = MyModel(spec=spec)   # built from ij.layers.InherDense / InherConv
+"""
+
+from inhernet_jax import layers, svd
+from inhernet_jax.inherit import format_report, inherit, inherit_report, resolve
+from inhernet_jax.layers import InherConv, InherDense
+from inhernet_jax.spec import InherSpec, LayerPlan
+
+__all__ = [
+    "InherConv",
+    "InherDense",
+    "InherSpec",
+    "LayerPlan",
+    "format_report",
+    "inherit",
+    "inherit_report",
+    "layers",
+    "resolve",
+    "svd",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,454 @@
+"""The pytree transform: a teacher's params in, the inherited network's params out.
+
+`inherit` walks a Flax ``params`` collection, decides per kernel (by `InherSpec`) whether
+to keep or factorise it, decomposes all factorised kernels of one matrix shape together
+(one batched, jitted truncated SVD per shape), and returns a new pytree in the layout of
+`InherDense` / `InherConv`. Nothing else changes: biases of kept layers, norms,
+embeddings and every other leaf pass through as the same objects.
+
+Example::
+
+  student_params = inherit(teacher_params, 32, heads=3)
+  spec = resolve(teacher_params, InherSpec(energy=0.9, heads=3))   # data-dependent ranks
+  model = Model(spec=spec)                                          # matches the tree
+  rows = inherit_report(teacher_params, spec)                       # one row per kernel
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import warnings
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import threadpoolctl
+from flax.core import FrozenDict
+
+from inhernet_jax import svd
+from inhernet_jax.layers import gate_kernel_init
+from inhernet_jax.spec import InherSpec, LayerPlan, as_spec
+
+_MAX_KERNEL_NDIM = 5  # Dense (2) and 1D/2D/3D convs.
+
+
+@dataclasses.dataclass
+class _Kernel:
+  """A kernel leaf and what we know about it."""
+
+  keys: tuple[str, ...]  # Path of the kernel's parent dict.
+  path: str  # "a/b/kernel"
+  kernel: Any
+  bias: Any
+  stack: int
+  plan: LayerPlan | None = None
+  factors: tuple | None = None  # (u, s, v) in compute dtype, stack flattened.
+  params: dict | None = None  # The factor params that replace kernel and bias.
+
+  @property
+  def in_shape(self):
+    return self.kernel.shape[self.stack : -1]
+
+  @property
+  def stack_shape(self):
+    return self.kernel.shape[: self.stack]
+
+  @property
+  def m(self):
+    return int(np.prod(self.in_shape))
+
+  @property
+  def n(self):
+    return int(self.kernel.shape[-1])
+
+  def matrices(self):
+    """``(prod(stack), m, n)``: every slice of the stack as a matrix."""
+    return self.kernel.reshape(-1, self.m, self.n)
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _all_finite(x) -> bool:
+  if isinstance(x, jax.core.Tracer):
+    return True  # Unknowable under jit; checked on concrete calls.
+  if isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices()):
+    return bool(np.isfinite(np.asarray(x)).all())  # No compile, no copy on CPU.
+  return bool(jnp.isfinite(x).all())
+
+
+def _collect(params, spec: InherSpec) -> list[_Kernel]:
+  """Finds kernels, validates every leaf, infers stack axes."""
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        f"params must be a (nested) dict of arrays, the 'params' collection of a Flax "
+        f"model, got {type(params).__name__}"
+    )
+  if "params" in params and any(k in params for k in ("batch_stats", "cache", "intermediates")):
+    raise TypeError(
+        "params looks like a full variables dict (it has 'params' and "
+        f"{sorted(k for k in params if k != 'params')}); pass variables['params']"
+    )
+  kernels = []
+
+  def visit(node, keys):
+    for k, v in node.items():
+      path = "/".join((*keys, str(k)))
+      if isinstance(v, Mapping):
+        visit(v, (*keys, str(k)))
+        continue
+      if not _is_array(v):
+        raise TypeError(
+            f"{path}: expected an array leaf, got {type(v).__name__}; params must be a "
+            "pytree of arrays"
+        )
+      if k != "kernel":
+        continue
+      stack = spec.stack_axes(path)
+      bias = node.get("bias")
+      if stack is None:
+        # A scan-stacked layer has a bias with the same leading layer axes.
+        stack = 0
+        if _is_array(bias) and bias.ndim >= 2:
+          lead = bias.ndim - 1
+          if bias.shape[:lead] == v.shape[:lead] and bias.shape[-1] == v.shape[-1]:
+            stack = lead
+      if spec.match(path)[1].get("skip"):
+        kernels.append(_Kernel(keys, path, v, bias, stack, LayerPlan(False, 0, 0, 0, "skipped by rule")))
+        continue
+      ndim = v.ndim - stack
+      if not 2 <= ndim <= _MAX_KERNEL_NDIM:
+        raise ValueError(
+            f"{path}: kernel of shape {tuple(v.shape)} ({stack} stack axes) has "
+            f"{ndim} dims; InherDense/InherConv support 2 (Dense) to "
+            f"{_MAX_KERNEL_NDIM} (3-D conv). Skip it with a rule ({re.escape(path)!r}, 'skip')"
+        )
+      if not jnp.issubdtype(v.dtype, jnp.floating):
+        raise TypeError(f"{path}: kernel dtype must be floating, got {v.dtype}")
+      if not _all_finite(v):
+        raise ValueError(f"{path}: kernel has NaN or Inf values; cannot inherit from it")
+      kernels.append(_Kernel(keys, path, v, bias, stack))
+
+  visit(params, ())
+  for i, (pattern, _) in enumerate(spec.rules):
+    if not any(re.fullmatch(pattern, k.path) for k in kernels):
+      warnings.warn(f"InherSpec.rules[{i}] ({pattern!r}) matches no kernel", stacklevel=3)
+  return kernels
+
+
+def _by_shape(kernels):
+  groups: dict[Any, list[_Kernel]] = {}
+  for k in kernels:
+    groups.setdefault((k.m, k.n), []).append(k)
+  return groups
+
+
+def _plan_all(kernels: list[_Kernel], spec: InherSpec) -> None:
+  data = [k for k in kernels if k.plan is None and spec.needs_data(k.path)]
+  if any(isinstance(k.kernel, jax.core.Tracer) for k in data):
+    raise ValueError(
+        "the energy policy needs concrete teacher weights; call "
+        "spec = inhernet_jax.resolve(params, spec) outside jit and pass the resolved spec"
+    )
+  values = {}
+  for group in _by_shape(data).values():
+    sv = np.asarray(svd.singular_values(jnp.concatenate([k.matrices() for k in group])))
+    offset = 0
+    for k in group:
+      count = int(np.prod(k.stack_shape))
+      values[k.path] = sv[offset : offset + count]
+      offset += count
+  for k in kernels:
+    if k.plan is not None:
+      continue
+    use_bias = k.bias is not None
+    sv = values.get(k.path)
+    if sv is None:
+      k.plan = spec.plan(k.path, k.m, k.n, use_bias)
+      continue
+    # One rank for the whole stack (scan layers share shapes): the largest any slice needs.
+    plans = [spec.plan(k.path, k.m, k.n, use_bias, s) for s in sv]
+    k.plan = max(plans, key=lambda p: (p.factorize, p.rank))
+
+
+def _decompose(kernels: list[_Kernel], spec: InherSpec, key) -> None:
+  """Truncated SVDs of every factorised kernel, batched, and their factor params.
+
+  Kernels of one matrix shape and rank form a group (one batched call). For the
+  randomized method the costly subspace iteration is batched further over all groups
+  whose Gram matrices have the same size, whatever their other side.
+
+  The glue around it (stacking, Gram products, recovery, reshapes, casts) is written
+  once over an array namespace: NumPy when every kernel is a concrete array in host
+  memory, because on CPU compiling one XLA program per distinct shape costs more than
+  the work itself; jitted ``jax.numpy`` otherwise (accelerators, or inside a jit).
+  """
+  groups: dict[Any, list[_Kernel]] = {}
+  for k in kernels:
+    if k.plan.factorize:
+      groups.setdefault((k.m, k.n, k.plan.rank), []).append(k)
+  todo = [k for g in groups.values() for k in g]
+  host = bool(todo) and all(_on_host(k.kernel) for k in todo)
+  stack, exact, finish = (
+      (_stack, _exact, _finish_group) if host else (_stack_jit, _exact_jit, _finish_group_jit)
+  )
+  xp = np if host else jnp
+
+  def arrays(group):
+    return tuple(np.asarray(k.kernel) if host else k.kernel for k in group)
+
+  buckets: dict[Any, list] = {}
+  for (m, n, rank), group in groups.items():
+    if svd.resolve_method(m, n, rank, spec.method) == "exact":
+      u, s, v = exact(arrays(group), m, n, rank, xp=xp)
+      _store(group, key, finish(u, s, v, _biases(group, host), _meta(group), None, 0, xp=xp))
+    else:
+      a, g = stack(arrays(group), m, n, xp=xp)
+      size = min(m, n)
+      bucket = (size, rank, min(size, rank + svd._oversample(rank, None)))
+      buckets.setdefault(bucket, []).append((group, a, g))
+  for (size, rank, k), items in buckets.items():
+    g = xp.concatenate([g for _, _, g in items]) if len(items) > 1 else items[0][2]
+    q = svd.subspace(g, rank, jax.random.fold_in(key, size * 100003 + rank), k=k)
+    if host:
+      q = np.asarray(q)
+    offset = 0
+    for group, a, _ in items:
+      meta = _meta(group)
+      _store(group, key, finish(a, None, q, _biases(group, host), meta, "finalize", offset, xp=xp))
+      offset += a.shape[0]
+
+
+def _on_host(x) -> bool:
+  if isinstance(x, np.ndarray):
+    return True
+  return not isinstance(x, jax.core.Tracer) and all(d.platform == "cpu" for d in x.devices())
+
+
+def _meta(group):
+  return tuple(
+      (k.stack_shape, k.in_shape, k.n, k.plan.rank, k.plan.heads, k.kernel.dtype.name)
+      for k in group
+  )
+
+
+def _biases(group, host):
+  return tuple(None if k.bias is None else np.asarray(k.bias) if host else k.bias for k in group)
+
+
+def _stack(kernels, m, n, *, xp):
+  a = xp.concatenate([k.reshape(-1, m, n) for k in kernels]).astype(svd.compute_dtype())
+  return a, svd.gram(a, xp=xp)
+
+
+def _exact(kernels, m, n, rank, *, xp):
+  a = xp.concatenate([k.reshape(-1, m, n) for k in kernels])
+  return svd.exact_svd(a, rank, xp=xp)
+
+
+def _finish_group(a, s, x, biases, meta, mode, offset, *, xp):
+  """Per-kernel ``(u, s, v)`` and down/up params of one group."""
+  if mode == "finalize":
+    count = sum(int(np.prod(stack)) for stack, *_ in meta)
+    u, s, v = svd.finalize(a, x[offset : offset + count], meta[0][3], xp=xp)
+  else:
+    u, s, v = a, s, x
+  out, start = [], 0
+  for (lead, in_shape, n, rank, heads, dtype), bias in zip(meta, biases):
+    sl = slice(start, start + int(np.prod(lead)))
+    start = sl.stop
+    dtype = jnp.dtype(dtype)
+    down = u[sl].reshape(*lead, *in_shape, rank).astype(dtype)
+    # Every head is S_r V_r^T: with gate weights summing to one the layer is exact.
+    head = (s[sl][..., :, None] * xp.swapaxes(v[sl], -1, -2)).reshape(*lead, 1, rank, n)
+    params = {
+        "down": {"kernel": down},
+        "up": {"kernel": xp.broadcast_to(head, (*lead, heads, rank, n)).astype(dtype)},
+    }
+    if bias is not None:
+      b = bias.reshape(*lead, 1, n)
+      params["up"]["bias"] = xp.broadcast_to(b, (*lead, heads, n)).astype(bias.dtype)
+    out.append(((u[sl], s[sl], v[sl]), params))
+  return out
+
+
+_stack_jit = jax.jit(_stack, static_argnums=(1, 2), static_argnames=("xp",))
+_exact_jit = jax.jit(_exact, static_argnums=(1, 2, 3), static_argnames=("xp",))
+_finish_group_jit = jax.jit(_finish_group, static_argnums=(4, 5, 6), static_argnames=("xp",))
+
+
+def _store(group, key, results) -> None:
+  """Keeps each kernel's factors and its params (as jax arrays), adding the gate."""
+  for k, (factors, params) in zip(group, results):
+    k.factors = factors
+    # device_put, not jnp.asarray: the latter compiles a program per shape.
+    k.params = jax.tree.map(jax.device_put, params)
+    if k.plan.heads > 1:
+      k.params["gate"] = _gate_params(key, k)
+
+
+def _gate_params(key, k: _Kernel) -> dict:
+  """A random gate for one layer; the draw depends on (key, path) only, not on how
+  kernels happen to be grouped, and is the same eager and under jit."""
+  seed = zlib.crc32(k.path.encode()) & 0x7FFFFFFF
+  count = int(np.prod(k.stack_shape))
+  kernel = _draw_gates(key, seed, count, k.plan.rank, k.plan.heads, jnp.dtype(k.kernel.dtype).name)
+  return {
+      "kernel": kernel.reshape(*k.stack_shape, k.plan.rank, k.plan.heads),
+      # Host zeros: jnp.zeros would compile a program per shape.
+      "bias": jax.device_put(np.zeros((*k.stack_shape, k.plan.heads), k.kernel.dtype)),
+  }
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _draw_gates(key, seed, count, rank, heads, dtype):
+  keys = jax.random.split(jax.random.fold_in(key, seed), count)
+  # Drawn in float32 and cast, so a bf16 teacher gets the same gates, rounded.
+  gates = jax.vmap(lambda k: gate_kernel_init(k, (rank, heads), jnp.float32))(keys)
+  return gates.astype(dtype)
+
+
+def _rebuild(node, keys, factorised: dict):
+  kernel = factorised.get(keys)
+  out = {}
+  for k, v in node.items():
+    if isinstance(v, Mapping):
+      out[k] = _rebuild(v, (*keys, str(k)), factorised)
+    elif kernel is None or k not in ("kernel", "bias"):
+      out[k] = v
+  if kernel is not None:
+    new = kernel.params
+    clash = set(new) & set(out)
+    if clash:
+      raise ValueError(f"{'/'.join(keys)}: cannot add factor params {sorted(clash)}: names taken")
+    out.update(new)
+  return FrozenDict(out) if isinstance(node, FrozenDict) else out
+
+
+def _report_row(k: _Kernel) -> dict:
+  use_bias = k.bias is not None
+  layers = int(np.prod(k.stack_shape))
+  before = layers * svd.dense_params(k.m, k.n, use_bias)
+  row = {
+      "path": k.path,
+      "shape": tuple(int(d) for d in k.kernel.shape),
+      "stack": k.stack,
+      "action": "factorize" if k.plan.factorize else "keep",
+      "reason": k.plan.reason,
+      "rank": k.plan.rank,
+      "heads": k.plan.heads if k.plan.factorize else 0,
+      "full_rank": min(k.m, k.n),
+      "energy": 1.0,
+      "error": 0.0,
+      "rel_error": 0.0,
+      "params_before": before,
+      "params_after": before,
+  }
+  if k.plan.factorize:
+    # On the host in float64: reports are for reading, and the error of the factors we
+    # actually produced (not a formula) is what a user wants to see.
+    a = np.asarray(k.matrices(), np.float64)
+    u, s, v = (np.asarray(f, np.float64) for f in k.factors)
+    total = float(np.square(a).sum())
+    row["energy"] = float(np.square(s).sum()) / total if total > 0 else 1.0
+    row["error"] = float(np.linalg.norm(a - (u * s[:, None, :]) @ np.swapaxes(v, -1, -2)))
+    row["rel_error"] = row["error"] / np.sqrt(total) if total > 0 else 0.0
+    row["params_after"] = layers * svd.inherited_params(
+        k.m, k.n, k.plan.rank, k.plan.heads, use_bias
+    )
+  return row
+
+
+def _run(params, rank, heads, rules, key, need_factors=True):
+  spec = as_spec(rank, heads, rules)
+  kernels = _collect(params, spec)
+  _plan_all(kernels, spec)
+  if need_factors:
+    # One BLAS thread for the host-side NumPy glue: OpenBLAS threads spin while they
+    # wait, and spinning beside XLA's own CPU threads slowed cold runs 10-30x here.
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+      _decompose(kernels, spec, jax.random.key(0) if key is None else key)
+  return spec, kernels
+
+
+def inherit(
+    params,
+    rank: int | float | InherSpec,
+    *,
+    heads: int | None = None,
+    rules=(),
+    key: jax.Array | None = None,
+    return_report: bool = False,
+):
+  """Inherits a teacher: every selected kernel becomes a gated low-rank factorisation.
+
+  Args:
+    params: the teacher's ``params`` collection (nested dict of arrays). Not mutated.
+    rank: an int rank, a float fraction of each layer's full rank in (0, 1], or an
+      `InherSpec` (energy / parameter-ratio policies, rules, heads).
+    heads: number of expert up-projections (overrides the spec's).
+    rules: extra ``(regex, action)`` rules, tried before the spec's own.
+    key: PRNG key for the new gate weights and the randomized SVD; a fixed default,
+      so the same call always returns the same pytree.
+    return_report: also return `inherit_report`'s rows.
+
+  Returns:
+    The inherited params (and the report rows when ``return_report``). Right after this
+    call the inherited network computes the rank-r truncation of the teacher exactly.
+
+  Raises:
+    TypeError / ValueError naming the offending argument or leaf path.
+  """
+  spec, kernels = _run(params, rank, heads, rules, key)
+  factorised = {k.keys: k for k in kernels if k.plan.factorize}
+  out = _rebuild(params, (), factorised)
+  if return_report:
+    return out, [_report_row(k) for k in kernels]
+  return out
+
+
+def inherit_report(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> list[dict]:
+  """One row per kernel: path, shape, action, rank, heads, energy kept, Eckart-Young
+  error (absolute and relative), parameters before and after. Kept kernels appear too."""
+  _, kernels = _run(params, rank, heads, rules, None)
+  return [_report_row(k) for k in kernels]
+
+
+def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> InherSpec:
+  """Freezes a spec's decisions for ``params`` into exact per-path rules.
+
+  Needed for data-dependent policies (energy): the layers see shapes, not singular values,
+  so a model is built with the resolved spec: ``Model(spec=resolve(teacher, spec))``.
+  """
+  spec, kernels = _run(params, rank, heads, rules, None, need_factors=False)
+  exact = []
+  for k in kernels:
+    action = {"stack": k.stack}
+    if k.plan.factorize:
+      action.update(rank=k.plan.rank, heads=k.plan.heads)
+    else:
+      action["skip"] = True
+    exact.append((re.escape(k.path), action))
+  return spec.replace(rules=tuple(exact) + spec.rules, energy=None)
+
+
+def format_report(rows: list[dict]) -> str:
+  """A plain-text table of `inherit_report` rows with a totals line."""
+  head = f"{'path':<48} {'shape':<20} {'action':<9} {'rank':>5} {'H':>2} {'energy':>7} {'rel.err':>8} {'params':>12}"
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    lines.append(
+        f"{r['path'][-48:]:<48} {str(r['shape']):<20} {r['action']:<9} {r['rank']:>5} "
+        f"{r['heads']:>2} {r['energy']:>7.4f} {r['rel_error']:>8.4f} "
+        f"{r['params_before']:>6}->{r['params_after']:<6}"
+    )
+  before = sum(r["params_before"] for r in rows)
+  after = sum(r["params_after"] for r in rows)
+  lines.append(f"kernels: {len(rows)}, params {before} -> {after} ({after / max(before, 1):.3f}x)")
+  return "\n".join(lines)

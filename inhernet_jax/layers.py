@@ -1,0 +1,213 @@
+"""InherNet layers: drop-in `nn.Dense` / `nn.Conv` with an asymmetric gated factorisation.
+
+Without a spec (or where the spec keeps the layer) `InherDense` and `InherConv` *are*
+`nn.Dense` / `nn.Conv`: same fields, same parameters, so teacher checkpoints load. With a
+spec that factorises the layer they compute::
+
+    z = down(x)                       # shared compressor in -> r (a kh x kw conv for convs)
+    g = softmax(gate(z))              # H gate weights: per token (Dense), per sample (Conv,
+                                      # from the global-average-pooled z)
+    y = sum_h g_h * (z @ up_h + b_h)  # H expert up-projections r -> out (1x1 for convs)
+
+with parameters ``{"down": {"kernel"}, "up": {"kernel": (H, r, out), "bias": (H, out)},
+"gate": {"kernel": (r, H), "bias": (H,)}}`` (no gate when ``H == 1``). After
+`inhernet_jax.inherit` every head is ``S_r V_r^T`` and the gate weights sum to one, so the
+layer computes exactly the rank-r truncation of the teacher, for every H. (The public
+demo initialises each head to ``U_r S_r / H``, which scales the layer by ``1/H``; we do
+not.)
+
+Example::
+
+  conv = InherConv(64, (3, 3), spec=InherSpec(rank=16, heads=3))
+  variables = conv.init(key, x)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from inhernet_jax.spec import InherSpec, LayerPlan
+
+# Why random and not zero: right after inheritance all heads are identical. If the gate
+# were uniform for every input, each head's gradient would be the same (g_h = 1/H times
+# the same term) and the gate's gradient would be zero (the heads' outputs agree), so the
+# heads would stay identical forever and H heads would be one head. A random gate weighs
+# the heads differently per sample, so their gradients differ from the first step. The
+# scale is PyTorch's default Linear init, which the public demo uses.
+gate_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _plan(module: nn.Module, m: int, n: int) -> LayerPlan | None:
+  """The spec's plan for ``module``'s kernel, or None when there is no spec."""
+  if module.spec is None:
+    return None
+  if not isinstance(module.spec, InherSpec):
+    raise TypeError(f"{type(module).__name__}.spec must be an InherSpec or None, got {module.spec!r}")
+  path = "/".join(str(p) for p in (*module.path, "kernel"))
+  return module.spec.plan(path, m, n, module.use_bias)
+
+
+class _Experts(nn.Module):
+  """H up-projections ``r -> out`` mixed by gate weights ``g``."""
+
+  heads: int
+  features: int
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+  precision: Any
+  kernel_init: Any
+  bias_init: Any
+
+  def _stacked(self, name, init, shape):
+    def init_fn(key, shape, dtype):
+      keys = jax.random.split(key, self.heads)
+      return jnp.stack([init(k, shape, dtype) for k in keys])
+
+    return self.param(name, init_fn, shape, self.param_dtype)
+
+  @nn.compact
+  def __call__(self, z: jax.Array, g: jax.Array | None, per_sample: bool) -> jax.Array:
+    """Mixes the experts.
+
+    Args:
+      z: bottleneck ``(*batch, *positions, r)``.
+      g: gate weights ``(*batch, H)`` when ``per_sample`` else ``(*batch, *positions, H)``;
+        None when ``H == 1``.
+      per_sample: one gate per sample (convs) or per position (dense/token).
+    """
+    r = z.shape[-1]
+    kernel = self._stacked("kernel", self.kernel_init, (r, self.features))
+    bias = self._stacked("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    z, kernel, bias, g = nn.dtypes.promote_dtype(z, kernel, bias, g, dtype=self.dtype)
+    if self.heads == 1:
+      y = jnp.einsum("...r,rn->...n", z, kernel[0], precision=self.precision)
+      return y + bias[0] if bias is not None else y
+    if per_sample:
+      # Mix in weight space: one (r, out) kernel per sample, then a single contraction,
+      # instead of H full-size outputs.
+      batch = g.shape[:-1]
+      zs = z.reshape(*batch, -1, r)
+      mixed = jnp.einsum("...h,hrn->...rn", g, kernel, precision=self.precision)
+      y = jnp.einsum("...pr,...rn->...pn", zs, mixed, precision=self.precision)
+      y = y.reshape(*z.shape[:-1], self.features)
+      if bias is not None:
+        b = (g @ bias).reshape(*batch, *([1] * (z.ndim - 1 - len(batch))), self.features)
+        y = y + b
+      return y
+    # Per-token gates: fold the gate into the bottleneck, then one contraction over
+    # (heads x rank).
+    zg = (g[..., :, None] * z[..., None, :]).reshape(*z.shape[:-1], self.heads * r)
+    y = jnp.dot(zg, kernel.reshape(self.heads * r, self.features), precision=self.precision)
+    return y + g @ bias if bias is not None else y
+
+
+def _gate(module, z_summary: jax.Array, heads: int) -> jax.Array:
+  logits = nn.Dense(
+      heads,
+      dtype=module.dtype,
+      param_dtype=module.param_dtype,
+      precision=module.precision,
+      kernel_init=gate_kernel_init,
+      name="gate",
+  )(z_summary)
+  # Softmax in float32 so bf16 gates still sum to one.
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def _experts(module, plan: LayerPlan) -> _Experts:
+  return _Experts(
+      heads=plan.heads,
+      features=module.features,
+      use_bias=module.use_bias,
+      dtype=module.dtype,
+      param_dtype=module.param_dtype,
+      precision=module.precision,
+      kernel_init=module.kernel_init,
+      bias_init=module.bias_init,
+      name="up",
+  )
+
+
+class InherDense(nn.Dense):
+  """`nn.Dense` that factorises itself when ``spec`` says so (one gate per token).
+
+  Attributes:
+    spec: an `InherSpec`, or None for a plain `nn.Dense`.
+  """
+
+  spec: InherSpec | None = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    plan = _plan(self, inputs.shape[-1], self.features)
+    if plan is None or not plan.factorize:
+      return super().__call__(inputs)
+    z = nn.Dense(
+        plan.rank,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        precision=self.precision,
+        kernel_init=self.kernel_init,
+        dot_general=self.dot_general,
+        dot_general_cls=self.dot_general_cls,
+        name="down",
+    )(inputs)
+    g = _gate(self, z, plan.heads) if plan.heads > 1 else None
+    return _experts(self, plan)(z, g, per_sample=False)
+
+
+class InherConv(nn.Conv):
+  """`nn.Conv` that factorises itself when ``spec`` says so (one gate per sample).
+
+  The down-projection is a conv with the teacher's kernel size, strides, padding and
+  dilations into ``r`` channels; the experts are 1x1 convs (stored as ``(H, r, out)``).
+
+  Attributes:
+    spec: an `InherSpec`, or None for a plain `nn.Conv`.
+  """
+
+  spec: InherSpec | None = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel_size = (
+        (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+    )
+    plan = _plan(self, math.prod(kernel_size) * inputs.shape[-1], self.features)
+    if plan is None or not plan.factorize:
+      return super().__call__(inputs)
+    if self.feature_group_count != 1:
+      raise ValueError(
+          f"{'/'.join(self.path)}: grouped convs (feature_group_count="
+          f"{self.feature_group_count}) cannot be factorised; skip them with a rule"
+      )
+    if self.mask is not None:
+      raise ValueError(f"{'/'.join(self.path)}: masked convs cannot be factorised")
+    z = nn.Conv(
+        plan.rank,
+        kernel_size,
+        strides=self.strides,
+        padding=self.padding,
+        input_dilation=self.input_dilation,
+        kernel_dilation=self.kernel_dilation,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        precision=self.precision,
+        kernel_init=self.kernel_init,
+        conv_general_dilated=self.conv_general_dilated,
+        conv_general_dilated_cls=self.conv_general_dilated_cls,
+        name="down",
+    )(inputs)
+    g = None
+    if plan.heads > 1:
+      spatial = tuple(range(z.ndim - 1 - len(kernel_size), z.ndim - 1))
+      g = _gate(self, z.mean(axis=spatial), plan.heads)
+    return _experts(self, plan)(z, g, per_sample=True)

@@ -1,0 +1,282 @@
+"""`InherSpec`: which kernels are inherited, at which rank, with how many heads.
+
+One immutable, hashable object shared by `inherit` (the pytree transform) and the layers
+(`InherDense`, `InherConv`), so that ``model.clone(spec=s).init(...)`` and
+``inherit(teacher_params, s)`` agree on every layer's plan.
+
+Per-path rules are data, matched with ``re.fullmatch`` against a kernel's path
+(``"Block_0/Conv_1/kernel"``); the first matching rule wins (big_vision's
+``tree_map_with_regex`` convention). An action is one of:
+
+* ``"skip"``: keep the teacher layer as it is;
+* an ``int``: a fixed rank; a ``float`` in (0, 1]: a fraction of the layer's full rank;
+* a dict overriding any of ``rank``, ``heads``, ``energy``, ``param_ratio`` (and
+  ``stack``: the number of leading layer axes of a scan-stacked kernel).
+
+Example::
+
+  spec = InherSpec(rank=32, heads=3, rules=(
+      (r"stem/.*", "skip"),
+      (r".*/attn/.*", {"rank": 64}),
+      (r"head/kernel", "skip"),
+  ))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from flax import struct
+
+from inhernet_jax import svd
+
+_ACTION_KEYS = ("skip", "rank", "fraction", "energy", "param_ratio", "heads", "stack")
+_POLICIES = ("rank", "fraction", "energy", "param_ratio")
+
+
+def _check_rank(value: Any, where: str) -> int | float:
+  """Validates a rank: int >= 1 or float fraction in (0, 1]."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise TypeError(
+        f"{where}: rank must be an int >= 1 or a float fraction in (0, 1], "
+        f"got {type(value).__name__} {value!r}"
+    )
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ValueError(f"{where}: rank must be finite, got {value!r}")
+  if isinstance(value, int) and value < 1:
+    raise ValueError(f"{where}: rank must be >= 1, got {value}")
+  if isinstance(value, float) and not 0.0 < value <= 1.0:
+    raise ValueError(f"{where}: a fractional rank must be in (0, 1], got {value}")
+  return value
+
+
+def _check_unit(value: Any, name: str, where: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise TypeError(f"{where}: {name} must be a float in (0, 1], got {value!r}")
+  if not (math.isfinite(value) and 0.0 < value <= 1.0):
+    raise ValueError(f"{where}: {name} must be in (0, 1], got {value!r}")
+  return float(value)
+
+
+def _check_int(value: Any, name: str, where: str, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
+  return value
+
+
+def normalize_action(action: Any, where: str) -> tuple[tuple[str, Any], ...]:
+  """Turns a rule action into a sorted tuple of ``(key, value)`` pairs (hashable)."""
+  if isinstance(action, str):
+    if action not in ("skip", "keep"):
+      raise ValueError(f"{where}: a string action must be 'skip', got {action!r}")
+    return (("skip", True),)
+  if isinstance(action, Mapping):
+    items = dict(action)
+  elif isinstance(action, tuple) and all(isinstance(i, tuple) and len(i) == 2 for i in action):
+    items = dict(action)  # Already normalised.
+  elif isinstance(action, (int, float)) and not isinstance(action, bool):
+    items = {"rank": action}
+  else:
+    raise TypeError(
+        f"{where}: an action must be 'skip', an int rank, a float fraction or a dict, "
+        f"got {type(action).__name__} {action!r}"
+    )
+  unknown = set(items) - set(_ACTION_KEYS)
+  if unknown:
+    raise ValueError(f"{where}: unknown action keys {sorted(unknown)}; known: {_ACTION_KEYS}")
+  if "fraction" in items:
+    fraction = _check_rank(items["fraction"], where)
+    if not isinstance(fraction, float):
+      raise TypeError(f"{where}: fraction must be a float in (0, 1], got {fraction!r}")
+  if "rank" in items:
+    rank = _check_rank(items.pop("rank"), where)
+    if isinstance(rank, float) and "fraction" in items:
+      raise ValueError(f"{where}: a float rank is a fraction; give rank or fraction, not both")
+    items["fraction" if isinstance(rank, float) else "rank"] = rank
+  for name in ("energy", "param_ratio"):
+    if name in items:
+      items[name] = _check_unit(items[name], name, where)
+  if "heads" in items:
+    _check_int(items["heads"], "heads", where, 1)
+  if "stack" in items:
+    _check_int(items["stack"], "stack", where, 0)
+  if "skip" in items:
+    items["skip"] = bool(items["skip"])
+  if sum(k in items for k in _POLICIES) > 1:
+    raise ValueError(f"{where}: give at most one of {_POLICIES}, got {sorted(items)}")
+  return tuple(sorted(items.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """What happens to one kernel.
+
+  Attributes:
+    factorize: False keeps the teacher layer unchanged.
+    rank: the bottleneck rank ``r`` (0 when kept).
+    heads: number of expert up-projections ``H``.
+    full_rank: ``min(in, out)`` of the kernel matrix.
+    reason: why a kernel is kept (empty when factorised).
+  """
+
+  factorize: bool
+  rank: int
+  heads: int
+  full_rank: int
+  reason: str = ""
+
+
+@struct.dataclass
+class InherSpec:
+  """How to inherit a teacher: a rank policy, heads, and per-path rules.
+
+  Exactly one rank policy applies to each kernel (rules may override it):
+
+  Attributes:
+    rank: an int (fixed rank) or a float in (0, 1] (fraction of each layer's full rank).
+    heads: number of gated expert up-projections ``H`` (>= 1).
+    rules: ``((regex, action), ...)``, first full match wins; see the module docstring.
+    energy: keep the smallest rank whose spectral energy is at least this fraction. Data
+      dependent: `inhernet_jax.resolve` turns it into per-path ranks for the layers.
+    param_ratio: the largest rank whose layer has at most this fraction of the teacher
+      layer's parameters (heads and gate included).
+    method: SVD method, ``"auto"``, ``"exact"`` or ``"randomized"`` (see `svd`).
+    skip_if_no_saving: keep a layer whose factorisation has at least the teacher's
+      parameters (the demo's ``r >= min(m, n)`` check, by exact count). False factorises
+      regardless, capping the rank at full rank (ablations, exactness checks).
+  """
+
+  rank: int | float | None = struct.field(pytree_node=False, default=None)
+  heads: int = struct.field(pytree_node=False, default=1)
+  rules: tuple = struct.field(pytree_node=False, default=())
+  energy: float | None = struct.field(pytree_node=False, default=None)
+  param_ratio: float | None = struct.field(pytree_node=False, default=None)
+  method: str = struct.field(pytree_node=False, default="auto")
+  skip_if_no_saving: bool = struct.field(pytree_node=False, default=True)
+
+  def __post_init__(self):
+    if self.rank is not None:
+      _check_rank(self.rank, "InherSpec.rank")
+    if self.energy is not None:
+      _check_unit(self.energy, "energy", "InherSpec.energy")
+    if self.param_ratio is not None:
+      _check_unit(self.param_ratio, "param_ratio", "InherSpec.param_ratio")
+    given = [p for p in ("rank", "energy", "param_ratio") if getattr(self, p) is not None]
+    if len(given) > 1:
+      raise ValueError(f"InherSpec: give one of rank, energy, param_ratio, got {given}")
+    _check_int(self.heads, "heads", "InherSpec.heads", 1)
+    if self.method not in svd.METHODS:
+      raise ValueError(f"InherSpec.method must be one of {svd.METHODS}, got {self.method!r}")
+    if isinstance(self.rules, (str, Mapping)) or not isinstance(self.rules, (tuple, list)):
+      raise TypeError(f"InherSpec.rules must be a sequence of (regex, action), got {self.rules!r}")
+    rules = []
+    for i, rule in enumerate(self.rules):
+      if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+        raise TypeError(f"InherSpec.rules[{i}] must be a (regex, action) pair, got {rule!r}")
+      pattern, action = rule
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"InherSpec.rules[{i}]: invalid regex {pattern!r}: {e}") from None
+      rules.append((pattern, normalize_action(action, f"InherSpec.rules[{i}] ({pattern!r})")))
+    object.__setattr__(self, "rules", tuple(rules))
+
+  # ----------------------------------------------------------------------- matching
+  def match(self, path: str) -> tuple[int | None, dict[str, Any]]:
+    """Index and action of the first rule that fully matches ``path`` (or None, {})."""
+    for i, (pattern, action) in enumerate(self.rules):
+      if re.fullmatch(pattern, path):
+        return i, dict(action)
+    return None, {}
+
+  def stack_axes(self, path: str) -> int | None:
+    """Leading layer axes declared for ``path`` by a rule, or None."""
+    return self.match(path)[1].get("stack")
+
+  def needs_data(self, path: str) -> bool:
+    """Whether ``path``'s plan depends on singular values (energy policy)."""
+    _, action = self.match(path)
+    if action.get("skip"):
+      return False
+    if any(p in action for p in _POLICIES):
+      return "energy" in action
+    return self.energy is not None
+
+  def plan(
+      self,
+      path: str,
+      m: int,
+      n: int,
+      use_bias: bool,
+      singular_values=None,
+  ) -> LayerPlan:
+    """The plan for a kernel at ``path`` whose matrix is ``m x n``.
+
+    Args:
+      path: ``"/"``-joined param path of the kernel leaf.
+      m: input features of the matrix (``prod(kernel.shape[:-1])`` less stack axes).
+      n: output features.
+      use_bias: whether the teacher layer has a bias.
+      singular_values: the kernel's singular values, required by the energy policy.
+    """
+    full = min(m, n)
+    _, action = self.match(path)
+    heads = action.get("heads", self.heads)
+    if action.get("skip"):
+      return LayerPlan(False, 0, heads, full, "skipped by rule")
+    policy = next(((p, action[p]) for p in _POLICIES if p in action), None)
+    if policy is None:
+      if self.energy is not None:
+        policy = ("energy", self.energy)
+      elif self.param_ratio is not None:
+        policy = ("param_ratio", self.param_ratio)
+      elif self.rank is not None:
+        policy = ("fraction" if isinstance(self.rank, float) else "rank", self.rank)
+      else:
+        raise ValueError(
+            f"{path}: InherSpec has no rank policy (set rank, energy or param_ratio, "
+            "or a rule action for this path)"
+        )
+    kind, value = policy
+    if kind == "rank":
+      rank = value
+    elif kind == "fraction":
+      rank = max(1, math.ceil(value * full - 1e-9))
+    elif kind == "energy":
+      if singular_values is None:
+        raise ValueError(
+            f"{path}: the energy policy needs the teacher's singular values; resolve the "
+            "spec first: spec = inhernet_jax.resolve(teacher_params, spec)"
+        )
+      rank = svd.rank_for_energy(singular_values, value)
+    else:
+      rank = svd.rank_for_param_ratio(m, n, value, heads, use_bias)
+      if rank == 0:
+        return LayerPlan(False, 0, heads, full, f"no rank meets param_ratio={value}")
+    if not self.skip_if_no_saving:
+      return LayerPlan(True, min(rank, full), heads, full)
+    if rank >= full:
+      return LayerPlan(False, 0, heads, full, f"rank {rank} >= full rank {full}")
+    if svd.inherited_params(m, n, rank, heads, use_bias) >= svd.dense_params(m, n, use_bias):
+      return LayerPlan(False, 0, heads, full, "factorisation saves no parameters")
+    return LayerPlan(True, rank, heads, full)
+
+
+def as_spec(rank: Any, heads: int | None = None, rules=None) -> InherSpec:
+  """Builds an `InherSpec` from `inherit`'s ``rank`` argument (int, float or spec)."""
+  if isinstance(rank, InherSpec):
+    spec = rank
+    changes = {}
+    if heads is not None:
+      changes["heads"] = heads
+    if rules:
+      changes["rules"] = tuple(rules) + spec.rules
+    return spec.replace(**changes) if changes else spec
+  _check_rank(rank, "inherit(rank=...)")
+  return InherSpec(rank=rank, heads=1 if heads is None else heads, rules=tuple(rules or ()))

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the test suite (installs requirements.txt into .venv first if needed).
+#   bash launch/test.sh            # everything
+#   bash launch/test.sh -k svd     # extra arguments go to pytest
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# Two pytest workers on a 2-core machine: one XLA/BLAS thread each, or their spinning
+# thread pools oversubscribe the cores and slow everything down many times.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" "$@"

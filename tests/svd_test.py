@@ -1,0 +1,437 @@
+"""Tests for `inhernet_jax.svd`: truncation, spectral quantities, parameter counts.
+
+References are computed independently in float64 numpy; the library runs in float32
+(x64 is off), so comparisons carry float32 tolerances scaled by the matrix norm.
+"""
+
+import math
+
+import chex
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from inhernet_jax import svd
+from inhernet_jax.layers import InherDense
+from inhernet_jax.spec import InherSpec
+
+# float32 SVD: backward error is a small multiple of eps32 * ||A||.
+F32_ATOL = 3e-5
+
+
+# ------------------------------------------------------------------------ strategies
+@st.composite
+def matrices(draw, max_m=12, max_n=10, generic=False):
+  """Small float32 matrices: gaussian, exactly low rank, or hypothesis-drawn entries.
+
+  ``generic=True`` draws only gaussian matrices (full rank with probability one and
+  well separated singular values, so singular vectors are well defined).
+  """
+  m = draw(st.integers(1, max_m))
+  n = draw(st.integers(1, max_n))
+  kinds = ["gaussian"] if generic else ["gaussian", "low_rank", "entries"]
+  kind = draw(st.sampled_from(kinds))
+  if kind == "entries":
+    elements = st.floats(-8, 8, width=32, allow_subnormal=False)
+    return draw(hnp.arrays(np.float32, (m, n), elements=elements))
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+  if kind == "gaussian":
+    a = rng.standard_normal((m, n))
+  else:
+    k = draw(st.integers(1, min(m, n)))
+    a = rng.standard_normal((m, k)) @ rng.standard_normal((k, n))
+  return (scale * a).astype(np.float32)
+
+
+def np_singular_values(a):
+  return np.linalg.svd(np.asarray(a, np.float64), compute_uv=False)
+
+
+def np_tail_error(a, rank):
+  s = np_singular_values(a)
+  return float(np.sqrt(np.sum(s[rank:] ** 2)))
+
+
+def reconstruct(u, s, v):
+  u, s, v = (np.asarray(x, np.float64) for x in (u, s, v))
+  return (u * s[..., None, :]) @ np.swapaxes(v, -1, -2)
+
+
+def count_inherited(m, n, r, heads, use_bias):
+  """Parameter count written out from the method notes (independent of the library)."""
+  down = m * r
+  ups = heads * r * n + (heads * n if use_bias else 0)
+  gate = (r * heads + heads) if heads > 1 else 0
+  return down + ups + gate
+
+
+def count_dense(m, n, use_bias):
+  return m * n + (n if use_bias else 0)
+
+
+def assert_orthonormal_columns(x, atol):
+  x = np.asarray(x, np.float64)
+  k = x.shape[-1]
+  chex.assert_trees_all_close(np.swapaxes(x, -1, -2) @ x, np.broadcast_to(np.eye(k), (*x.shape[:-2], k, k)), atol=atol)
+
+
+def random_spectrum_matrix(m, n, s, seed):
+  """``U diag(s) V^T`` with random orthonormal U, V and the given singular values."""
+  rng = np.random.default_rng(seed)
+  k = min(m, n)
+  u = np.linalg.qr(rng.standard_normal((m, k)))[0]
+  v = np.linalg.qr(rng.standard_normal((n, k)))[0]
+  return ((u * np.asarray(s)[:k]) @ v.T).astype(np.float32)
+
+
+# ----------------------------------------------------------------------- Eckart-Young
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(a=matrices(), data=st.data())
+def test_truncation_error_equals_eckart_young(a, data):
+  rank = data.draw(st.integers(1, min(a.shape)), label="rank")
+  u, s, v = svd.truncated_svd(a, rank, method="exact")
+  chex.assert_shape([u, s, v], [(a.shape[0], rank), (rank,), (a.shape[1], rank)])
+  err = np.linalg.norm(np.asarray(a, np.float64) - reconstruct(u, s, v))
+  predicted = float(svd.eckart_young_error(svd.singular_values(a), rank))
+  norm = np.linalg.norm(np.asarray(a, np.float64))
+  tol = dict(rtol=1e-4, atol=F32_ATOL * norm + 1e-30)
+  np.testing.assert_allclose(err, predicted, **tol)
+  # And both agree with an independent float64 reference.
+  np.testing.assert_allclose(predicted, np_tail_error(a, rank), **tol)
+  # Singular values are the top ones, descending.
+  np.testing.assert_allclose(np.asarray(s), np_singular_values(a)[:rank], rtol=1e-4, atol=F32_ATOL * norm + 1e-30)
+
+
+@st.composite
+def rank_r_candidates(draw, a, rank):
+  """Rank-``rank`` matrices ``B @ C``: arbitrary, or perturbations of the optimum."""
+  m, n = a.shape
+  if draw(st.booleans()):
+    elements = st.floats(-4, 4, width=32, allow_subnormal=False)
+    b = draw(hnp.arrays(np.float64, (m, rank), elements=elements))
+    c = draw(hnp.arrays(np.float64, (rank, n), elements=elements))
+    return b * np.sqrt(np.linalg.norm(a) + 1e-30), c * np.sqrt(np.linalg.norm(a) + 1e-30)
+  u, s, vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  eps = draw(st.sampled_from([0.0, 1e-4, 1e-2, 1.0])) * (s[0] if s.size else 1.0)
+  b = u[:, :rank] * s[:rank] + eps * rng.standard_normal((m, rank))
+  c = vt[:rank] + eps * rng.standard_normal((rank, n)) / max(s[0], 1e-30)
+  return b, c
+
+
+@hypothesis.settings(max_examples=20)
+@hypothesis.given(a=matrices(), data=st.data())
+def test_no_rank_r_matrix_beats_eckart_young(a, data):
+  rank = data.draw(st.integers(1, min(a.shape)), label="rank")
+  b, c = data.draw(rank_r_candidates(a, rank), label="candidate")
+  best = float(svd.eckart_young_error(svd.singular_values(a), rank))
+  norm = np.linalg.norm(np.asarray(a, np.float64))
+  other = np.linalg.norm(np.asarray(a, np.float64) - b @ c)
+  assert other >= best * (1 - 1e-4) - F32_ATOL * norm, (other, best)
+
+
+# ------------------------------------------------------------------- orthonormality
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(a=matrices(generic=True), data=st.data())
+def test_exact_factors_are_orthonormal(a, data):
+  rank = data.draw(st.integers(1, min(a.shape)), label="rank")
+  u, s, v = svd.truncated_svd(a, rank, method="exact")
+  assert_orthonormal_columns(u, 1e-5)
+  assert_orthonormal_columns(v, 1e-5)
+  s = np.asarray(s)
+  assert np.all(s >= 0) and np.all(np.diff(s) <= 0)
+
+
+@hypothesis.settings(max_examples=6)
+@hypothesis.given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from([(40, 24), (24, 40)]),
+    rank=st.integers(1, 4),
+    oversample=st.sampled_from([None, 2]),
+    iters=st.sampled_from([2, 24]),
+)
+def test_randomized_factors_are_orthonormal(seed, shape, rank, oversample, iters):
+  a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  u, s, v = svd.truncated_svd(
+      a, rank, jax.random.key(seed % 1000), method="randomized", oversample=oversample, iters=iters
+  )
+  chex.assert_shape([u, s, v], [(shape[0], rank), (rank,), (shape[1], rank)])
+  assert_orthonormal_columns(u, 1e-4)
+  assert_orthonormal_columns(v, 1e-4)
+  s = np.asarray(s)
+  assert np.all(s >= 0) and np.all(np.diff(s) <= 1e-6 * s[0])
+  # Ritz values never exceed the true singular values (interlacing).
+  assert np.all(s <= np_singular_values(a)[:rank] * (1 + 1e-5))
+
+
+def test_randomized_factors_orthonormal_for_rank_deficient_matrix():
+  rng = np.random.default_rng(0)
+  a = (rng.standard_normal((512, 2)) @ rng.standard_normal((2, 256))).astype(np.float32)
+  assert svd.use_randomized(512, 256, 8)
+  u, s, v = svd.truncated_svd(a, 8)  # auto -> randomized
+  assert_orthonormal_columns(v, 1e-4)
+  assert_orthonormal_columns(u, 1e-4)
+
+
+def test_randomized_accurate_on_steeply_decaying_spectrum():
+  spectrum = 0.3 ** np.arange(256)  # s_8 / s_1 ~ 2e-4
+  a = random_spectrum_matrix(512, 256, spectrum, seed=1)
+  assert svd.use_randomized(512, 256, 8)
+  u, s, v = svd.truncated_svd(a, 8)
+  np.testing.assert_allclose(np.asarray(s), np_singular_values(a)[:8], rtol=1e-3)
+  assert_orthonormal_columns(u, 1e-3)
+
+
+# -------------------------------------------------------------------- monotonicity
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(a=matrices(max_m=8, max_n=8))
+def test_error_and_energy_monotone_in_rank(a):
+  k = min(a.shape)
+  s = svd.singular_values(a)
+  norm2 = float(np.sum(np.asarray(a, np.float64) ** 2))
+  errors = np.array([float(svd.eckart_young_error(s, r)) for r in range(k + 1)])
+  energies = np.array([float(svd.energy_kept(s, r)) for r in range(k + 1)])
+  slack = 1e-6 * (errors[0] + 1e-30)
+  assert np.all(np.diff(errors) <= slack), errors
+  assert np.all(np.diff(energies) >= -1e-6), energies
+  np.testing.assert_allclose(errors[0], np.sqrt(norm2), rtol=1e-5)
+  assert errors[-1] <= 1e-6 * np.sqrt(norm2) + 1e-30
+  assert energies[-1] == pytest.approx(1.0, abs=1e-6)
+  # Kept energy and the squared error split the total.
+  if norm2 > 0:
+    np.testing.assert_allclose(energies * norm2 + errors**2, norm2, rtol=1e-4)
+  # The actual truncations are monotone too (one SVD, truncated by slicing).
+  u, s_full, v = (np.asarray(x, np.float64) for x in svd.truncated_svd(a, k, method="exact"))
+  actual = [np.linalg.norm(a - (u[:, :r] * s_full[:r]) @ v[:, :r].T) for r in range(1, k + 1)]
+  assert np.all(np.diff(actual) <= F32_ATOL * np.sqrt(norm2) + 1e-30), actual
+
+
+def test_zero_matrix_spectral_quantities():
+  s = svd.singular_values(np.zeros((4, 3), np.float32))
+  assert float(svd.energy_kept(s, 1)) == 1.0
+  assert float(svd.eckart_young_error(s, 1)) == 0.0
+
+
+# ------------------------------------------------------------------ randomized method
+def _decaying(m, n, seed):
+  return random_spectrum_matrix(m, n, 0.7 ** np.arange(min(m, n)), seed)
+
+
+def _gaussian(m, n, seed):
+  return np.random.default_rng(seed).standard_normal((m, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "make, m, n",
+    [(_decaying, 512, 256), (_gaussian, 512, 256), (_decaying, 256, 512)],
+    ids=["decaying-512x256", "gaussian-512x256", "decaying-256x512"],
+)
+def test_randomized_matches_exact(make, m, n):
+  rank = 8
+  a = make(m, n, seed=m + n)
+  assert svd.use_randomized(m, n, rank)
+  u, s, v = svd.truncated_svd(a, rank)  # auto
+  # `auto` is exactly the randomized method here.
+  chex.assert_trees_all_equal((u, s, v), svd.truncated_svd(a, rank, method="randomized"))
+  ref_u, ref_s, ref_vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
+  np.testing.assert_allclose(np.asarray(s), ref_s[:rank], rtol=1e-3)
+  assert_orthonormal_columns(u, 1e-4)
+  assert_orthonormal_columns(v, 1e-4)
+  err = np.linalg.norm(a - reconstruct(u, s, v))
+  best = np.sqrt(np.sum(ref_s[rank:] ** 2))
+  assert err <= best * (1 + 1e-3)
+  if make is _decaying:  # Well separated: the singular vectors themselves match.
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(u) * ref_u[:, :rank], 0)), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(v) * ref_vt[:rank].T, 0)), 1.0, atol=1e-3)
+
+
+def test_auto_uses_exact_where_use_randomized_says_so():
+  a = _gaussian(40, 24, seed=3)
+  assert not svd.use_randomized(40, 24, 4)
+  chex.assert_trees_all_equal(svd.truncated_svd(a, 4), svd.truncated_svd(a, 4, method="exact"))
+
+
+# ------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_batched_equals_per_matrix(method):
+  rng = np.random.default_rng(7)
+  a = rng.standard_normal((2, 3, 9, 7)).astype(np.float32)
+  rank = 3
+  u, s, v = svd.truncated_svd(a, rank, method=method)
+  chex.assert_shape([u, s, v], [(2, 3, 9, rank), (2, 3, rank), (2, 3, 7, rank)])
+  sv_all = svd.singular_values(a)
+  for i in range(2):
+    for j in range(3):
+      ui, si, vi = svd.truncated_svd(a[i, j], rank, method=method)
+      np.testing.assert_allclose(np.asarray(s[i, j]), np.asarray(si), rtol=1e-5)
+      # Singular vectors agree up to sign (distinct singular values).
+      signs = np.sign(np.sum(np.asarray(u[i, j]) * np.asarray(ui), 0))
+      np.testing.assert_allclose(np.asarray(u[i, j]) * signs, np.asarray(ui), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(v[i, j]) * signs, np.asarray(vi), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(sv_all[i, j]), np.asarray(svd.singular_values(a[i, j])), rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(svd.eckart_young_error(sv_all, rank)),
+      np.sqrt(np.sum(np.asarray(sv_all, np.float64)[..., rank:] ** 2, -1)),
+      rtol=1e-5,
+  )
+  chex.assert_shape(svd.energy_kept(sv_all, rank), (2, 3))
+
+
+# -------------------------------------------------------------------------- layouts
+@hypothesis.settings(max_examples=25)
+@hypothesis.given(
+    stack=st.lists(st.integers(1, 3), max_size=2),
+    in_shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    out=st.integers(1, 5),
+    k=st.integers(1, 4),
+)
+def test_as_matrix_from_matrix_round_trip(stack, in_shape, out, k):
+  """Dense (1 in-axis), 1D/2D/3D conv kernels (2-4 in-axes), with 0-2 stack axes."""
+  rng = np.random.default_rng(0)
+  kernel = rng.standard_normal((*stack, *in_shape, out)).astype(np.float32)
+  mat = svd.as_matrix(kernel, stack=len(stack))
+  assert mat.shape == (*stack, math.prod(in_shape), out)
+  np.testing.assert_array_equal(svd.from_matrix(mat, in_shape), kernel)
+  # A factor with k != out columns maps back to the kernel's input layout.
+  factor = rng.standard_normal((*stack, math.prod(in_shape), k)).astype(np.float32)
+  back = svd.from_matrix(factor, in_shape)
+  assert back.shape == (*stack, *in_shape, k)
+  np.testing.assert_array_equal(svd.as_matrix(back, stack=len(stack)), factor)
+  # y = x @ A: a patch over the input axes, flattened, contracts with the matrix exactly
+  # as with the kernel itself.
+  patch = rng.standard_normal(in_shape).astype(np.float64)
+  direct = np.tensordot(patch, np.asarray(kernel, np.float64), axes=(list(range(len(in_shape))), list(range(len(stack), len(stack) + len(in_shape)))))
+  via_matrix = np.einsum("i,...io->...o", patch.reshape(-1), np.asarray(mat, np.float64))
+  np.testing.assert_allclose(direct, via_matrix, rtol=1e-10, atol=1e-10)
+
+
+def test_as_matrix_on_jax_arrays():
+  kernel = jnp.arange(2 * 3 * 3 * 2 * 4, dtype=jnp.float32).reshape(2, 3, 3, 2, 4)
+  mat = svd.as_matrix(kernel, stack=1)
+  chex.assert_shape(mat, (2, 18, 4))
+  chex.assert_trees_all_equal(svd.from_matrix(mat, (3, 3, 2)), kernel)
+
+
+# ------------------------------------------------------------------ rank for energy
+@hypothesis.settings(max_examples=25)
+@hypothesis.given(
+    s=st.lists(st.one_of(st.just(0.0), st.floats(1e-3, 1e3)), min_size=1, max_size=12),
+    energy=st.one_of(st.floats(1e-6, 1.0, exclude_min=False), st.just(1.0)),
+)
+def test_rank_for_energy_is_smallest_meeting_threshold(s, energy):
+  s = np.sort(np.asarray(s))[::-1]
+  r = svd.rank_for_energy(s, energy)
+  assert isinstance(r, int) and 1 <= r <= len(s)
+  s2 = s.astype(np.float64) ** 2
+  total = s2.sum()
+  if total == 0:
+    assert r == 1
+    return
+  kept = lambda k: s2[:k].sum() / total  # noqa: E731
+  assert kept(r) >= energy - 1e-9, (r, kept(r), energy)
+  # Brute force: no smaller rank meets it.
+  smallest = next(k for k in range(1, len(s) + 1) if kept(k) >= energy - 1e-12)
+  assert r <= smallest
+  for k in range(1, r):
+    assert kept(k) < energy, (k, kept(k), energy)
+
+
+def test_rank_for_energy_full_energy_counts_nonzero_values():
+  assert svd.rank_for_energy([5.0, 3.0, 2.0, 0.0, 0.0], 1.0) == 3
+  assert svd.rank_for_energy([5.0, 3.0, 2.0], 1.0) == 3
+  assert svd.rank_for_energy([0.0, 0.0], 0.5) == 1
+
+
+# --------------------------------------------------------------- parameter counting
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    heads=st.integers(1, 4),
+    use_bias=st.booleans(),
+    data=st.data(),
+)
+def test_param_counts_match_real_layers(m, n, heads, use_bias, data):
+  rank = data.draw(st.integers(1, min(m, n)), label="rank")
+  x = jax.ShapeDtypeStruct((2, m), jnp.float32)
+  key = jax.random.key(0)
+
+  def size(module):
+    shapes = jax.eval_shape(module.init, key, x)["params"]
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
+
+  spec = InherSpec(rank=rank, heads=heads, skip_if_no_saving=False)
+  assert size(InherDense(n, use_bias=use_bias, spec=spec)) == svd.inherited_params(m, n, rank, heads, use_bias)
+  assert size(InherDense(n, use_bias=use_bias)) == svd.dense_params(m, n, use_bias)
+  assert svd.inherited_params(m, n, rank, heads, use_bias) == count_inherited(m, n, rank, heads, use_bias)
+  assert svd.dense_params(m, n, use_bias) == count_dense(m, n, use_bias)
+
+
+@hypothesis.settings(max_examples=25)
+@hypothesis.given(
+    m=st.integers(1, 300),
+    n=st.integers(1, 300),
+    ratio=st.floats(1e-4, 1.0),
+    heads=st.integers(1, 4),
+    use_bias=st.booleans(),
+)
+def test_rank_for_param_ratio_is_largest_within_budget(m, n, ratio, heads, use_bias):
+  r = svd.rank_for_param_ratio(m, n, ratio, heads, use_bias)
+  assert isinstance(r, int) and 0 <= r <= min(m, n)
+  budget = ratio * count_dense(m, n, use_bias)
+  fits = [k for k in range(1, min(m, n) + 1) if count_inherited(m, n, k, heads, use_bias) <= budget]
+  assert r == (max(fits) if fits else 0), (r, fits[-3:])
+  if r:
+    assert count_inherited(m, n, r, heads, use_bias) <= budget
+  if r < min(m, n):
+    assert count_inherited(m, n, r + 1, heads, use_bias) > budget
+
+
+@hypothesis.settings(max_examples=25)
+@hypothesis.given(
+    m=st.integers(1, 500),
+    n=st.integers(1, 500),
+    heads=st.integers(1, 4),
+    use_bias=st.booleans(),
+    data=st.data(),
+)
+def test_compression_ratio(m, n, heads, use_bias, data):
+  rank = data.draw(st.integers(1, min(m, n)), label="rank")
+  ratio = svd.compression_ratio(m, n, rank, heads, use_bias)
+  expected = count_dense(m, n, use_bias) / count_inherited(m, n, rank, heads, use_bias)
+  assert ratio == pytest.approx(expected, rel=1e-12)
+  assert (ratio > 1) == (count_inherited(m, n, rank, heads, use_bias) < count_dense(m, n, use_bias))
+  if heads == 1 and not use_bias:  # The paper's mn / (H r (m + n)) is exact here.
+    assert ratio == pytest.approx(m * n / (rank * (m + n)), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_low_precision_input_computes_in_float32(dtype, method):
+  assert svd.compute_dtype() == jnp.float32
+  a = jnp.asarray(_gaussian(9, 7, seed=0), dtype)
+  u, s, v = svd.truncated_svd(a, 3, method=method)
+  for x in (u, s, v, svd.singular_values(a)):
+    assert x.dtype == jnp.float32
+  # Same answer as the float32 SVD of the same (rounded) values.
+  ref = np_singular_values(np.asarray(a.astype(jnp.float32)))[:3]
+  np.testing.assert_allclose(np.asarray(s), ref, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("rank", [0, -1, 8])
+def test_truncated_svd_rejects_bad_rank(rank):
+  a = np.ones((9, 7), np.float32)
+  with pytest.raises(ValueError, match="rank"):
+    svd.truncated_svd(a, rank)
+
+
+def test_truncated_svd_rejects_unknown_method():
+  with pytest.raises(ValueError, match="method"):
+    svd.truncated_svd(np.ones((3, 3), np.float32), 1, method="lanczos")
