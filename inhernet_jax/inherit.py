@@ -2,7 +2,7 @@
 
 `inherit` walks a Flax ``params`` collection, decides per kernel (by `InherSpec`) whether
 to keep or factorise it, decomposes all factorised kernels of one matrix shape together
-(one batched, jitted truncated SVD per shape), and returns a new pytree in the layout of
+(batched truncated SVDs, see `_decompose`), and returns a new pytree in the layout of
 `InherDense` / `InherConv`. Nothing else changes: biases of kept layers, norms,
 embeddings and every other leaf pass through as the same objects.
 
@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import threadpoolctl
 from flax.core import FrozenDict
 
 from inhernet_jax import svd
@@ -67,8 +66,10 @@ class _Kernel:
     return int(self.kernel.shape[-1])
 
   def matrices(self):
-    """``(prod(stack), m, n)``: every slice of the stack as a matrix."""
-    return self.kernel.reshape(-1, self.m, self.n)
+    """``(prod(stack), m, n)``: every slice of the stack as a matrix (NumPy on the host:
+    an eager jnp reshape would compile a program per shape)."""
+    kernel = np.asarray(self.kernel) if _on_host(self.kernel) else self.kernel
+    return kernel.reshape(-1, self.m, self.n)
 
 
 def _is_array(x) -> bool:
@@ -158,7 +159,9 @@ def _plan_all(kernels: list[_Kernel], spec: InherSpec) -> None:
     )
   values = {}
   for group in _by_shape(data).values():
-    sv = np.asarray(svd.singular_values(jnp.concatenate([k.matrices() for k in group])))
+    mats = [k.matrices() for k in group]
+    xp = np if all(isinstance(m, np.ndarray) for m in mats) else jnp
+    sv = np.asarray(svd.singular_values(xp.concatenate(mats), xp=xp))
     offset = 0
     for k in group:
       count = int(np.prod(k.stack_shape))
@@ -215,9 +218,7 @@ def _decompose(kernels: list[_Kernel], spec: InherSpec, key) -> None:
       buckets.setdefault(bucket, []).append((group, a, g))
   for (size, rank, k), items in buckets.items():
     g = xp.concatenate([g for _, _, g in items]) if len(items) > 1 else items[0][2]
-    q = svd.subspace(g, rank, jax.random.fold_in(key, size * 100003 + rank), k=k)
-    if host:
-      q = np.asarray(q)
+    q = svd.subspace(g, rank, jax.random.fold_in(key, size * 100003 + rank), k=k, xp=xp)
     offset = 0
     for group, a, _ in items:
       meta = _meta(group)
@@ -297,21 +298,20 @@ def _gate_params(key, k: _Kernel) -> dict:
   """A random gate for one layer; the draw depends on (key, path) only, not on how
   kernels happen to be grouped, and is the same eager and under jit."""
   seed = zlib.crc32(k.path.encode()) & 0x7FFFFFFF
-  count = int(np.prod(k.stack_shape))
-  kernel = _draw_gates(key, seed, count, k.plan.rank, k.plan.heads, jnp.dtype(k.kernel.dtype).name)
+  dtype = jnp.dtype(k.kernel.dtype).name
   return {
-      "kernel": kernel.reshape(*k.stack_shape, k.plan.rank, k.plan.heads),
+      "kernel": _draw_gates(key, seed, k.stack_shape, k.plan.rank, k.plan.heads, dtype),
       # Host zeros: jnp.zeros would compile a program per shape.
       "bias": jax.device_put(np.zeros((*k.stack_shape, k.plan.heads), k.kernel.dtype)),
   }
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _draw_gates(key, seed, count, rank, heads, dtype):
-  keys = jax.random.split(jax.random.fold_in(key, seed), count)
+def _draw_gates(key, seed, stack_shape, rank, heads, dtype):
+  keys = jax.random.split(jax.random.fold_in(key, seed), int(np.prod(stack_shape)))
   # Drawn in float32 and cast, so a bf16 teacher gets the same gates, rounded.
   gates = jax.vmap(lambda k: gate_kernel_init(k, (rank, heads), jnp.float32))(keys)
-  return gates.astype(dtype)
+  return gates.reshape(*stack_shape, rank, heads).astype(dtype)
 
 
 def _rebuild(node, keys, factorised: dict):
@@ -370,10 +370,7 @@ def _run(params, rank, heads, rules, key, need_factors=True):
   kernels = _collect(params, spec)
   _plan_all(kernels, spec)
   if need_factors:
-    # One BLAS thread for the host-side NumPy glue: OpenBLAS threads spin while they
-    # wait, and spinning beside XLA's own CPU threads slowed cold runs 10-30x here.
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-      _decompose(kernels, spec, jax.random.key(0) if key is None else key)
+    _decompose(kernels, spec, jax.random.key(0) if key is None else key)
   return spec, kernels
 
 

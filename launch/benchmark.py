@@ -102,7 +102,10 @@ def _accuracy(params, out, rank):
     exact = np.linalg.svd(w.reshape(-1, w.shape[-1]), compute_uv=False)[:rank]
     # Each head is S_r V_r^T with orthonormal V_r: its row norms are the singular values.
     got = np.linalg.norm(np.asarray(up[0], np.float64), axis=-1)
-    worst = max(worst, float(np.max(np.abs(got - exact) / exact)))
+    err = np.abs(got - exact) / exact
+    if not np.all(np.isfinite(err)):
+      raise FloatingPointError(f"{name}: non-finite singular values {got} vs {exact}")
+    worst = max(worst, float(err.max()))
     checked += 1
   return worst, checked
 

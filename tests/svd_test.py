@@ -435,3 +435,25 @@ def test_truncated_svd_rejects_bad_rank(rank):
 def test_truncated_svd_rejects_unknown_method():
   with pytest.raises(ValueError, match="method"):
     svd.truncated_svd(np.ones((3, 3), np.float32), 1, method="lanczos")
+
+
+@pytest.mark.parametrize(
+    "make, m, n",
+    [(_decaying, 512, 256), (_gaussian, 256, 512)],
+    ids=["decaying-512x256", "gaussian-256x512"],
+)
+def test_host_numpy_stages_match_exact_and_jax_stages(make, m, n):
+  """`inherit` runs the randomized stages in NumPy on the host: same accuracy."""
+  rank, k = 8, 24
+  a = make(m, n, seed=7)
+  key = jax.random.key(3)
+  host = svd.finalize(a, svd.subspace(svd.gram(a, xp=np), rank, key, k, xp=np), rank, xp=np)
+  dev = svd.finalize(jnp.asarray(a), svd.subspace(svd.gram(jnp.asarray(a)), rank, key, k), rank)
+  assert all(isinstance(x, np.ndarray) for x in host)
+  ref = np_singular_values(a)[:rank]
+  np.testing.assert_allclose(host[1], ref, rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(dev[1]), ref, rtol=1e-3)
+  assert_orthonormal_columns(host[0], 1e-4)
+  assert_orthonormal_columns(host[2], 1e-4)
+  best = np.sqrt(np.sum(np_singular_values(a)[rank:] ** 2))
+  assert np.linalg.norm(a - reconstruct(*host)) <= best * (1 + 1e-3)
