@@ -8,8 +8,14 @@ Public API::
   model = MyModel(spec=spec)   # built from ij.layers.InherDense / InherConv
 """
 
-from inhernet_jax import layers, svd
-from inhernet_jax.inherit import format_report, inherit, inherit_report, resolve
+from inhernet_jax import accounting, layers, svd
+from inhernet_jax.inherit import (
+    format_report,
+    inherit,
+    inherit_report,
+    planned_param_count,
+    resolve,
+)
 from inhernet_jax.layers import InherConv, InherDense
 from inhernet_jax.spec import InherSpec, LayerPlan
 
@@ -18,10 +24,12 @@ __all__ = [
     "InherDense",
     "InherSpec",
     "LayerPlan",
+    "accounting",
     "format_report",
     "inherit",
     "inherit_report",
     "layers",
+    "planned_param_count",
     "resolve",
     "svd",
 ]

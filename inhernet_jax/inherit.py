@@ -435,6 +435,20 @@ def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> I
   return spec.replace(rules=tuple(exact) + spec.rules, energy=None)
 
 
+def planned_param_count(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> int:
+  """Parameters of ``inherit(params, rank, ...)`` without computing any factorisation
+  (singular values only for the energy policy)."""
+  _, kernels = _run(params, rank, heads, rules, None, need_factors=False)
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  for k in kernels:
+    if k.plan.factorize:
+      use_bias = k.bias is not None
+      layers = int(np.prod(k.stack_shape))
+      total -= layers * svd.dense_params(k.m, k.n, use_bias)
+      total += layers * svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
+  return total
+
+
 def format_report(rows: list[dict]) -> str:
   """A plain-text table of `inherit_report` rows with a totals line."""
   head = f"{'path':<48} {'shape':<20} {'action':<9} {'rank':>5} {'H':>2} {'energy':>7} {'rel.err':>8} {'params':>12}"

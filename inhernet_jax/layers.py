@@ -107,6 +107,20 @@ class _Experts(nn.Module):
     return y + g @ bias if bias is not None else y
 
 
+def _down(module, layer_cls, rank: int, **layout) -> nn.Module:
+  """The shared compressor: the teacher's own layer type with ``rank`` outputs, no bias."""
+  return layer_cls(
+      rank,
+      use_bias=False,
+      dtype=module.dtype,
+      param_dtype=module.param_dtype,
+      precision=module.precision,
+      kernel_init=module.kernel_init,
+      name="down",
+      **layout,
+  )
+
+
 def _gate(module, z_summary: jax.Array, heads: int) -> jax.Array:
   logits = nn.Dense(
       heads,
@@ -148,16 +162,9 @@ class InherDense(nn.Dense):
     plan = _plan(self, inputs.shape[-1], self.features)
     if plan is None or not plan.factorize:
       return super().__call__(inputs)
-    z = nn.Dense(
-        plan.rank,
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        precision=self.precision,
-        kernel_init=self.kernel_init,
-        dot_general=self.dot_general,
+    z = _down(
+        self, nn.Dense, plan.rank, dot_general=self.dot_general,
         dot_general_cls=self.dot_general_cls,
-        name="down",
     )(inputs)
     g = _gate(self, z, plan.heads) if plan.heads > 1 else None
     return _experts(self, plan)(z, g, per_sample=False)
@@ -190,21 +197,11 @@ class InherConv(nn.Conv):
       )
     if self.mask is not None:
       raise ValueError(f"{'/'.join(self.path)}: masked convs cannot be factorised")
-    z = nn.Conv(
-        plan.rank,
-        kernel_size,
-        strides=self.strides,
-        padding=self.padding,
-        input_dilation=self.input_dilation,
-        kernel_dilation=self.kernel_dilation,
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        precision=self.precision,
-        kernel_init=self.kernel_init,
-        conv_general_dilated=self.conv_general_dilated,
+    z = _down(
+        self, nn.Conv, plan.rank, kernel_size=kernel_size, strides=self.strides,
+        padding=self.padding, input_dilation=self.input_dilation,
+        kernel_dilation=self.kernel_dilation, conv_general_dilated=self.conv_general_dilated,
         conv_general_dilated_cls=self.conv_general_dilated_cls,
-        name="down",
     )(inputs)
     g = None
     if plan.heads > 1:

@@ -1,0 +1,73 @@
+"""Accounting: parameter counts, forward FLOPs, and the rank that meets a size.
+
+Example::
+
+  target = models.param_count("resnet8x4", num_classes=100)       # a named student
+  rank = rank_for_params(teacher_params, target, heads=3)          # InherNet at <= its size
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from inhernet_jax.inherit import planned_param_count
+from inhernet_jax.spec import InherSpec, as_spec
+
+
+def param_count(params) -> int:
+  """Number of scalars in a params pytree (arrays or `jax.ShapeDtypeStruct`s)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def forward_flops(apply_fn, *args, **kwargs) -> float:
+  """FLOPs of one jitted call ``apply_fn(*args, **kwargs)``, from XLA's cost analysis.
+
+  Args may be arrays or `jax.ShapeDtypeStruct`s (nothing is executed).
+  """
+  compiled = jax.jit(lambda *a: apply_fn(*a, **kwargs)).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per device program.
+    cost = cost[0]
+  return float(cost.get("flops", 0.0))
+
+
+def rank_for_params(
+    teacher_params,
+    target_params: int,
+    *,
+    heads: int = 1,
+    rules=(),
+) -> int:
+  """Largest uniform rank whose inherited network has at most ``target_params``.
+
+  The count of an inherited network never decreases with the rank (a layer is kept dense
+  once its factorisation stops saving parameters), so this is a binary search over
+  `planned_param_count`, which plans without computing any SVD.
+
+  Raises:
+    ValueError: when even rank 1 exceeds the target (names both counts).
+  """
+  spec = InherSpec(rank=1, heads=heads, rules=tuple(rules))
+  count = lambda r: planned_param_count(teacher_params, spec.replace(rank=r))
+  lo_count = count(1)
+  if lo_count > target_params:
+    raise ValueError(
+        f"even rank 1 with heads={heads} gives {lo_count} parameters, above the target "
+        f"{target_params}; skip fewer layers or use fewer heads"
+    )
+  shapes = [x.shape for x in jax.tree.leaves(teacher_params) if len(x.shape) >= 2]
+  lo, hi = 1, max(min(int(np.prod(s[:-1])), s[-1]) for s in shapes)
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if count(mid) <= target_params:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
+
+
+def spec_for_params(teacher_params, target_params: int, *, heads: int = 1, rules=()) -> InherSpec:
+  """`rank_for_params` as a ready `InherSpec`."""
+  rank = rank_for_params(teacher_params, target_params, heads=heads, rules=rules)
+  return as_spec(InherSpec(rank=rank, heads=heads, rules=tuple(rules)))
