@@ -216,9 +216,10 @@ def _decompose(kernels: list[_Kernel], spec: InherSpec, key) -> None:
       size = min(m, n)
       bucket = (size, rank, min(size, rank + svd._oversample(rank, None)))
       buckets.setdefault(bucket, []).append((group, a, g))
+  svd_key = jax.random.key(0) if key is None else key
   for (size, rank, k), items in buckets.items():
     g = xp.concatenate([g for _, _, g in items]) if len(items) > 1 else items[0][2]
-    q = svd.subspace(g, rank, jax.random.fold_in(key, size * 100003 + rank), k=k, xp=xp)
+    q = svd.subspace(g, rank, jax.random.fold_in(svd_key, size * 100003 + rank), k=k, xp=xp)
     offset = 0
     for group, a, _ in items:
       meta = _meta(group)
@@ -295,21 +296,34 @@ def _store(group, key, results) -> None:
 
 
 def _gate_params(key, k: _Kernel) -> dict:
-  """A random gate for one layer; the draw depends on (key, path) only, not on how
-  kernels happen to be grouped, and is the same eager and under jit."""
-  seed = zlib.crc32(k.path.encode()) & 0x7FFFFFFF
-  dtype = jnp.dtype(k.kernel.dtype).name
-  return {
-      "kernel": _draw_gates(key, seed, k.stack_shape, k.plan.rank, k.plan.heads, dtype),
-      # Host zeros: jnp.zeros would compile a program per shape.
-      "bias": jax.device_put(np.zeros((*k.stack_shape, k.plan.heads), k.kernel.dtype)),
-  }
+  """A random gate for one layer, U(-1/sqrt(r), 1/sqrt(r)) like `gate_kernel_init`.
+
+  The draw depends on (key, path) only, not on how kernels happen to be grouped, and
+  is made on the host with NumPy whenever the key is concrete (also under jit: the
+  default key is a constant), so it compiles nothing and eager and jit agree. Only a
+  traced key falls back to `jax.random`.
+  """
+  seed = zlib.crc32(k.path.encode())
+  rank, heads, dtype = k.plan.rank, k.plan.heads, jnp.dtype(k.kernel.dtype)
+  bias = np.zeros((*k.stack_shape, heads), dtype)
+  if isinstance(key, jax.core.Tracer):
+    kernel = _draw_gates(key, seed & 0x7FFFFFFF, k.stack_shape, rank, heads, dtype.name)
+    return {"kernel": kernel, "bias": jnp.asarray(bias)}
+  words = [0] if key is None else [int(w) for w in np.ravel(_key_data(key))]
+  bound = 1.0 / np.sqrt(rank)
+  # Drawn in float64 and cast, so a bf16 teacher gets the same gates, rounded.
+  gate = np.random.default_rng([*words, seed]).uniform(-bound, bound, (*k.stack_shape, rank, heads))
+  # device_put, not jnp.asarray: the latter compiles a program per shape.
+  return {"kernel": jax.device_put(gate.astype(dtype)), "bias": jax.device_put(bias)}
+
+
+def _key_data(key):
+  return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _draw_gates(key, seed, stack_shape, rank, heads, dtype):
   keys = jax.random.split(jax.random.fold_in(key, seed), int(np.prod(stack_shape)))
-  # Drawn in float32 and cast, so a bf16 teacher gets the same gates, rounded.
   gates = jax.vmap(lambda k: gate_kernel_init(k, (rank, heads), jnp.float32))(keys)
   return gates.reshape(*stack_shape, rank, heads).astype(dtype)
 
@@ -370,7 +384,7 @@ def _run(params, rank, heads, rules, key, need_factors=True):
   kernels = _collect(params, spec)
   _plan_all(kernels, spec)
   if need_factors:
-    _decompose(kernels, spec, jax.random.key(0) if key is None else key)
+    _decompose(kernels, spec, key)
   return spec, kernels
 
 

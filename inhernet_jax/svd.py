@@ -157,6 +157,8 @@ def subspace(
   (no compile); otherwise it is one jitted program.
   """
   if xp is np:
+    if key is None:
+      key = jax.random.key(0)
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     rng = np.random.default_rng([int(w) for w in np.ravel(data)])
     start = rng.standard_normal((*g.shape[:-2], g.shape[-1], k)).astype(g.dtype)

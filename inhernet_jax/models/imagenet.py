@@ -1,0 +1,171 @@
+"""ImageNet ResNets in the torchvision layout (ResNet v1.5), built from InherNet layers.
+
+Same architecture and parameter count as ``torchvision.models.resnet{18,34,50,101,152}``:
+a 7x7/2 stem conv, 3x3/2 max-pool, four stages of `BasicBlock` or `Bottleneck` (stride on
+the 3x3 conv, "v1.5"), a 1x1 conv + BatchNorm projection shortcut where the shape
+changes, global average pooling and a Dense classifier. Padding is explicit and
+symmetric as in PyTorch (Flax's ``"SAME"`` pads strided convs asymmetrically), so
+converted torchvision weights compute the same function.
+
+Every conv and the classifier are `InherConv` / `InherDense`: ``spec=None`` is the plain
+teacher, ``model.clone(spec=s)`` the inherited network whose params come from
+``inherit(teacher_params, s)``. BatchNorm layers are never factorised: the inherited
+network uses the teacher's ``batch_stats`` as they are.
+
+Names: the first conv is ``"stem"``, the classifier ``"head"``; blocks are
+``"layer{stage}_{index}"`` (torchvision's ``layer1.0``), their convs ``conv1``..``conv3``.
+
+Example::
+
+  model = resnet50(num_classes=1000)
+  variables = model.init(key, jnp.zeros((1, 224, 224, 3)), train=False)
+  student = model.clone(spec=InherSpec(rank=0.25, heads=3))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from inhernet_jax.layers import InherConv, InherDense
+from inhernet_jax.spec import InherSpec
+
+ModuleDef = Any
+
+# Kaiming normal, fan-out, as torchvision and RepDistiller initialise convs.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(train: bool, dtype: Any) -> ModuleDef:
+  """The BatchNorm of every model here (PyTorch's momentum 0.1 is Flax's 0.9)."""
+  return functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+  )
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with a residual connection (torchvision / RepDistiller ``BasicBlock``).
+
+  Attributes:
+    filters: output channels.
+    conv: conv constructor (an `InherConv` partial carrying the spec).
+    norm: BatchNorm constructor.
+    act: activation.
+    strides: stride of the first conv and of the projection shortcut.
+  """
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable = nn.relu
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
+    y = self.act(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), padding=1, name="conv2")(y)
+    y = self.norm(name="bn2")(y)
+    residual = x
+    if self.strides != 1 or x.shape[-1] != self.filters:
+      residual = self.conv(self.filters, (1, 1), self.strides, padding=0, name="proj_conv")(x)
+      residual = self.norm(name="proj_bn")(residual)
+    return self.act(residual + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 (x4 channels) with a residual connection (v1.5).
+
+  Attributes:
+    filters: bottleneck channels; the block outputs ``4 * filters``.
+    conv: conv constructor (an `InherConv` partial carrying the spec).
+    norm: BatchNorm constructor.
+    act: activation.
+    strides: stride of the 3x3 conv and of the projection shortcut.
+  """
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable = nn.relu
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    out = 4 * self.filters
+    y = self.conv(self.filters, (1, 1), padding=0, name="conv1")(x)
+    y = self.act(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
+    y = self.act(self.norm(name="bn2")(y))
+    y = self.conv(out, (1, 1), padding=0, name="conv3")(y)
+    y = self.norm(name="bn3")(y)
+    residual = x
+    if self.strides != 1 or x.shape[-1] != out:
+      residual = self.conv(out, (1, 1), self.strides, padding=0, name="proj_conv")(x)
+      residual = self.norm(name="proj_bn")(residual)
+    return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+  """torchvision-layout ResNet; stage ``i`` has ``num_filters * 2**i`` (bottleneck) channels.
+
+  Attributes:
+    stage_sizes: blocks per stage (``(2, 2, 2, 2)`` for ResNet-18).
+    block_cls: `BasicBlock` or `Bottleneck`.
+    num_classes: classifier outputs.
+    spec: `InherSpec` of the inherited network, or None for the teacher.
+    num_filters: width of the stem and of the first stage.
+    dtype: computation dtype.
+    act: activation.
+    conv: conv class; must accept ``spec`` (`InherConv`).
+  """
+
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  spec: InherSpec | None = None
+  num_filters: int = 64
+  dtype: Any = jnp.float32
+  act: Callable = nn.relu
+  conv: ModuleDef = InherConv
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    """Logits ``(batch, num_classes)`` for NHWC images ``x``."""
+    conv = functools.partial(
+        self.conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, spec=self.spec
+    )
+    norm = batch_norm(train, self.dtype)
+    x = conv(self.num_filters, (7, 7), 2, padding=3, name="stem")(x)
+    x = self.act(norm(name="bn_init")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, size in enumerate(self.stage_sizes):
+      for j in range(size):
+        x = self.block_cls(
+            self.num_filters * 2**i,
+            conv=conv,
+            norm=norm,
+            act=self.act,
+            strides=2 if i > 0 and j == 0 else 1,
+            name=f"layer{i + 1}_{j}",
+        )(x)
+    x = jnp.mean(x, axis=(-3, -2))
+    return InherDense(self.num_classes, dtype=self.dtype, spec=self.spec, name="head")(x)
+
+
+resnet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+resnet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+resnet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+resnet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck)
+resnet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)
+
+MODELS = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+}
