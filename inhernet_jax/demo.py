@@ -1,15 +1,12 @@
 """The quick start's job: teacher -> inherited network -> fine-tuned, on digits.
 
-A small, complete use of the public API (`InherSpec`, `inherit`, `InherConv`,
-`InherDense`) on real data that ships with scikit-learn.
+A small, complete use of the public API (`InherSpec`, `inherit`, a zoo model that is
+teacher and inherited network by one field) on real data that ships with scikit-learn.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Sequence
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,24 +14,8 @@ import optax
 
 from inhernet_jax import data as data_lib
 from inhernet_jax.inherit import inherit_report, inherit
-from inhernet_jax.layers import InherConv, InherDense
+from inhernet_jax.models.small import CNN
 from inhernet_jax.spec import InherSpec
-
-
-class DigitsCNN(nn.Module):
-  """Teacher (``spec=None``) or inherited network (``spec=InherSpec(...)``)."""
-
-  widths: Sequence[int] = (32, 64, 128)
-  num_classes: int = 10
-  spec: InherSpec | None = None
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(InherConv(self.widths[0], (3, 3), spec=self.spec, name="conv0")(x))
-    x = nn.relu(InherConv(self.widths[1], (3, 3), strides=2, spec=self.spec, name="conv1")(x))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(InherDense(self.widths[2], spec=self.spec, name="dense")(x))
-    return InherDense(self.num_classes, spec=self.spec, name="head")(x)
 
 
 def _train(model, params, train, epochs, lr, batch_size, seed):
@@ -70,7 +51,7 @@ def _count(params) -> int:
 def run(config) -> list[dict]:
   """Runs the demo; returns one row per method (teacher, then per rank x heads)."""
   train, test = data_lib.digits(seed=config.seed)
-  teacher = DigitsCNN(widths=tuple(config.widths))
+  teacher = CNN(widths=tuple(config.widths))
   key = jax.random.key(config.seed)
   t0 = time.perf_counter()
   t_params = teacher.init(key, train["image"][:1])["params"]

@@ -8,7 +8,7 @@ import pytest
 
 import inhernet_jax as ij
 from inhernet_jax import accounting
-from inhernet_jax.demo import DigitsCNN
+from inhernet_jax.models.small import CNN as DigitsCNN
 
 WIDTHS = (8, 16, 32)
 X = jnp.zeros((2, 8, 8, 1), jnp.float32)

@@ -107,3 +107,12 @@ def test_inherit_at_a_named_students_size():
     size = models.param_count("resnet32x4", spec=spec)
     assert size <= target < models.param_count("resnet32x4", spec=spec.replace(rank=rank + 1))
     assert size == ij.planned_param_count(params, spec)
+
+
+def test_forward_flops_of_named_models_shrink_when_inherited():
+  teacher = models.forward_flops("cnn")
+  spec = ij.InherSpec(rank=4, rules=models.preset("default", "cnn"))
+  inherited = models.forward_flops("cnn", spec=spec)
+  # The fc layer alone: 2 * 512 * 128 multiply-adds in the teacher.
+  assert teacher > 2 * 512 * 128
+  assert 0 < inherited < teacher

@@ -48,7 +48,7 @@ PINNED = {
     "bert_base": 109_483_778,  # 109,482,240 + 1,538
     "gpt2_small": 163_037_184,  # 124,439,808 + 38,597,376
     "mlp": 50_826,
-    "cnn": 151_306,  # demo.DigitsCNN's count (README quick start)
+    "cnn": 151_306,  # the README quick start's teacher
 }
 
 

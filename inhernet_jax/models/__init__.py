@@ -84,6 +84,14 @@ def param_count(name: str, num_classes: int | None = None, spec=None, **kwargs) 
   return accounting.param_count(variable_shapes(model, name)["params"])
 
 
+def forward_flops(name: str, num_classes: int | None = None, spec=None, batch: int = 1, **kwargs) -> float:
+  """FLOPs of one eval-mode forward of a named model at `example_input` (XLA's count)."""
+  model = create(name, num_classes, spec=spec, **kwargs)
+  variables = variable_shapes(model, name)
+  apply = lambda v, x: model.apply(v, x, train=False)
+  return accounting.forward_flops(apply, variables, example_input(name, batch))
+
+
 PRESETS = ("default", "demo", "all")
 
 
@@ -116,6 +124,7 @@ __all__ = [
     "create",
     "example_input",
     "family",
+    "forward_flops",
     "param_count",
     "preset",
     "variable_shapes",

@@ -49,7 +49,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-  """`inhernet_jax.demo.DigitsCNN` with the zoo's names.
+  """The quick start's digits CNN (`inhernet_jax.demo`).
 
   ``stem`` 3x3 conv, ``conv`` 3x3 stride-2 conv, flatten, ``fc`` Dense, ``head``; ReLU
   between layers.
