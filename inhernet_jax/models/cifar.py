@@ -58,6 +58,14 @@ def _head(module: nn.Module, x):
   return InherDense(module.num_classes, dtype=module.dtype, spec=module.spec, name="head")(x)
 
 
+def _check_widths(model) -> None:
+  if len(model.num_filters) != len(model.stage_sizes) + 1:
+    raise ValueError(
+        f"num_filters needs a stem width and one width per stage, got {model.num_filters} "
+        f"for stage_sizes={model.stage_sizes}"
+    )
+
+
 # --------------------------------------------------------------------------- ResNet
 class CifarResNet(nn.Module):
   """RepDistiller's CIFAR ResNet.
@@ -85,11 +93,7 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     """Logits ``(batch, num_classes)`` for NHWC images ``x``."""
-    if len(self.num_filters) != len(self.stage_sizes) + 1:
-      raise ValueError(
-          f"num_filters needs a stem width and one width per stage, got {self.num_filters} "
-          f"for stage_sizes={self.stage_sizes}"
-      )
+    _check_widths(self)
     conv = _conv(self, use_bias=False)
     norm = batch_norm(train, self.dtype)
     x = conv(self.num_filters[0], (3, 3), padding=1, name="stem")(x)
@@ -190,11 +194,7 @@ class WideResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     """Logits ``(batch, num_classes)`` for NHWC images ``x``."""
-    if len(self.num_filters) != len(self.stage_sizes) + 1:
-      raise ValueError(
-          f"num_filters needs a stem width and one width per stage, got {self.num_filters} "
-          f"for stage_sizes={self.stage_sizes}"
-      )
+    _check_widths(self)
     conv = _conv(self, use_bias=False)
     norm = batch_norm(train, self.dtype)
     dropout = None
