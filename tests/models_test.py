@@ -51,13 +51,17 @@ def test_unknown_name_and_preset_are_clear_errors():
     models.preset("most", "resnet8")
 
 
-@pytest.mark.parametrize("name", models.NAMES)
+_SCANNED = [(n, True) for n in models.NAMES if models.family(n) == "transformer"]
+
+
+@pytest.mark.parametrize("name, scan", [(n, False) for n in models.NAMES] + _SCANNED)
 @pytest.mark.parametrize("which", models.PRESETS)
-def test_every_preset_of_every_model(name, which):
+def test_every_preset_of_every_model(name, scan, which):
   """Presets are rules on kernel paths: each must match something (no silent no-ops),
   stems/heads/embeddings/pooler are kept by `default`, only the head by `demo`; and the
-  inherited tree has the structure of ``clone(spec).init`` (traced: full-size models)."""
-  model = models.create(name)
+  inherited tree has the structure of ``clone(spec).init`` (traced: full-size models),
+  scan-stacked transformers included."""
+  model = models.create(name, **({"scan": True} if scan else {}))
   shapes = models.variable_shapes(model, name)["params"]
   kernels = [p for p in _paths(shapes) if p.endswith("/kernel")]
   rules = models.preset(which, name)
