@@ -472,6 +472,7 @@ def format_report(rows: list[dict]) -> str:
         f"{r['path'][-48:]:<48} {str(r['shape']):<20} {r['action']:<9} {r['rank']:>5} "
         f"{r['heads']:>2} {r['energy']:>7.4f} {r['rel_error']:>8.4f} "
         f"{r['params_before']:>6}->{r['params_after']:<6}"
+        + (f"  ({r['reason']})" if r["reason"] else "")
     )
   before = sum(r["params_before"] for r in rows)
   after = sum(r["params_after"] for r in rows)
