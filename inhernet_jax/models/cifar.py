@@ -37,20 +37,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from inhernet_jax.layers import InherConv, InherDense
-from inhernet_jax.models.imagenet import BasicBlock, batch_norm, conv_kernel_init
+from inhernet_jax.models.imagenet import BasicBlock, batch_norm, model_conv
 from inhernet_jax.spec import InherSpec
 
 ModuleDef = Any
-
-
-def _conv(module: nn.Module, use_bias: bool) -> ModuleDef:
-  return functools.partial(
-      module.conv,
-      use_bias=use_bias,
-      dtype=module.dtype,
-      kernel_init=conv_kernel_init,
-      spec=module.spec,
-  )
 
 
 def _head(module: nn.Module, x):
@@ -94,7 +84,7 @@ class CifarResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     """Logits ``(batch, num_classes)`` for NHWC images ``x``."""
     _check_widths(self)
-    conv = _conv(self, use_bias=False)
+    conv = model_conv(self, use_bias=False)
     norm = batch_norm(train, self.dtype)
     x = conv(self.num_filters[0], (3, 3), padding=1, name="stem")(x)
     x = self.act(norm(name="bn_init")(x))
@@ -195,7 +185,7 @@ class WideResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     """Logits ``(batch, num_classes)`` for NHWC images ``x``."""
     _check_widths(self)
-    conv = _conv(self, use_bias=False)
+    conv = model_conv(self, use_bias=False)
     norm = batch_norm(train, self.dtype)
     dropout = None
     if self.dropout_rate > 0:
@@ -268,7 +258,7 @@ class VGG(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     """Logits ``(batch, num_classes)`` for NHWC images ``x``."""
-    conv = _conv(self, use_bias=True)
+    conv = model_conv(self, use_bias=True)
     norm = batch_norm(train, self.dtype)
     pooled = len(self.cfg) - (1 if x.shape[-3] == 64 else 2)
     for i, block in enumerate(self.cfg):

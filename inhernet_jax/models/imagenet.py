@@ -46,6 +46,13 @@ def batch_norm(train: bool, dtype: Any) -> ModuleDef:
   )
 
 
+def model_conv(model: nn.Module, use_bias: bool) -> ModuleDef:
+  """``model.conv`` with the model's dtype, init and spec (shared by the CNN families)."""
+  return functools.partial(
+      model.conv, use_bias=use_bias, dtype=model.dtype, kernel_init=conv_kernel_init, spec=model.spec
+  )
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs with a residual connection (torchvision / RepDistiller ``BasicBlock``).
 
@@ -135,9 +142,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     """Logits ``(batch, num_classes)`` for NHWC images ``x``."""
-    conv = functools.partial(
-        self.conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, spec=self.spec
-    )
+    conv = model_conv(self, use_bias=False)
     norm = batch_norm(train, self.dtype)
     x = conv(self.num_filters, (7, 7), 2, padding=3, name="stem")(x)
     x = self.act(norm(name="bn_init")(x))
