@@ -16,20 +16,30 @@ layer computes exactly the rank-r truncation of the teacher, for every H. (The p
 demo initialises each head to ``U_r S_r / H``, which scales the layer by ``1/H``; we do
 not.)
 
+Gated layers (``H > 1``) also record cheap gate statistics when the caller asks for the
+``"intermediates"`` collection (and cost nothing otherwise): the mean gate weight per head
+(the head *load*) and the mean entropy of the gate distribution. `gate_stats` turns them
+into one entry per layer.
+
 Example::
 
   conv = InherConv(64, (3, 3), spec=InherSpec(rank=16, heads=3))
   variables = conv.init(key, x)
+  y, state = conv.apply(variables, x, mutable=["intermediates"])
+  gate_stats(state["intermediates"])   # {"": {"entropy": 0.9, "load": [...], ...}}
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from inhernet_jax.spec import InherSpec, LayerPlan
 
@@ -134,6 +144,26 @@ def _gate(module, z_summary: jax.Array, heads: int) -> jax.Array:
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
 
 
+# Name of the gate statistics in the "intermediates" collection, next to the layer's
+# submodules: ``{..., "query": {"gate_stats": ({"entropy": (), "load": (H,)},)}}``.
+GATE_STATS = "gate_stats"
+
+
+def _sow_gate_stats(module: nn.Module, g: jax.Array) -> None:
+  """Sows the batch's head load ``(H,)`` and mean gate entropy (nats) of gates ``g``."""
+  # Checked first so that a plain apply traces no extra ops at all (sow itself would only
+  # drop the value after it has been computed).
+  if not module.is_mutable_collection("intermediates"):
+    return
+  g = g.astype(jnp.float32)
+  positions = tuple(range(g.ndim - 1))  # samples (convs) or samples x tokens (dense)
+  # xlogy: 0 log 0 = 0 for a gate weight that underflowed. Not stop_gradient'ed, so an
+  # auxiliary loss may use them.
+  entropy = -jnp.sum(jax.scipy.special.xlogy(g, g), axis=-1)
+  stats = {"entropy": jnp.mean(entropy), "load": jnp.mean(g, axis=positions)}
+  module.sow("intermediates", GATE_STATS, stats)
+
+
 def _experts(module, plan: LayerPlan) -> _Experts:
   return _Experts(
       heads=plan.heads,
@@ -166,7 +196,10 @@ class InherDense(nn.Dense):
         self, nn.Dense, plan.rank, dot_general=self.dot_general,
         dot_general_cls=self.dot_general_cls,
     )(inputs)
-    g = _gate(self, z, plan.heads) if plan.heads > 1 else None
+    g = None
+    if plan.heads > 1:
+      g = _gate(self, z, plan.heads)
+      _sow_gate_stats(self, g)
     return _experts(self, plan)(z, g, per_sample=False)
 
 
@@ -207,4 +240,102 @@ class InherConv(nn.Conv):
     if plan.heads > 1:
       spatial = tuple(range(z.ndim - 1 - len(kernel_size), z.ndim - 1))
       g = _gate(self, z.mean(axis=spatial), plan.heads)
+      _sow_gate_stats(self, g)
     return _experts(self, plan)(z, g, per_sample=True)
+
+
+# --------------------------------------------------------------------- gate statistics
+def gate_arrays(intermediates: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
+  """The sown gate statistics as flat arrays, one entry per gated layer (jit-friendly).
+
+  Example::
+
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+    arrays = gate_arrays(state["intermediates"])   # inside jit, if you like
+    stats = gate_stats_from_arrays(jax.device_get(arrays))
+
+  Args:
+    intermediates: the ``"intermediates"`` collection of ``model.apply(...,
+      mutable=["intermediates"])`` (or the whole mutated-state dict holding it). Other
+      sown values and ``capture_intermediates`` outputs are ignored.
+
+  Returns:
+    ``{layer path: {"entropy": (*L,), "load": (*L, H)}}``, float32, with ``/``-joined
+    module paths (``"block_0/attn/query"``). ``L`` are the layer axes of `nn.scan` stacks
+    (``(depth,)`` for ``"blocks/mlp/fc1"``), empty otherwise. A layer called several
+    times in one apply gets the mean over its calls.
+  """
+  if set(intermediates) == {"intermediates"}:
+    intermediates = intermediates["intermediates"]
+  out = {}
+
+  def visit(node, path):
+    for key, value in node.items():
+      calls = value if isinstance(value, (tuple, list)) else (value,)  # sow's tuple
+      if key == GATE_STATS and all(isinstance(c, Mapping) and "load" in c for c in calls):
+        out["/".join(path)] = {
+            k: jnp.mean(jnp.stack([jnp.asarray(c[k], jnp.float32) for c in calls]), axis=0)
+            for k in ("entropy", "load")
+        }
+      elif isinstance(value, Mapping):
+        visit(value, (*path, str(key)))
+
+  visit(intermediates, ())
+  return out
+
+
+def _natural_key(path: str):
+  # "block_2" before "block_10", "blocks[2]" before "blocks[10]".
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def gate_stats_from_arrays(
+    arrays: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, np.ndarray | float]]:
+  """Host-side view of `gate_arrays`: one entry per gated layer, scan stacks expanded.
+
+  Args:
+    arrays: the output of `gate_arrays` (device or host arrays; an average of several
+      batches' outputs is fine).
+
+  Returns:
+    ``{layer path: {"entropy": float, "load": np.ndarray (H,), "max_entropy": log(H)}}``,
+    sorted by path (numbers in natural order). Entropies are in nats, the mean over the
+    batch's samples (convs: one gate per sample) or input rows (dense layers: one gate
+    per token, padding included). Layer ``i`` of an `nn.scan` stack is named with an index on
+    the path's first component, the module that `nn.scan` wraps in this package's models:
+    ``"blocks[3]/mlp/fc1"``.
+  """
+  out = {}
+  for path, stats in arrays.items():
+    entropy = np.asarray(stats["entropy"], np.float64)
+    load = np.asarray(stats["load"], np.float64)
+    max_entropy = math.log(load.shape[-1])
+    head, _, rest = path.partition("/")
+    for index in np.ndindex(entropy.shape):
+      name = head + "".join(f"[{i}]" for i in index) + ("/" + rest if rest else "")
+      out[name] = {
+          "entropy": float(entropy[index]), "load": load[index], "max_entropy": max_entropy
+      }
+  return {k: out[k] for k in sorted(out, key=_natural_key)}
+
+
+def gate_stats(intermediates: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray | float]]:
+  """Gate entropy and head load per gated layer, from a model's sown intermediates.
+
+  ``gate_stats_from_arrays(gate_arrays(intermediates))``; see those two (the first runs
+  inside jit, the second on the host).
+
+  Example::
+
+    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    for path, s in gate_stats(state["intermediates"]).items():
+      print(path, s["entropy"] / s["max_entropy"], s["load"])
+
+  Args:
+    intermediates: the ``"intermediates"`` collection (or the mutated-state dict).
+
+  Returns:
+    ``{layer path: {"entropy": float, "load": np.ndarray (H,), "max_entropy": float}}``.
+  """
+  return gate_stats_from_arrays(jax.device_get(gate_arrays(intermediates)))

@@ -153,7 +153,7 @@ def _stack(config: dict[str, Any], depth: int, scan: bool, x, mask, train):
   if scan:
     scanned = nn.scan(
         Block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},  # sown gate stats: per layer
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,  # mask and train are the same for every layer.
         length=depth,

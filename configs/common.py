@@ -1,0 +1,82 @@
+"""Shared config pieces: `parse_arg` for ``file.py:key=value,...`` and trainer defaults.
+
+Example::
+
+  arg = parse_arg("variant=local,seeds=1", variant="default", seeds=3)
+  arg.variant, arg.seeds    # "local", 1 (typed like the default)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision-style config argument: ``"local"`` or ``"variant=local,seeds=1"``.
+
+  A bare word sets the first default (the variant). Values are converted to the type of
+  their default (bools accept true/false/1/0). Unknown keys are an error.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  first = next(iter(defaults))
+  for item in arg.split(","):
+    key, sep, value = item.partition("=")
+    if not sep:
+      key, value = first, item
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)} (got {arg!r})")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r}: expected true or false")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return out
+
+
+def base(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """Trainer and experiment defaults every config starts from."""
+  c = config or ml_collections.ConfigDict()
+  c.name = "experiment"
+  c.seed = 0
+  c.seeds = 1                      # Seeds seed, seed+1, ...; the report gives mean +- std.
+  c.teacher_per_seed = False       # False: one teacher (trained with `seed`) for all seeds.
+  c.eval_batch_size = 256
+  c.compute_dtype = "float32"      # "bfloat16": bf16 forward/backward, float32 master params.
+  c.checkpoint_every_steps = 200   # Plus one at every epoch end.
+  c.keep_checkpoints = 2
+  c.async_checkpoints = True
+  c.log_every_steps = 0            # absl logging of step metrics (0: epochs only).
+  c.progress = True                # tqdm progress bars.
+  c.scratch_method = "student"     # "Epochs to reach" is measured against this run.
+  c.sweep = ml_collections.ConfigDict({"ranks": (), "heads": ()})
+  return c
+
+
+def kd_methods(student: str, student_kwargs: dict, *, kd: dict, dkd: dict, hint: dict,
+               heads: int, label: str) -> dict:
+  """The comparison's method table: students (scratch, KD, DKD, FitNet) and InherNet.
+
+  InherNet's rank is ``params:student``: the largest uniform rank whose inherited
+  network has no more parameters than the student.
+  """
+  student_def = {"kind": "student", "model": student, "kwargs": student_kwargs}
+  inherit_def = {"kind": "inherit", "rank": "params:student", "heads": heads, "preset": "default"}
+  return {
+      "student": {**student_def, "loss": "ce", "label": f"{label} from scratch"},
+      "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": f"{label} + KD"},
+      "student_dkd": {**student_def, "loss": "dkd", "loss_kwargs": dkd, "label": f"{label} + DKD"},
+      "student_fitnet": {**student_def, "loss": "fitnet", "hint": hint,
+                         "label": f"{label} + FitNet"},
+      "inherit": {**inherit_def, "loss": "ce", "label": f"InherNet H={heads}"},
+      "inherit_kd": {**inherit_def, "loss": "kd", "loss_kwargs": kd,
+                     "label": f"InherNet H={heads} + KD"},
+  }

@@ -1,0 +1,244 @@
+"""The paper's comparison in one call: teacher -> students -> InherNet, at equal epochs.
+
+For every seed: train (or restore, or load) the teacher; then train each method the
+config lists for the same number of epochs: the student from scratch, the student with
+KD / DKD / FitNet hints, InherNet inherited from the teacher with the plain task loss
+("Large" in the paper) and with KD from its own teacher ("Small"), optionally swept over
+rank x heads. Writes ``results.json``, ``results.md`` and the plots (`report`) into the
+workdir. Every run checkpoints under ``workdir/seed_<s>/<method>/``, so the whole
+experiment, killed at any point, resumes where it stopped when run again.
+
+Example::
+
+  config = configs.digits.get_config()
+  results = experiment.train_and_evaluate(config, "/tmp/digits")
+  print(results["table"])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from inhernet_jax import accounting, data, models, report
+from inhernet_jax import checkpoint as ckpt_lib
+from inhernet_jax import train as train_lib
+from inhernet_jax.inherit import inherit
+from inhernet_jax.spec import InherSpec
+
+KINDS = ("student", "inherit")
+
+
+def _dict(node) -> dict:
+  if node is None:
+    return {}
+  return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else dict(node)
+
+
+def method_names(config) -> list[str]:
+  """The methods to run, in order (``config.methods``: a comma-separated string)."""
+  names = [n.strip() for n in str(config.methods).split(",") if n.strip()]
+  unknown = [n for n in names if n not in config.method_defs]
+  if unknown:
+    raise ValueError(
+        f"config.methods names {unknown}, not defined in config.method_defs "
+        f"(defined: {sorted(config.method_defs)})"
+    )
+  if not names:
+    raise ValueError("config.methods is empty")
+  return names
+
+
+def _check_method(name: str, md) -> None:
+  kind = md.get("kind")
+  if kind not in KINDS:
+    raise ValueError(f"config.method_defs.{name}.kind must be one of {KINDS}, got {kind!r}")
+  if kind == "student" and not md.get("model"):
+    raise ValueError(f"config.method_defs.{name}.model: a student needs a model name")
+  if kind == "inherit" and md.get("rank") is None:
+    raise ValueError(f"config.method_defs.{name}.rank: InherNet needs a rank (int, fraction, or 'params:<method>')")
+
+
+def _example(task) -> jax.Array:
+  return jnp.zeros((1, *task.input_shape), task.input_dtype)
+
+
+def _key(seed: int, name: str) -> jax.Array:
+  # A stable per-method key (Python's hash() is salted per process).
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _create(model_name: str, task, kwargs) -> Any:
+  return models.create(model_name, num_classes=task.num_classes, **_dict(kwargs))
+
+
+def _flops(model, variables, task) -> float | None:
+  try:
+    return accounting.forward_flops(lambda v, x: model.apply(v, x, train=False), variables, _example(task))
+  except Exception as e:  # FLOPs are informative only; never fail a run over them.
+    logging.warning("FLOP count failed: %s", e)
+    return None
+
+
+def _teacher(config, pipeline, workdir: str, seed: int):
+  """The teacher's model and variables: loaded, or trained (and checkpointed)."""
+  task = pipeline.task
+  tc = config.teacher
+  model = _create(tc.model, task, tc.get("kwargs"))
+  variables = model.init(_key(seed, "teacher"), _example(task), train=False)
+  variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+  if tc.get("checkpoint"):
+    loaded = ckpt_lib.load_variables(tc.checkpoint, variables)
+    return model, loaded, None
+  run = train_lib.train_and_evaluate(
+      model, variables, pipeline, _with_optimizer(config, tc.get("optimizer")),
+      os.path.join(workdir, "teacher"), seed=seed, epochs=tc.epochs, desc="teacher",
+  )
+  trained = {"params": run.state.params}
+  if run.state.batch_stats:
+    trained["batch_stats"] = run.state.batch_stats
+  return model, trained, run
+
+
+def _with_optimizer(config, override):
+  if not override:
+    return config
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.optimizer.update(_dict(override))
+  return c
+
+
+def _resolve_rank(rank, teacher_params, heads: int, rules, student_params: dict[str, int], name: str):
+  if isinstance(rank, str):
+    if not rank.startswith("params:"):
+      raise ValueError(f"config.method_defs.{name}.rank: expected an int, a fraction or "
+                       f"'params:<method>', got {rank!r}")
+    other = rank.split(":", 1)[1]
+    if other not in student_params:
+      raise ValueError(f"config.method_defs.{name}.rank {rank!r}: method {other!r} is not a "
+                       f"student run before it (students: {sorted(student_params)})")
+    return accounting.rank_for_params(teacher_params, student_params[other], heads=heads, rules=rules)
+  return rank
+
+
+def expand_methods(config) -> list[tuple[str, dict]]:
+  """(key, method definition) pairs; InherNet methods expanded over the rank x heads sweep."""
+  out = []
+  sweep = config.get("sweep") or {}
+  ranks, heads = tuple(sweep.get("ranks", ()) or ()), tuple(sweep.get("heads", ()) or ())
+  for name in method_names(config):
+    md = _dict(config.method_defs[name])
+    _check_method(name, md)
+    if md["kind"] == "inherit" and (ranks or heads) and md.get("sweep", True):
+      for r in ranks or (md["rank"],):
+        for h in heads or (md.get("heads", 1),):
+          out.append((f"{name}_r{r}_h{h}", {**md, "rank": r, "heads": h,
+                                            "label": f"{md.get('label', name)} r={r} H={h}"}))
+    else:
+      out.append((name, md))
+  return out
+
+
+def run_seed(config, workdir: str, seed: int) -> list[dict]:
+  """Every method of the config for one seed; returns one run record per method."""
+  pipeline = data.get(config.data, batch_size=config.batch_size, seed=seed,
+                      eval_batch_size=config.get("eval_batch_size"))
+  task = pipeline.task
+  metric = train_lib.metric_name(task.kind)
+  higher = task.kind == "classification"
+  teacher_seed = seed if config.get("teacher_per_seed", False) else config.seed
+  teacher_dir = workdir if config.get("teacher_per_seed", False) else os.path.join(
+      os.path.dirname(workdir), f"seed_{teacher_seed}")
+  if teacher_seed != seed:
+    t_pipeline = data.get(config.data, batch_size=config.batch_size, seed=teacher_seed,
+                          eval_batch_size=config.get("eval_batch_size"))
+  else:
+    t_pipeline = pipeline
+  t_model, t_vars, t_run = _teacher(config, t_pipeline, teacher_dir, teacher_seed)
+  t_params = t_vars["params"]
+
+  def record(key, md, model, variables, run, **extra):
+    h = run.history
+    finals = [m for m in h["test_metric"] if m is not None]
+    best = max(finals) if higher else min(finals)
+    return {
+        "method": key, "label": md.get("label", key), "kind": md.get("kind", "teacher"),
+        "loss": md.get("loss", "ce"), "seed": seed, "rank": extra.get("rank"),
+        "heads": extra.get("heads"), "params": accounting.param_count(variables["params"]),
+        "flops": _flops(model, variables, task), "metric_name": metric,
+        "higher_is_better": higher, "metric_at_init": extra.get("metric_at_init"),
+        "final_metric": h["test_metric"][-1], "best_metric": best, "epochs_to_scratch": None,
+        "wall_s": run.wall_s, "history": h, "gates": run.gates,
+    }
+
+  records = []
+  if t_run is not None:
+    records.append(record("teacher", {"label": f"teacher ({config.teacher.model})", "kind": "teacher"},
+                          t_model, t_vars, t_run))
+  student_params: dict[str, int] = {}
+  for key, md in expand_methods(config):
+    loss, loss_kwargs = md.get("loss", "ce"), _dict(md.get("loss_kwargs"))
+    hint = None
+    if loss == "fitnet":
+      h = _dict(md.get("hint"))
+      hint = train_lib.Hint(h["student_layer"], h["teacher_layer"], float(h.get("weight", 1.0)))
+    extra = {}
+    if md["kind"] == "student":
+      model = _create(md["model"], task, md.get("kwargs"))
+      variables = model.init(_key(seed, key), _example(task), train=False)
+      variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+      student_params[key] = accounting.param_count(variables["params"])
+    else:
+      heads = int(md.get("heads", 1))
+      rules = models.preset(md.get("preset", "default"), config.teacher.model)
+      rank = _resolve_rank(md["rank"], t_params, heads, rules, student_params, key)
+      spec = InherSpec(rank=rank, heads=heads, rules=rules, method=md.get("svd", "auto"))
+      model = t_model.clone(spec=spec)
+      variables = dict(t_vars, params=inherit(t_params, spec, key=_key(seed, key)))
+      extra = {"rank": rank, "heads": heads}
+    run = train_lib.train_and_evaluate(
+        model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
+        os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,
+        loss_kwargs=loss_kwargs, teacher=(t_model, t_vars) if loss != "ce" else None,
+        hint=hint, desc=f"seed {seed} {key}",
+    )
+    if md["kind"] == "inherit":
+      extra["metric_at_init"] = run.history["test_metric"][0]
+    records.append(record(key, md, model, {"params": run.state.params}, run, **extra))
+
+  scratch = next((r for r in records if r["method"] == config.get("scratch_method", "student")), None)
+  if scratch is not None:
+    for r in records:
+      if r["kind"] != "teacher":
+        r["epochs_to_scratch"] = report.epochs_to_reach(r["history"], scratch["final_metric"], higher)
+  return records
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs every seed of the experiment and writes the report into ``workdir``.
+
+  Returns:
+    ``{"runs": [...], "summary": [...], "table": markdown, "files": {...}}``.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  seeds = [config.seed + i for i in range(int(config.seeds))]
+  if not seeds:
+    raise ValueError(f"config.seeds must be >= 1, got {config.seeds}")
+  t0 = time.perf_counter()
+  runs = []
+  for seed in seeds:
+    runs += run_seed(config, os.path.join(workdir, f"seed_{seed}"), seed)
+  summary = report.summarize(runs)
+  table = report.markdown_table(summary, runs[0]["metric_name"], runs[0]["higher_is_better"])
+  files = {}
+  if jax.process_index() == 0:
+    files = report.write_report(runs, workdir, title=config.get("name", "experiment"))
+  logging.info("experiment done in %.1f s", time.perf_counter() - t0)
+  return {"runs": runs, "summary": summary, "table": table, "files": files}
