@@ -59,7 +59,7 @@ def get_config(arg: str | None = None):
       {"model": teacher, "kwargs": {}, "epochs": arg.epochs, "checkpoint": ""})
   kd = {"alpha": 0.1, "temperature": 4.0}
   student_def = {"kind": "student", "model": student, "kwargs": {}}
-  inherit_def = {"kind": "inherit", "heads": 3, "preset": "default"}
+  inherit_def = {"kind": "inhernet", "heads": 3, "preset": "default"}
   c.method_defs = {
       "student": {**student_def, "loss": "ce", "label": f"{student} from scratch"},
       "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": f"{student} + KD"},

@@ -33,10 +33,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       if value.lower() not in ("true", "false", "1", "0"):
         raise ValueError(f"config argument {key}={value!r}: expected true or false")
       out[key] = value.lower() in ("true", "1")
-    elif isinstance(default, int):
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r}: expected "
+                         f"{type(default).__name__}") from None
     else:
       out[key] = value
   return out
@@ -69,7 +71,7 @@ def kd_methods(student: str, student_kwargs: dict, *, kd: dict, dkd: dict, hint:
   network has no more parameters than the student.
   """
   student_def = {"kind": "student", "model": student, "kwargs": student_kwargs}
-  inherit_def = {"kind": "inherit", "rank": "params:student", "heads": heads, "preset": "default"}
+  inherit_def = {"kind": "inhernet", "rank": "params:student", "heads": heads, "preset": "default"}
   return {
       "student": {**student_def, "loss": "ce", "label": f"{label} from scratch"},
       "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": f"{label} + KD"},

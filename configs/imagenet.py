@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
       {"model": "resnet50", "kwargs": {}, "epochs": arg.epochs, "checkpoint": ""})
   kd = {"alpha": 0.5, "temperature": 1.0}
   student_def = {"kind": "student", "model": "resnet18", "kwargs": {}}
-  inherit_def = {"kind": "inherit", "rank": "params:student", "heads": 3, "preset": "default"}
+  inherit_def = {"kind": "inhernet", "rank": "params:student", "heads": 3, "preset": "default"}
   c.method_defs = {
       "student": {**student_def, "loss": "ce", "label": "resnet18 from scratch"},
       "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": "resnet18 + KD"},

@@ -33,7 +33,7 @@ from inhernet_jax import train as train_lib
 from inhernet_jax.inherit import inherit
 from inhernet_jax.spec import InherSpec
 
-KINDS = ("student", "inherit")
+KINDS = ("student", "inhernet")
 
 
 def _dict(node) -> dict:
@@ -62,7 +62,7 @@ def _check_method(name: str, md) -> None:
     raise ValueError(f"config.method_defs.{name}.kind must be one of {KINDS}, got {kind!r}")
   if kind == "student" and not md.get("model"):
     raise ValueError(f"config.method_defs.{name}.model: a student needs a model name")
-  if kind == "inherit" and md.get("rank") is None:
+  if kind == "inhernet" and md.get("rank") is None:
     raise ValueError(f"config.method_defs.{name}.rank: InherNet needs a rank (int, fraction, or 'params:<method>')")
 
 
@@ -136,7 +136,7 @@ def expand_methods(config) -> list[tuple[str, dict]]:
   for name in method_names(config):
     md = _dict(config.method_defs[name])
     _check_method(name, md)
-    if md["kind"] == "inherit" and (ranks or heads) and md.get("sweep", True):
+    if md["kind"] == "inhernet" and (ranks or heads) and md.get("sweep", True):
       for r in ranks or (md["rank"],):
         for h in heads or (md.get("heads", 1),):
           out.append((f"{name}_r{r}_h{h}", {**md, "rank": r, "heads": h,
@@ -169,7 +169,8 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
     finals = [m for m in h["test_metric"] if m is not None]
     best = max(finals) if higher else min(finals)
     return {
-        "method": key, "label": md.get("label", key), "kind": md.get("kind", "teacher"),
+        "method": key, "label": md.get("label", key),
+        "kind": md.get("kind", "teacher"),
         "loss": md.get("loss", "ce"), "seed": seed, "rank": extra.get("rank"),
         "heads": extra.get("heads"), "params": accounting.param_count(variables["params"]),
         "flops": _flops(model, variables, task), "metric_name": metric,
@@ -179,7 +180,7 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
     }
 
   records = []
-  if t_run is not None:
+  if t_run is not None and teacher_seed == seed:  # Shared teachers are reported once.
     records.append(record("teacher", {"label": f"teacher ({config.teacher.model})", "kind": "teacher"},
                           t_model, t_vars, t_run))
   student_params: dict[str, int] = {}
@@ -209,7 +210,7 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
         loss_kwargs=loss_kwargs, teacher=(t_model, t_vars) if loss != "ce" else None,
         hint=hint, desc=f"seed {seed} {key}",
     )
-    if md["kind"] == "inherit":
+    if md["kind"] == "inhernet":
       extra["metric_at_init"] = run.history["test_metric"][0]
     records.append(record(key, md, model, {"params": run.state.params}, run, **extra))
 

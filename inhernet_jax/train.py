@@ -191,7 +191,7 @@ def make_train_step(
     _, numerator, count = _task_metric(kind, logits, batch["label"], batch["mask"])
     metrics = {
         "loss": loss.astype(jnp.float32), "metric_sum": numerator, "count": count,
-        "lr": schedule(state.step - 1), "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step - 1), "grad_norm": optax.tree.norm(grads),
     }
     return state, metrics
 

@@ -42,13 +42,13 @@ flags.mark_flags_as_required(["config", "teacher", "out"])
 
 def _spec(teacher_params, name: str, num_classes: int) -> InherSpec:
   rules = models.preset(_PRESET.value, name)
-  if (_RANK.value is None) == (_ENERGY.value is None):
-    raise app.UsageError("give exactly one of --rank and --energy")
   if _ENERGY.value is not None:
     return resolve(teacher_params, InherSpec(energy=_ENERGY.value, heads=_HEADS.value, rules=rules))
   rank = _RANK.value
   if rank.startswith("params:"):
     other = rank.split(":", 1)[1]
+    if other not in models.NAMES:
+      raise app.UsageError(f"--rank={rank!r}: unknown model {other!r}; known: {', '.join(models.NAMES)}")
     target = models.param_count(other, num_classes=num_classes)
     r = accounting.rank_for_params(teacher_params, target, heads=_HEADS.value, rules=rules)
     return InherSpec(rank=r, heads=_HEADS.value, rules=rules)
@@ -62,6 +62,8 @@ def _spec(teacher_params, name: str, num_classes: int) -> InherSpec:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if (_RANK.value is None) == (_ENERGY.value is None):
+    raise app.UsageError("give exactly one of --rank and --energy")
   config = _CONFIG.value
   out = os.path.abspath(_OUT.value)
   if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):

@@ -8,6 +8,8 @@ Killed and started again with the same command, it resumes from the last checkpo
 Writes results.json, results.md, curves.png (and rank_heads.png for sweeps) into workdir.
 """
 
+import logging as pylogging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -25,7 +27,8 @@ def _quiet_orbax(record) -> bool:
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  for handler in {*pylogging.getLogger().handlers, logging.get_absl_handler()}:
+    handler.addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("config:\n%s", _CONFIG.value)

@@ -1,0 +1,188 @@
+"""The trainer: learning, losses, bf16, gate statistics, checkpoints and exact resume."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from inhernet_jax import checkpoint as ckpt_lib
+from inhernet_jax import data, models, train
+from inhernet_jax.inherit import inherit
+from inhernet_jax.spec import InherSpec
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _config(**overrides):
+  c = ml_collections.ConfigDict({
+      "optimizer": {"name": "adam", "learning_rate": 3e-3, "schedule": "constant"},
+      "compute_dtype": "float32", "checkpoint_every_steps": 5, "keep_checkpoints": 2,
+      "async_checkpoints": False, "log_every_steps": 0, "progress": False,
+  })
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.get({"name": "digits"}, batch_size=64, seed=0, eval_batch_size=512)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits, tmp_path_factory):
+  model = models.create("cnn", num_classes=10, widths=(8, 16, 32))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  run = train.train_and_evaluate(model, variables, digits, _config(), tmp_path_factory.mktemp("t"),
+                                 seed=0, epochs=3, desc="teacher")
+  return model, {"params": run.state.params}, run
+
+
+def test_teacher_learns_and_history_is_complete(teacher, digits):
+  _, _, run = teacher
+  h = run.history
+  assert h["epoch"] == [0, 1, 2, 3]
+  assert h["step"] == [0, digits.steps_per_epoch, 2 * digits.steps_per_epoch, 3 * digits.steps_per_epoch]
+  assert h["train_loss"][0] is None and all(x > 0 for x in h["train_loss"][1:])
+  assert h["test_metric"][-1] > 0.6 > h["test_metric"][0]  # Ten classes: chance is 0.1.
+  assert h["train_loss"][-1] < h["train_loss"][1]
+  assert all(x > 0 for x in h["examples_per_s"][1:])
+
+
+def test_kd_and_inherited_student_train_with_gate_stats(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  spec = InherSpec(rank=4, heads=3, rules=models.preset("default", "cnn"))
+  student = model.clone(spec=spec)
+  params = inherit(t_vars["params"], spec)
+  before = jax.tree.map(np.asarray, t_vars["params"])
+  run = train.train_and_evaluate(student, {"params": params}, digits, _config(), tmp_path,
+                                 seed=1, epochs=1, loss="kd",
+                                 loss_kwargs={"alpha": 0.3, "temperature": 4.0},
+                                 teacher=(model, t_vars))
+  # The teacher's arrays survive the donated train step of the student sharing them.
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, t_vars["params"]))
+  assert run.gates, "an InherNet with H=3 must report gate statistics"
+  for path, g in run.gates.items():
+    assert g["load"].shape == (3,), path
+    np.testing.assert_allclose(g["load"].sum(), 1.0, rtol=1e-5)
+    assert 0.0 <= g["entropy"] <= math.log(3) + 1e-6
+  assert run.history["gate_entropy"][-1] is not None
+  assert math.isfinite(run.history["train_loss"][-1])
+
+
+def test_fitnet_and_bf16(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  student = models.create("cnn", num_classes=10, widths=(4, 8, 16))
+  variables = student.init(jax.random.key(3), jnp.zeros((1, 8, 8, 1)), train=False)
+  run = train.train_and_evaluate(
+      student, variables, digits, _config(compute_dtype="bfloat16"), tmp_path, seed=0,
+      epochs=1, loss="fitnet", teacher=(model, t_vars), hint=train.Hint("conv", "conv", 1.0))
+  # The connector (student 8 channels -> teacher 16) exists and was trained.
+  assert run.state.connector["proj"]["kernel"].shape == (8, 16)
+  assert run.state.params["head"]["kernel"].dtype == jnp.float32  # Master copy stays f32.
+  assert math.isfinite(run.history["train_loss"][-1])
+  assert run.history["test_metric"][-1] > 0.1
+
+
+def test_bad_loss_setups_fail_before_training(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  v = {"params": t_vars["params"]}
+  with pytest.raises(ValueError, match="needs a teacher"):
+    train.train_and_evaluate(model, v, digits, _config(), tmp_path, seed=0, epochs=1, loss="kd",
+                             loss_kwargs={"alpha": 0.5, "temperature": 2.0})
+  with pytest.raises(ValueError, match="fitnet"):
+    train.train_and_evaluate(model, v, digits, _config(), tmp_path, seed=0, epochs=1, loss="fitnet")
+  assert not os.path.exists(tmp_path / "checkpoints" / "0")
+
+
+def test_incompatible_or_corrupt_checkpoint_is_a_clear_error(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  train.train_and_evaluate(model, dict(t_vars), digits, _config(), tmp_path, seed=0, epochs=1)
+  other = models.create("cnn", num_classes=10, widths=(4, 8, 16))
+  o_vars = other.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  with pytest.raises(ckpt_lib.CheckpointError, match="does not match") as e:
+    train.train_and_evaluate(other, o_vars, digits, _config(), tmp_path, seed=0, epochs=1)
+  assert str(tmp_path) in str(e.value) and "shape mismatch" in str(e.value)
+  latest = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  for f in (tmp_path / "checkpoints" / str(latest)).rglob("*"):
+    if f.is_file() and f.name != "commit_success.txt":
+      f.write_bytes(b"\x00garbage")
+  with pytest.raises(ckpt_lib.CheckpointError, match=str(tmp_path)):
+    train.train_and_evaluate(model, dict(t_vars), digits, _config(), tmp_path, seed=0, epochs=1)
+
+
+# ------------------------------------------------------------- kill -9 and resume
+_CMD = [sys.executable, "-m", "launch.main", "--config=configs/digits.py:local",
+        "--config.methods=student,inherit_kd", "--config.checkpoint_every_steps=7"]
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  return env
+
+
+def _checkpoints(workdir: pathlib.Path) -> int:
+  return sum(1 for p in workdir.rglob("checkpoints/*") if p.name.isdigit())
+
+
+def _final_states(workdir: pathlib.Path) -> dict:
+  out = {}
+  for ckdir in sorted(workdir.rglob("checkpoints")):
+    mngr = ocp.CheckpointManager(ckdir, item_names=("state",))
+    step = mngr.latest_step()
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    out[str(ckdir.relative_to(workdir))] = (step, jax.tree.map(np.asarray, state))
+    mngr.close()
+  return out
+
+
+def _results(workdir: pathlib.Path):
+  runs = json.loads((workdir / "results.json").read_text())["runs"]
+  for r in runs:  # Timings differ between runs; everything else must not.
+    r.pop("wall_s")
+    r["history"].pop("examples_per_s")
+  return runs
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_resumes_to_identical_results(tmp_path):
+  reference = tmp_path / "reference"
+  subprocess.run([*_CMD, f"--workdir={reference}"], cwd=ROOT, env=_env(), check=True,
+                 capture_output=True)
+  total = _checkpoints(reference)  # Checkpoints kept at the end (max_to_keep per run).
+  assert total >= 6
+  # Kill twice, at two points of the experiment (the teacher's and a later run's
+  # checkpoints), then let the same command finish.
+  killed = tmp_path / "killed"
+  for kill_after in (2, 6):
+    proc = subprocess.Popen([*_CMD, f"--workdir={killed}"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+      if killed.exists() and _checkpoints(killed) >= kill_after:
+        proc.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  assert not (killed / "results.json").exists()
+  subprocess.run([*_CMD, f"--workdir={killed}"], cwd=ROOT, env=_env(), check=True,
+                 capture_output=True)
+  assert _results(killed) == _results(reference)
+  ref_states, got_states = _final_states(reference), _final_states(killed)
+  assert ref_states.keys() == got_states.keys()
+  for name, (step, state) in ref_states.items():
+    assert got_states[name][0] == step, name
+    jax.tree.map(np.testing.assert_array_equal, state, got_states[name][1])
