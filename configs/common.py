@@ -81,4 +81,7 @@ def kd_methods(student: str, student_kwargs: dict, *, kd: dict, dkd: dict, hint:
       "inherit": {**inherit_def, "loss": "ce", "label": f"InherNet H={heads}"},
       "inherit_kd": {**inherit_def, "loss": "kd", "loss_kwargs": kd,
                      "label": f"InherNet H={heads} + KD"},
+      # The paper's ablation: the inherited architecture without the teacher's weights.
+      "inherit_random": {**inherit_def, "init": "random", "loss": "ce",
+                         "label": f"InherNet H={heads}, random init"},
   }

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
       "cnn", {"widths": widths}, kd={"alpha": 0.3, "temperature": 4.0},
       dkd={"alpha": 1.0, "beta": 8.0, "temperature": 4.0}, hint=hint, heads=3,
       label=f"CNN widths/{arg.divisor}")
-  c.methods = "student,student_kd,student_dkd,student_fitnet,inherit,inherit_kd"
+  c.methods = "student,student_kd,student_dkd,student_fitnet,inherit,inherit_kd,inherit_random"
   if arg.variant == "local":  # Every code path in seconds: for tests.
     c.seeds = arg.seeds or 1
     c.epochs = 2

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 import time
 import zlib
 from typing import Any
@@ -62,6 +63,8 @@ def _check_method(name: str, md) -> None:
     raise ValueError(f"config.method_defs.{name}.kind must be one of {KINDS}, got {kind!r}")
   if kind == "student" and not md.get("model"):
     raise ValueError(f"config.method_defs.{name}.model: a student needs a model name")
+  if kind == "inhernet" and md.get("init", "svd") not in ("svd", "random"):
+    raise ValueError(f"config.method_defs.{name}.init must be 'svd' or 'random', got {md['init']!r}")
   if kind == "inhernet" and md.get("rank") is None:
     raise ValueError(f"config.method_defs.{name}.rank: InherNet needs a rank (int, fraction, or 'params:<method>')")
 
@@ -139,8 +142,9 @@ def expand_methods(config) -> list[tuple[str, dict]]:
     if md["kind"] == "inhernet" and (ranks or heads) and md.get("sweep", True):
       for r in ranks or (md["rank"],):
         for h in heads or (md.get("heads", 1),):
+          base = re.sub(r"\s*H=\d+", "", md.get("label", name))  # The sweep sets H.
           out.append((f"{name}_r{r}_h{h}", {**md, "rank": r, "heads": h,
-                                            "label": f"{md.get('label', name)} r={r} H={h}"}))
+                                            "label": f"{base} r={r} H={h}"}))
     else:
       out.append((name, md))
   return out
@@ -161,6 +165,8 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
                           eval_batch_size=config.get("eval_batch_size"))
   else:
     t_pipeline = pipeline
+  if jax.process_index() == 0:  # Which data this was (the chars corpus differs by Python).
+    report.write_json(os.path.join(os.path.dirname(workdir), "data_info.json"), dict(pipeline.info))
   t_model, t_vars, t_run = _teacher(config, t_pipeline, teacher_dir, teacher_seed)
   t_params = t_vars["params"]
 
@@ -202,7 +208,11 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
       rank = _resolve_rank(md["rank"], t_params, heads, rules, student_params, key)
       spec = InherSpec(rank=rank, heads=heads, rules=rules, method=md.get("svd", "auto"))
       model = t_model.clone(spec=spec)
-      variables = dict(t_vars, params=inherit(t_params, spec, key=_key(seed, key)))
+      if md.get("init", "svd") == "svd":
+        variables = dict(t_vars, params=inherit(t_params, spec, key=_key(seed, key)))
+      else:  # The paper's "without SVD init" ablation: same network, random init.
+        variables = model.init(_key(seed, key), _example(task), train=False)
+        variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
       extra = {"rank": rank, "heads": heads}
     run = train_lib.train_and_evaluate(
         model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),

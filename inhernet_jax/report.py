@@ -556,6 +556,37 @@ def plot_rank_heads(rows: Sequence[Row], path: str, metric_name: str) -> bool:
 
 
 # -------------------------------------------------------------------------- report
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as JSON atomically (NumPy values become plain Python)."""
+  payload = json.dumps(_jsonable(obj, where=os.path.basename(path)), indent=1).encode("utf-8")
+  _atomic_write(path, lambda f: f.write(payload))
+
+
+def gate_table(runs: Sequence[Run]) -> str:
+  """InherNet's gates per layer at the end of training: entropy and head load.
+
+  One table per gated InherNet method (its first seed): per layer the mean gate
+  entropy against its maximum log(H) (uniform gates) and the mean weight of each head.
+  An entropy near log(H) with equal loads means the heads are used as one averaged
+  head; low entropy means per-input routing. Empty when no run has gates.
+  """
+  seen, blocks = set(), []
+  for r in runs:
+    gates = r.get("gates")
+    if r.get("kind") != "inhernet" or not gates or r["method"] in seen:
+      continue
+    seen.add(r["method"])
+    lines = [f"**{_escape(r.get('label', r['method']))}** (seed {r.get('seed')})", "",
+             "| Layer | Entropy / log H | Head load |", "|---|---:|---|"]
+    for path, g in gates.items():
+      load = np.asarray(g["load"], dtype=float).ravel()
+      ratio = float(g["entropy"]) / float(g["max_entropy"]) if g.get("max_entropy") else float("nan")
+      lines.append(f"| {_escape(path)} | {float(g['entropy']):.3f} / {float(g['max_entropy']):.3f}"
+                   f" ({ratio:.0%}) | {' '.join(f'{x:.2f}' for x in load)} |")
+    blocks.append("\n".join(lines))
+  return "\n\n".join(blocks)
+
+
 def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, str]:
   """Writes the experiment's results into ``workdir`` (created if missing).
 
@@ -563,7 +594,7 @@ def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, 
     Python ones (non-finite floats are written as Python's ``NaN`` / ``Infinity``
     tokens, which `json.load` reads back).
   * ``results.md``: the title, a line on the metric's direction and the seeds, the
-    `markdown_table`, and links to the figures.
+    `markdown_table`, links to the figures, and InherNet's `gate_table`.
   * ``curves.png`` (`plot_curves`) and, for a (rank, heads) sweep, ``rank_heads.png``
     (`plot_rank_heads`).
 
@@ -618,6 +649,9 @@ def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, 
   ]
   if "rank_heads" in paths:
     lines += ["", "![rank x heads](rank_heads.png)"]
+  gates = gate_table(runs)
+  if gates:
+    lines += ["", "## Gates at the end of training", "", gates]
   text = "\n".join(lines) + "\n"
   _atomic_write(paths["markdown"], lambda f: f.write(text.encode("utf-8")))
   return paths

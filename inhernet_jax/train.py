@@ -154,13 +154,14 @@ def make_train_step(
     t_logits = t_feat = None
     if teacher is not None:
       t_vars = _cast(teacher_variables, compute_dtype)
-      t_logits, t_state = teacher.apply(
-          t_vars, x, train=False, mutable=["intermediates"] if hint else [],
-          capture_intermediates=_capture(hint.teacher_layer if hint else None),
-      ) if hint else (teacher.apply(t_vars, x, train=False), None)
-      t_logits = jax.lax.stop_gradient(t_logits)
       if hint:
+        t_logits, t_state = teacher.apply(
+            t_vars, x, train=False, mutable=["intermediates"],
+            capture_intermediates=_capture(hint.teacher_layer))
         t_feat = jax.lax.stop_gradient(_feature(t_state["intermediates"], hint.teacher_layer))
+      else:
+        t_logits = teacher.apply(t_vars, x, train=False)
+      t_logits = jax.lax.stop_gradient(t_logits)
     mutable = ["batch_stats"] if state.batch_stats else []
     if hint:
       mutable.append("intermediates")
@@ -226,7 +227,13 @@ def evaluate(eval_step, params, batch_stats, pipeline, kind: str) -> tuple[float
 
   ce = numerator = count = 0.0
   gate_sums, batches = None, 0
-  for batch in pipeline.eval_batches():
+  batches_iter = pipeline.eval_batches()
+  total = getattr(pipeline, "num_eval_batches", 0)
+  if total >= 50 and jax.process_index() == 0:  # Long evaluations (ImageNet) get a bar.
+    from tqdm import auto as tqdm
+
+    batches_iter = tqdm.tqdm(batches_iter, total=total, desc="eval", leave=False)
+  for batch in batches_iter:
     out = jax.device_get(eval_step(params, batch_stats, batch))
     ce += float(out["ce_sum"])
     numerator += float(out["metric_sum"])
@@ -378,6 +385,7 @@ def train_and_evaluate(
   log_every = int(config.get("log_every_steps", 0) or 0)
   bar = _progress(config, total_steps, start_step, desc)
   epoch_t0, epoch_step0 = time.perf_counter(), start_step
+  log_t0 = epoch_t0
   step = start_step
   try:
     while step < total_steps:
@@ -392,10 +400,17 @@ def train_and_evaluate(
         raise FloatingPointError(f"{desc}: loss is {float(m['loss'])} at step {step}")
       if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
+        bar.set_postfix({"loss": f"{float(m['loss']):.4f}",
+                         metric_name(kind): f"{sums['metric'] / max(sums['count'], 1.0):.4f}",
+                         "lr": f"{float(m['lr']):.2e}"})
       if log_every and step % log_every == 0:
-        logging.info("%s step %d: loss %.4f lr %.3g grad_norm %.3g", desc, step,
-                     float(m["loss"]), float(m["lr"]), float(m["grad_norm"]))
+        now = time.perf_counter()
+        logging.info(
+            "%s step %d: loss %.4f %s %.4f lr %.3g grad_norm %.3g, %.1f examples/s", desc,
+            step, float(m["loss"]), metric_name(kind),
+            float(m["metric_sum"]) / max(float(m["count"]), 1.0), float(m["lr"]),
+            float(m["grad_norm"]), log_every * pipeline.batch_size / max(now - log_t0, 1e-9))
+        log_t0 = now
       if step % steps_per_epoch == 0:
         seconds = time.perf_counter() - epoch_t0
         examples = (step - epoch_step0) * pipeline.batch_size

@@ -23,12 +23,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _quiet_orbax(record) -> bool:
   # Orbax logs every save step at INFO; keep its warnings, drop the chatter.
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv):
-  for handler in {*pylogging.getLogger().handlers, logging.get_absl_handler()}:
-    handler.addFilter(_quiet_orbax)
+  logging.get_absl_logger().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("config:\n%s", _CONFIG.value)

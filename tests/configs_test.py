@@ -32,7 +32,8 @@ VARIANTS = [
     ("chars", "local"), ("imagenet", None),
     *[("cifar100", f"pair={pair}") for pair in CIFAR.PAIRS],
 ]
-ALL_METHODS = ["student", "student_kd", "student_dkd", "student_fitnet", "inherit", "inherit_kd"]
+ALL_METHODS = ["student", "student_kd", "student_dkd", "student_fitnet", "inherit", "inherit_kd",
+               "inherit_random"]
 # Training set sizes of the TFDS datasets (nothing is loaded).
 TRAIN_SIZE = {"cifar100": 50_000, "imagenet2012": 1_281_167}
 RESNET18_PARAMS = 11_689_512  # torchvision's resnet18.

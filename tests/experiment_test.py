@@ -34,12 +34,16 @@ def test_digits_two_seeds_every_method(tmp_path):
   results = experiment.train_and_evaluate(config, str(tmp_path))
   runs = _by_method(results["runs"])
   assert list(runs) == ["teacher", "student", "student_kd", "student_dkd", "student_fitnet",
-                        "inherit", "inherit_kd"]
+                        "inherit", "inherit_kd", "inherit_random"]
   assert len(runs["teacher"]) == 1  # One shared teacher, reported once.
   assert all(len(v) == 2 for k, v in runs.items() if k != "teacher")
   student = runs["student"][0]
   teacher = runs["teacher"][0]
-  for name in ("inherit", "inherit_kd"):
+  # Same architecture and size; only the initialisation differs.
+  assert runs["inherit_random"][0]["params"] == runs["inherit"][0]["params"]
+  for a, b in zip(runs["inherit"], runs["inherit_random"]):
+    assert a["metric_at_init"] > b["metric_at_init"] + 0.1  # The teacher's knowledge.
+  for name in ("inherit", "inherit_kd", "inherit_random"):
     for r in runs[name]:
       # The comparison: InherNet at no more parameters than the student.
       assert r["params"] <= student["params"] < teacher["params"]

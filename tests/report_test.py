@@ -378,3 +378,16 @@ def test_atomic_write_cleans_up_on_failure(tmp_path):
   with pytest.raises(RuntimeError):
     report._atomic_write(str(path), boom)
   assert os.listdir(tmp_path) == []
+
+
+def test_gate_table_lists_each_gated_inhernet_layer_once():
+  gates = {"conv": {"entropy": 0.5, "load": np.array([0.7, 0.2, 0.1]), "max_entropy": np.log(3)},
+           "fc": {"entropy": 1.0, "load": np.array([0.3, 0.3, 0.4]), "max_entropy": np.log(3)}}
+  runs = [{"method": "inherit", "label": "InherNet", "kind": "inhernet", "seed": s,
+           "gates": gates} for s in (0, 1)]
+  runs.append({"method": "student", "label": "S", "kind": "student", "seed": 0, "gates": None})
+  text = report.gate_table(runs)
+  assert text.count("**InherNet**") == 1 and "(seed 0)" in text
+  assert "| conv | 0.500 / 1.099 (46%) | 0.70 0.20 0.10 |" in text
+  assert "| fc | 1.000 / 1.099 (91%) |" in text
+  assert report.gate_table(runs[2:]) == ""
