@@ -178,7 +178,8 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
         "method": key, "label": md.get("label", key),
         "kind": md.get("kind", "teacher"),
         "loss": md.get("loss", "ce"), "seed": seed, "rank": extra.get("rank"),
-        "heads": extra.get("heads"), "params": accounting.param_count(variables["params"]),
+        "heads": extra.get("heads"), "init": extra.get("init"),
+        "params": accounting.param_count(variables["params"]),
         "flops": _flops(model, variables, task), "metric_name": metric,
         "higher_is_better": higher, "metric_at_init": extra.get("metric_at_init"),
         "final_metric": h["test_metric"][-1], "best_metric": best, "epochs_to_scratch": None,
@@ -213,7 +214,7 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
       else:  # The paper's "without SVD init" ablation: same network, random init.
         variables = model.init(_key(seed, key), _example(task), train=False)
         variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-      extra = {"rank": rank, "heads": heads}
+      extra = {"rank": rank, "heads": heads, "init": md.get("init", "svd")}
     run = train_lib.train_and_evaluate(
         model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
         os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,

@@ -2,8 +2,8 @@
 
 An experiment produces one *run record* (a JSON-serialisable dict) per ``(method, seed)``:
 ``method`` (a key shared by the seeds of one method), ``label``, ``kind`` (``"teacher"``,
-``"student"`` or ``"inhernet"``), ``loss``, ``seed``, ``rank`` / ``heads`` (InherNet
-only, else ``None``), ``params``, ``flops`` (or ``None``), ``metric_name``,
+``"student"`` or ``"inhernet"``), ``loss``, ``seed``, ``rank`` / ``heads`` / ``init``
+(``"svd"`` or ``"random"``; InherNet only, else ``None``), ``params``, ``flops`` (or ``None``), ``metric_name``,
 ``higher_is_better``, ``metric_at_init`` (InherNet right after `inherit`, else
 ``None``), ``final_metric``, ``best_metric``, ``epochs_to_scratch``, ``wall_s`` and a
 per-epoch ``history`` dict of lists (``epoch``, ``train_loss``, ``train_metric``,
@@ -279,6 +279,7 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
         "label": first.get("label", method),
         "kind": first.get("kind"),
         "loss": first.get("loss"),
+        "init": first.get("init"),
         "rank": _jsonable(first.get("rank")),
         "heads": _jsonable(first.get("heads")),
         "params": _jsonable(first.get("params")),
@@ -482,7 +483,9 @@ def plot_rank_heads(rows: Sequence[Row], path: str, metric_name: str) -> bool:
            and not _is_missing(r.get("final_metric_mean"))]
   by_loss: dict[Any, dict[tuple[Any, Any], Row]] = {}
   for row in inher:
-    cells = by_loss.setdefault(row.get("loss"), {})
+    # One panel per fine-tuning loss; a random-init ablation is a panel of its own.
+    group = row.get("loss") if row.get("init") in (None, "svd") else f"{row.get('loss')}, {row['init']} init"
+    cells = by_loss.setdefault(group, {})
     key = (row["rank"], row["heads"])
     if key in cells:
       warnings.warn(f"plot_rank_heads: {row['method']!r} repeats (loss={row.get('loss')}, "
