@@ -134,7 +134,12 @@ def _env():
 
 
 def _checkpoints(workdir: pathlib.Path) -> int:
-  return sum(1 for p in workdir.rglob("checkpoints/*") if p.name.isdigit())
+  """Finished checkpoints so far (orbax renames its temporary directories meanwhile)."""
+  while True:
+    try:
+      return sum(1 for p in workdir.glob("seed_*/*/checkpoints/*") if p.name.isdigit())
+    except FileNotFoundError:  # A directory vanished while being listed: look again.
+      continue
 
 
 def _final_states(workdir: pathlib.Path) -> dict:
@@ -186,3 +191,31 @@ def test_sigkill_at_any_point_resumes_to_identical_results(tmp_path):
   for name, (step, state) in ref_states.items():
     assert got_states[name][0] == step, name
     jax.tree.map(np.testing.assert_array_equal, state, got_states[name][1])
+
+
+def test_batch_norm_statistics_train_checkpoint_and_pass_to_inherited_net(digits, tmp_path):
+  # A RepDistiller resnet8 (BatchNorm) on 8x8 digits: its running statistics are part
+  # of the state, move during training, and come back from the checkpoint.
+  model = models.create("resnet8", num_classes=10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  assert variables["batch_stats"]
+  run = train.train_and_evaluate(model, variables, digits, _config(), tmp_path / "t", seed=0,
+                                 epochs=1)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       variables["batch_stats"], run.state.batch_stats)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  again = train.train_and_evaluate(model, variables, digits, _config(), tmp_path / "t", seed=0,
+                                   epochs=1)  # Finished: restored, not retrained.
+  assert again.resumed_from == digits.steps_per_epoch
+  jax.tree.map(np.testing.assert_array_equal, run.state.batch_stats, again.state.batch_stats)
+  assert again.history == run.history
+  # The inherited network starts from the teacher's statistics and trains its own copy.
+  t_vars = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+  spec = InherSpec(rank=4, heads=2, rules=models.preset("default", "resnet8"))
+  student = model.clone(spec=spec)
+  inherited = {"params": inherit(t_vars["params"], spec), "batch_stats": t_vars["batch_stats"]}
+  s_run = train.train_and_evaluate(student, inherited, digits, _config(), tmp_path / "s", seed=0,
+                                   epochs=1, loss="kd", loss_kwargs={"alpha": 0.5, "temperature": 2.0},
+                                   teacher=(model, t_vars))
+  assert jax.tree.structure(s_run.state.batch_stats) == jax.tree.structure(t_vars["batch_stats"])
+  assert math.isfinite(s_run.history["test_loss"][-1])
