@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -67,6 +68,9 @@ def manager(
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
   """Saves ``state`` (pytree) and ``meta`` (JSON-serialisable) at ``step``, always."""
+  # A frozen copy: an async save serialises ``meta`` in a background thread, while the
+  # caller goes on mutating its history and running sums.
+  meta = json.loads(json.dumps(meta))
   mngr.save(
       int(step),
       args=ocp.args.Composite(

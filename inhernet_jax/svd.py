@@ -232,16 +232,25 @@ def singular_values(a: jax.Array, *, xp=jnp) -> jax.Array:
 
 
 # --------------------------------------------------------------- spectral quantities
+def _scaled(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``s / max|s|`` and ``max|s|`` (1 where all zero): squares neither under- nor
+  overflow (a 1e-30 singular value squares to 0 in float32)."""
+  scale = jnp.max(jnp.abs(s), axis=-1, keepdims=True)
+  scale = jnp.where(scale > 0, scale, 1)
+  return s / scale, scale[..., 0]
+
+
 def energy_kept(s: jax.Array, rank: int) -> jax.Array:
   """Fraction of spectral energy kept: ``sum_{i<=r} s_i^2 / sum_i s_i^2``."""
-  s2 = jnp.square(s)
+  s2 = jnp.square(_scaled(s)[0])
   total = s2.sum(-1)
   return jnp.where(total > 0, s2[..., :rank].sum(-1) / jnp.where(total > 0, total, 1), 1.0)
 
 
 def eckart_young_error(s: jax.Array, rank: int) -> jax.Array:
   """``sqrt(sum_{i>r} s_i^2)``: the Frobenius error of the best rank-r approximation."""
-  return jnp.sqrt(jnp.square(s[..., rank:]).sum(-1))
+  unit, scale = _scaled(s)
+  return scale * jnp.sqrt(jnp.square(unit[..., rank:]).sum(-1))
 
 
 def rank_for_energy(s: Sequence[float] | np.ndarray, energy: float) -> int:

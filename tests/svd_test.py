@@ -457,3 +457,15 @@ def test_host_numpy_stages_match_exact_and_jax_stages(make, m, n):
   assert_orthonormal_columns(host[2], 1e-4)
   best = np.sqrt(np.sum(np_singular_values(a)[rank:] ** 2))
   assert np.linalg.norm(a - reconstruct(*host)) <= best * (1 + 1e-3)
+
+
+def test_spectral_quantities_of_tiny_and_huge_singular_values():
+  # float32 squares of 1e-30 underflow to 0 and of 1e30 overflow to inf; both are
+  # computed on s / max(s) (the case hypothesis found: a 1x1 matrix of 4.67e-31).
+  for scale in (4.67413e-31, 1e-20, 1.0, 1e25):
+    s = jnp.array([3.0, 2.0, 1.0], jnp.float32) * scale
+    np.testing.assert_allclose(float(svd.eckart_young_error(s, 0)), np.sqrt(14.0) * scale, rtol=1e-5)
+    np.testing.assert_allclose(float(svd.eckart_young_error(s, 1)), np.sqrt(5.0) * scale, rtol=1e-5)
+    np.testing.assert_allclose(float(svd.energy_kept(s, 1)), 9.0 / 14.0, rtol=1e-5)
+  assert float(svd.eckart_young_error(jnp.zeros(3), 0)) == 0.0
+  assert float(svd.energy_kept(jnp.zeros(3), 1)) == 1.0
