@@ -88,7 +88,7 @@ def _describe(tree) -> dict[str, tuple]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for path, leaf in flat:
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     out[name] = tuple(getattr(leaf, "shape", np.shape(leaf)))
   return out
 

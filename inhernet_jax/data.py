@@ -29,7 +29,8 @@ Datasets (``config.name``):
   center crop) and normalised per channel. They must be prepared beforehand: without
   them `get` fails at once with `DatasetNotPreparedError`.
 
-Nothing here touches the network.
+The corpus itself lives in `inhernet_jax.corpus` and the image augmentation in
+`inhernet_jax.images` (both re-exported here). Nothing here touches the network.
 
 Example::
 
@@ -44,19 +45,41 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import numbers
 import os
-import pathlib
-import sys
-import sysconfig
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+
+from inhernet_jax.corpus import (  # noqa: F401  (re-exported: the chars dataset)
+    CHARS_FILES,
+    CHARS_UNKNOWN,
+    CHARS_VALID_FRACTION,
+    CHARS_VOCAB,
+    Corpus,
+    corpus_info,
+    decode,
+    encode,
+    load_corpus,
+)
+from inhernet_jax.images import (  # noqa: F401  (re-exported: the image datasets)
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_PAD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize,
+    pad_crop_flip,
+    random_flip,
+    random_resized_crop,
+    resize_center_crop,
+)
 
 Batch = dict[str, np.ndarray]
 Record = Any  # One source element: a dict of arrays/scalars (images) or an int (chars).
@@ -65,32 +88,6 @@ KINDS = ("classification", "lm")
 # Fields a data config may set; anything else is a typo and is rejected.
 FIELDS = ("name", "data_dir", "seq_len", "augment", "image_size", "test_fraction",
           "split_seed", "eval_windows", "train_windows")
-
-# Per-channel statistics of the training sets, for pixels in [0, 1].
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR_PAD = 4  # Zero padding before the random 32x32 crop.
-
-# Pure-Python stdlib modules present (at these paths) in CPython 3.11, 3.12 and 3.13.
-# Modules that became packages or shims in that range (zipfile, pathlib, datetime,
-# decimal, sysconfig, re, warnings) or were removed (PEP 594) are left out.
-CHARS_FILES = (
-    "argparse.py", "ast.py", "bdb.py", "calendar.py", "cmd.py", "code.py", "codecs.py",
-    "configparser.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py",
-    "difflib.py", "dis.py", "doctest.py", "enum.py", "fnmatch.py", "fractions.py",
-    "functools.py", "getopt.py", "gettext.py", "glob.py", "gzip.py", "heapq.py",
-    "hmac.py", "inspect.py", "ipaddress.py", "json/decoder.py", "json/encoder.py",
-    "logging/__init__.py", "logging/handlers.py", "mailbox.py", "optparse.py", "pdb.py",
-    "pickle.py", "pprint.py", "queue.py", "random.py", "sched.py", "shlex.py",
-    "shutil.py", "smtplib.py", "socket.py", "statistics.py", "subprocess.py",
-    "tarfile.py", "tempfile.py", "textwrap.py", "threading.py", "tokenize.py",
-    "traceback.py", "typing.py", "uuid.py", "weakref.py",
-)
-CHARS_VOCAB = 128  # ASCII code points.
-CHARS_UNKNOWN = 0  # The id of every non-ASCII character (NUL never occurs in source).
-CHARS_VALID_FRACTION = 0.1  # The last 10% of each file's characters are validation.
-
 
 class DatasetNotPreparedError(FileNotFoundError):
   """A TFDS dataset is not prepared (as ArrayRecord) in the data directory."""
@@ -409,99 +406,6 @@ def _digits_spec(fields: dict) -> _Spec:
 
 
 # -------------------------------------------------------------------------- chars
-@dataclasses.dataclass(frozen=True, eq=False)
-class Corpus:
-  """The chars corpus: ASCII ids of the training and validation text.
-
-  Attributes:
-    files: the source files, relative to ``stdlib_dir``, in corpus order.
-    file_chars: characters per file.
-    train: uint8 ids of the first 90% of every file's characters, concatenated.
-    valid: uint8 ids of the last 10% of every file's characters, concatenated.
-    non_ascii: characters mapped to `CHARS_UNKNOWN`.
-    sha256: hex digest of the files' text (UTF-8, in order): the corpus's identity,
-      which differs between Python versions.
-    stdlib_dir: where the files were read.
-    python_version: the interpreter that read them.
-  """
-
-  files: tuple[str, ...]
-  file_chars: tuple[int, ...]
-  train: np.ndarray
-  valid: np.ndarray
-  non_ascii: int
-  sha256: str
-  stdlib_dir: str
-  python_version: str
-
-  def info(self) -> dict[str, Any]:
-    """JSON-friendly provenance (everything but the ids)."""
-    return {"files": list(self.files), "file_chars": list(self.file_chars),
-            "train_chars": int(self.train.size), "valid_chars": int(self.valid.size),
-            "vocab_size": CHARS_VOCAB, "unknown_id": CHARS_UNKNOWN,
-            "non_ascii": self.non_ascii, "sha256": self.sha256,
-            "stdlib_dir": self.stdlib_dir, "python_version": self.python_version}
-
-
-def _code_points(text: str) -> np.ndarray:
-  return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-
-
-def encode(text: str) -> np.ndarray:
-  """Text -> uint8 ids: ASCII code points; every other character -> `CHARS_UNKNOWN`."""
-  points = _code_points(text)
-  return np.where(points < CHARS_VOCAB, points, CHARS_UNKNOWN).astype(np.uint8)
-
-
-def decode(ids: Any) -> str:
-  """Ids -> text (`CHARS_UNKNOWN` comes back as NUL)."""
-  return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("ascii")
-
-
-@functools.lru_cache(maxsize=4)
-def load_corpus(stdlib_dir: str | None = None) -> Corpus:
-  """Reads the chars corpus (cached per directory).
-
-  Args:
-    stdlib_dir: the directory holding `CHARS_FILES`; default this interpreter's
-      ``sysconfig.get_paths()["stdlib"]``.
-
-  Returns:
-    The `Corpus` (its id arrays are read-only).
-
-  Raises:
-    FileNotFoundError: a file of `CHARS_FILES` is missing; names it.
-  """
-  root = pathlib.Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
-  digest = hashlib.sha256()
-  train, valid, counts, non_ascii = [], [], [], 0
-  for rel in CHARS_FILES:
-    path = root / rel
-    if not path.is_file():
-      raise FileNotFoundError(
-          f"chars corpus: {rel} is missing from the standard library at {root} (Python "
-          f"{sys.version.split()[0]}); the corpus needs CPython 3.11-3.13 sources")
-    # Universal newlines: the same text whatever line endings the install has.
-    text = path.read_text(encoding="utf-8")
-    digest.update(text.encode("utf-8"))
-    ids = encode(text)
-    non_ascii += int(np.count_nonzero(_code_points(text) >= CHARS_VOCAB))
-    cut = len(ids) - int(len(ids) * CHARS_VALID_FRACTION)
-    train.append(ids[:cut])
-    valid.append(ids[cut:])
-    counts.append(len(ids))
-  train_ids, valid_ids = np.concatenate(train), np.concatenate(valid)
-  train_ids.flags.writeable = valid_ids.flags.writeable = False
-  return Corpus(files=CHARS_FILES, file_chars=tuple(counts), train=train_ids,
-                valid=valid_ids, non_ascii=non_ascii, sha256=digest.hexdigest(),
-                stdlib_dir=str(root), python_version=sys.version.split()[0])
-
-
-def corpus_info(stdlib_dir: str | None = None) -> dict[str, Any]:
-  """`Corpus.info` of `load_corpus` (files, character counts, sha256, ...)."""
-  return load_corpus(stdlib_dir).info()
-
-
 def _window(ids: np.ndarray, start: int, seq_len: int) -> Batch:
   chunk = ids[start: start + seq_len + 1].astype(np.int32)
   return {"input": chunk[:-1], "label": chunk[1:]}
@@ -534,77 +438,6 @@ def _chars_spec(fields: dict) -> _Spec:
   return _Spec(task=task, train_source=range(train_size), eval_source=range(eval_windows),
                train_fn=train_fn, eval_fn=lambda i: _window(valid, i * seq_len, seq_len),
                info=info, shuffle=False)
-
-
-# --------------------------------------------------------------- image transforms
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 HWC -> float32 ``(image / 255 - mean) / std`` per channel."""
-  x = np.asarray(image, np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD
-                  ) -> np.ndarray:
-  """CIFAR augmentation: zero-pad ``pad``, random crop to the original size, flip 1/2."""
-  h, w = image.shape[:2]
-  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-  dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-  out = padded[dy: dy + h, dx: dx + w]
-  return out[:, ::-1] if rng.random() < 0.5 else out
-
-
-def _resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, ...]) -> np.ndarray:
-  from PIL import Image  # pillow ships with matplotlib.
-
-  pil = Image.fromarray(np.ascontiguousarray(image))
-  return np.asarray(pil.resize(size, Image.BILINEAR, box=box))
-
-
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-  """Inception-style crop (torchvision's algorithm) resized to ``size x size``.
-
-  A box of ``scale`` of the area and log-uniform aspect ``ratio``; after 10 misses,
-  the largest central box whose aspect ratio is within ``ratio``.
-  """
-  h, w = image.shape[:2]
-  area = h * w
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    cw = int(round(math.sqrt(target * aspect)))
-    ch = int(round(math.sqrt(target / aspect)))
-    if 0 < cw <= w and 0 < ch <= h:
-      y = int(rng.integers(0, h - ch + 1))
-      x = int(rng.integers(0, w - cw + 1))
-      break
-  else:
-    if w / h < ratio[0]:
-      cw, ch = w, int(round(w / ratio[0]))
-    elif w / h > ratio[1]:
-      ch, cw = h, int(round(h * ratio[1]))
-    else:
-      cw, ch = w, h
-    y, x = (h - ch) // 2, (w - cw) // 2
-  return _resize(image, (size, size), (x, y, x + cw, y + ch))
-
-
-def resize_center_crop(image: np.ndarray, size: int, resize: int | None = None) -> np.ndarray:
-  """Resize the shorter side to ``resize`` (default ``size * 256 / 224``), center crop.
-
-  Done as one resampling of the corresponding box of the original image.
-  """
-  h, w = image.shape[:2]
-  resize = round(size * 256 / 224) if resize is None else resize
-  side = size * min(h, w) / resize  # The crop's side in original pixels.
-  y, x = (h - side) / 2, (w - side) / 2
-  return _resize(image, (size, size), (x, y, x + side, y + side))
-
-
-def _flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 # --------------------------------------------------------------------------- tfds
@@ -667,7 +500,7 @@ def _tfds_spec(name: str, fields: dict) -> _Spec:
       return resize_center_crop(image, size)
 
     def augment_image(image, rng):
-      return _flip(random_resized_crop(image, rng, size), rng)
+      return random_flip(random_resized_crop(image, rng, size), rng)
   else:
     size = 32
 

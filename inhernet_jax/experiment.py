@@ -82,6 +82,12 @@ def _create(model_name: str, task, kwargs) -> Any:
   return models.create(model_name, num_classes=task.num_classes, **_dict(kwargs))
 
 
+def _init(model, key: jax.Array, task) -> dict:
+  """Fresh ``{"params"[, "batch_stats"]}`` (no other collections)."""
+  variables = model.init(key, _example(task), train=False)
+  return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+
 def _flops(model, variables, task) -> float | None:
   try:
     return accounting.forward_flops(lambda v, x: model.apply(v, x, train=False), variables, _example(task))
@@ -95,8 +101,7 @@ def _teacher(config, pipeline, workdir: str, seed: int):
   task = pipeline.task
   tc = config.teacher
   model = _create(tc.model, task, tc.get("kwargs"))
-  variables = model.init(_key(seed, "teacher"), _example(task), train=False)
-  variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+  variables = _init(model, _key(seed, "teacher"), task)
   if tc.get("checkpoint"):
     loaded = ckpt_lib.load_variables(tc.checkpoint, variables)
     return model, loaded, None
@@ -150,46 +155,62 @@ def expand_methods(config) -> list[tuple[str, dict]]:
   return out
 
 
-def run_seed(config, workdir: str, seed: int) -> list[dict]:
-  """Every method of the config for one seed; returns one run record per method."""
-  pipeline = data.get(config.data, batch_size=config.batch_size, seed=seed,
-                      eval_batch_size=config.get("eval_batch_size"))
-  task = pipeline.task
-  metric = train_lib.metric_name(task.kind)
+def _pipeline(config, seed: int):
+  return data.get(config.data, batch_size=config.batch_size, seed=seed,
+                  eval_batch_size=config.get("eval_batch_size"))
+
+
+def _record(key: str, md: dict, model, variables, run, *, seed: int, task, flops: dict,
+            **extra) -> dict:
+  """One run record (`inhernet_jax.report`'s schema)."""
   higher = task.kind == "classification"
-  teacher_seed = seed if config.get("teacher_per_seed", False) else config.seed
-  teacher_dir = workdir if config.get("teacher_per_seed", False) else os.path.join(
-      os.path.dirname(workdir), f"seed_{teacher_seed}")
-  if teacher_seed != seed:
-    t_pipeline = data.get(config.data, batch_size=config.batch_size, seed=teacher_seed,
-                          eval_batch_size=config.get("eval_batch_size"))
+  h = run.history
+  finals = [m for m in h["test_metric"] if m is not None]
+  if key not in flops:  # One compile per method, not per seed.
+    flops[key] = _flops(model, variables, task)
+  return {
+      "method": key, "label": md.get("label", key), "kind": md.get("kind", "teacher"),
+      "loss": md.get("loss", "ce"), "seed": seed, "rank": extra.get("rank"),
+      "heads": extra.get("heads"), "init": extra.get("init"),
+      "params": accounting.param_count(variables["params"]), "flops": flops[key],
+      "metric_name": train_lib.metric_name(task.kind), "higher_is_better": higher,
+      "metric_at_init": extra.get("metric_at_init"), "final_metric": h["test_metric"][-1],
+      "best_metric": max(finals) if higher else min(finals), "epochs_to_scratch": None,
+      "wall_s": run.wall_s, "history": h, "gates": run.gates,
+  }
+
+
+def _teacher_record(config, model, variables, run, *, seed: int, task, flops: dict) -> dict:
+  md = {"label": f"teacher ({config.teacher.model})", "kind": "teacher"}
+  return _record("teacher", md, model, variables, run, seed=seed, task=task, flops=flops)
+
+
+def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | None = None
+             ) -> list[dict]:
+  """Every method of the config for one seed; returns one run record per method.
+
+  Args:
+    config: the experiment config.
+    workdir: this seed's directory.
+    seed: the seed of data order, initialisation and dropout.
+    teacher: ``(model, variables)`` of a teacher shared by all seeds; None trains (or
+      restores) this seed's own teacher under ``workdir/teacher`` and reports it.
+    flops: a cache of forward FLOPs by method key, shared across seeds.
+  """
+  flops = {} if flops is None else flops
+  pipeline = _pipeline(config, seed)
+  task = pipeline.task
+  higher = task.kind == "classification"
+  records = []
+  if teacher is None:
+    t_model, t_vars, t_run = _teacher(config, pipeline, workdir, seed)
+    if t_run is not None:
+      records.append(_teacher_record(config, t_model, t_vars, t_run, seed=seed, task=task,
+                                     flops=flops))
   else:
-    t_pipeline = pipeline
-  if jax.process_index() == 0:  # Which data this was (the chars corpus differs by Python).
-    report.write_json(os.path.join(os.path.dirname(workdir), "data_info.json"), dict(pipeline.info))
-  t_model, t_vars, t_run = _teacher(config, t_pipeline, teacher_dir, teacher_seed)
+    t_model, t_vars = teacher
   t_params = t_vars["params"]
 
-  def record(key, md, model, variables, run, **extra):
-    h = run.history
-    finals = [m for m in h["test_metric"] if m is not None]
-    best = max(finals) if higher else min(finals)
-    return {
-        "method": key, "label": md.get("label", key),
-        "kind": md.get("kind", "teacher"),
-        "loss": md.get("loss", "ce"), "seed": seed, "rank": extra.get("rank"),
-        "heads": extra.get("heads"), "init": extra.get("init"),
-        "params": accounting.param_count(variables["params"]),
-        "flops": _flops(model, variables, task), "metric_name": metric,
-        "higher_is_better": higher, "metric_at_init": extra.get("metric_at_init"),
-        "final_metric": h["test_metric"][-1], "best_metric": best, "epochs_to_scratch": None,
-        "wall_s": run.wall_s, "history": h, "gates": run.gates,
-    }
-
-  records = []
-  if t_run is not None and teacher_seed == seed:  # Shared teachers are reported once.
-    records.append(record("teacher", {"label": f"teacher ({config.teacher.model})", "kind": "teacher"},
-                          t_model, t_vars, t_run))
   student_params: dict[str, int] = {}
   for key, md in expand_methods(config):
     loss, loss_kwargs = md.get("loss", "ce"), _dict(md.get("loss_kwargs"))
@@ -200,8 +221,7 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
     extra = {}
     if md["kind"] == "student":
       model = _create(md["model"], task, md.get("kwargs"))
-      variables = model.init(_key(seed, key), _example(task), train=False)
-      variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+      variables = _init(model, _key(seed, key), task)
       student_params[key] = accounting.param_count(variables["params"])
     else:
       heads = int(md.get("heads", 1))
@@ -212,8 +232,7 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
       if md.get("init", "svd") == "svd":
         variables = dict(t_vars, params=inherit(t_params, spec, key=_key(seed, key)))
       else:  # The paper's "without SVD init" ablation: same network, random init.
-        variables = model.init(_key(seed, key), _example(task), train=False)
-        variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+        variables = _init(model, _key(seed, key), task)
       extra = {"rank": rank, "heads": heads, "init": md.get("init", "svd")}
     run = train_lib.train_and_evaluate(
         model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
@@ -223,7 +242,8 @@ def run_seed(config, workdir: str, seed: int) -> list[dict]:
     )
     if md["kind"] == "inhernet":
       extra["metric_at_init"] = run.history["test_metric"][0]
-    records.append(record(key, md, model, {"params": run.state.params}, run, **extra))
+    records.append(_record(key, md, model, {"params": run.state.params}, run, seed=seed,
+                           task=task, flops=flops, **extra))
 
   scratch = next((r for r in records if r["method"] == config.get("scratch_method", "student")), None)
   if scratch is not None:
@@ -244,9 +264,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if not seeds:
     raise ValueError(f"config.seeds must be >= 1, got {config.seeds}")
   t0 = time.perf_counter()
-  runs = []
+  runs, flops, shared = [], {}, None
+  pipeline = _pipeline(config, config.seed)
+  if jax.process_index() == 0:  # Which data this was (the chars corpus differs by Python).
+    report.write_json(os.path.join(workdir, "data_info.json"), dict(pipeline.info))
+  if not config.get("teacher_per_seed", False):
+    # One teacher (trained with config.seed, in its seed directory) for every seed.
+    t_model, t_vars, t_run = _teacher(config, pipeline, os.path.join(workdir, f"seed_{config.seed}"),
+                                      config.seed)
+    shared = (t_model, t_vars)
+    if t_run is not None:
+      runs.append(_teacher_record(config, t_model, t_vars, t_run, seed=config.seed,
+                                  task=pipeline.task, flops=flops))
   for seed in seeds:
-    runs += run_seed(config, os.path.join(workdir, f"seed_{seed}"), seed)
+    runs += run_seed(config, os.path.join(workdir, f"seed_{seed}"), seed, teacher=shared,
+                     flops=flops)
   summary = report.summarize(runs)
   table = report.markdown_table(summary, runs[0]["metric_name"], runs[0]["higher_is_better"])
   files = {}

@@ -106,17 +106,7 @@ def _choice(value: Any, name: str, known: tuple[str, ...]) -> str:
 
 # ---------------------------------------------------------------------- weight decay
 def _path_names(path) -> tuple[str, ...]:
-  names = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      names.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      names.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      names.append(str(key.idx))
-    else:  # FlattenedIndexKey and friends.
-      names.append(str(getattr(key, "key", key)))
-  return tuple(names)
+  return tuple(jax.tree_util.keystr(path, simple=True, separator="/").split("/"))
 
 
 def _mask_fn(which: str) -> Callable[[tuple[str, ...], Any], bool]:

@@ -35,6 +35,7 @@ from absl import logging
 from flax.training import train_state
 
 from inhernet_jax import checkpoint as ckpt_lib
+from inhernet_jax import layers
 from inhernet_jax import losses as losses_lib
 from inhernet_jax import optim
 
@@ -201,8 +202,6 @@ def make_train_step(
 
 def make_eval_step(model: nn.Module, kind: str, *, gates: bool = False, compute_dtype=jnp.float32):
   """``eval_step(params, batch_stats, batch) -> sums`` (loss, metric, count[, gates])."""
-  from inhernet_jax import layers  # Gate statistics live with the layers.
-
   def eval_step(params, batch_stats, batch):
     x = batch["input"]
     if jnp.issubdtype(x.dtype, jnp.floating):
@@ -223,8 +222,6 @@ def make_eval_step(model: nn.Module, kind: str, *, gates: bool = False, compute_
 
 def evaluate(eval_step, params, batch_stats, pipeline, kind: str) -> tuple[float, float, dict | None]:
   """(mean loss, metric, gate stats) over the whole eval split."""
-  from inhernet_jax import layers
-
   ce = numerator = count = 0.0
   gate_sums, batches = None, 0
   batches_iter = pipeline.eval_batches()
@@ -449,7 +446,8 @@ def train_and_evaluate(
 
 def _has_gates(params) -> bool:
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  return any(any(getattr(k, "key", None) == "gate" for k in path) for path, _ in paths)
+  return any("gate" in jax.tree_util.keystr(p, simple=True, separator="/").split("/")
+             for p, _ in paths)
 
 
 def _append(history, **values):

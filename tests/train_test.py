@@ -1,6 +1,5 @@
 """The trainer: learning, losses, bf16, gate statistics, checkpoints and exact resume."""
 
-import importlib.util
 import json
 import math
 import os
