@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from inhernet_jax.inherit import planned_param_count
@@ -21,10 +22,14 @@ def param_count(params) -> int:
 
 
 def forward_flops(apply_fn, *args, **kwargs) -> float:
-  """FLOPs of one jitted call ``apply_fn(*args, **kwargs)``, from XLA's cost analysis.
+  """FLOPs of one call ``apply_fn(*args, **kwargs)``, from XLA's cost analysis.
 
-  Args may be arrays or `jax.ShapeDtypeStruct`s (nothing is executed).
+  Args may be arrays or `jax.ShapeDtypeStruct`s (nothing is executed). Counted on the
+  CPU backend whatever the default one: XLA's GPU cost analysis leaves out
+  convolutions (they become cuDNN custom calls), so a GPU count of a CNN is far too low.
   """
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=cpu), args)
   compiled = jax.jit(lambda *a: apply_fn(*a, **kwargs)).lower(*args).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older jax: one dict per device program.

@@ -110,13 +110,19 @@ def _diff(saved: dict, wanted: dict, limit: int = 8) -> str:
   return "\n".join(lines)
 
 
+def _sharding(x):
+  return x.sharding if isinstance(x, jax.Array) else getattr(x, "sharding", None)
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any, dict] | None:
   """The latest checkpoint as ``(step, state, meta)``, or None when there is none.
 
   Args:
     mngr: from `manager`.
     abstract_state: the run's state pytree (arrays or `jax.ShapeDtypeStruct`s); the
-      checkpoint must have exactly its structure and shapes.
+      checkpoint must have exactly its structure and shapes. Leaves are restored with
+      their shardings (a checkpoint written on another mesh shape, or by another number
+      of processes, restores onto this one).
 
   Raises:
     CheckpointError: the directory holds a checkpoint that is unreadable (corrupt,
@@ -147,8 +153,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[in
         f"spec or optimizer?):\n{diff}\nUse another workdir, or delete {mngr.directory} "
         "to start this run over"
     )
+  # Restored straight into the run's shardings (whatever mesh wrote the checkpoint):
+  # each process reads only the shards its devices hold.
   target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x,
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=_sharding(x))
+      if hasattr(x, "dtype") else x,
       template,
   )
   try:
@@ -186,20 +195,39 @@ def load_variables(directory: str | os.PathLike, abstract_variables: dict) -> di
     directory = os.path.join(directory, "checkpoints")
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoint directory at {directory}")
-  mngr = manager(directory, max_to_keep=None, async_save=False)
+  # Only params and batch_stats are read (a partial restore: no optimizer state), each
+  # straight into the sharding of its abstract leaf (replicated on every device when the
+  # leaf has none), so a checkpoint from any mesh or number of processes loads here.
+  mngr = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
   step = mngr.latest_step()
   if step is None:
     raise CheckpointError(f"no checkpoint in {directory}")
   where = os.path.join(directory, str(step))
+  wanted = {k: v for k, v in abstract_variables.items() if k in ("params", "batch_stats") and v}
   try:
-    raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    metadata = mngr.item_metadata(step)["state"]
   except Exception as e:
     raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {e})") from e
-  wanted = {k: v for k, v in abstract_variables.items() if k in ("params", "batch_stats") and v}
-  got = {k: raw.get(k) for k in wanted}
+  saved = getattr(metadata, "tree", metadata) or {}
+  got = {k: saved.get(k) for k in wanted}
   got = {k: v for k, v in got.items() if v}
   diff = _diff(_describe(got), _describe(wanted))
   if diff:
     raise CheckpointError(f"checkpoint {where} does not match the model:\n{diff}")
+  everywhere = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec())
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=_sharding(x) or everywhere),
+      wanted)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {e})") from e
   mngr.close()
-  return jax.tree.map(lambda w, a: jax.numpy.asarray(a, getattr(w, "dtype", None)), wanted, got)
+  return {k: restored[k] for k in wanted}
+

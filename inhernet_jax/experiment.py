@@ -29,6 +29,7 @@ import ml_collections
 from absl import logging
 
 from inhernet_jax import accounting, data, models, report
+from inhernet_jax import sharding as sharding_lib
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import train as train_lib
 from inhernet_jax.inherit import inherit
@@ -82,10 +83,15 @@ def _create(model_name: str, task, kwargs) -> Any:
   return models.create(model_name, num_classes=task.num_classes, **_dict(kwargs))
 
 
-def _init(model, key: jax.Array, task) -> dict:
-  """Fresh ``{"params"[, "batch_stats"]}`` (no other collections)."""
-  variables = model.init(key, _example(task), train=False)
-  return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+def _init(model, key: jax.Array, task, config) -> dict:
+  """Fresh ``{"params"[, "batch_stats"]}`` (no other collections), born sharded."""
+  def init():
+    variables = model.init(key, _example(task), train=False)
+    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+  variables, _ = sharding_lib.jit_init(init, mesh_from_config(config), lambda v: v["params"],
+                                       config.get("sharding_rules"))
+  return variables
 
 
 def _flops(model, variables, task) -> float | None:
@@ -101,12 +107,12 @@ def _teacher(config, pipeline, workdir: str, seed: int):
   task = pipeline.task
   tc = config.teacher
   model = _create(tc.model, task, tc.get("kwargs"))
-  variables = _init(model, _key(seed, "teacher"), task)
+  variables = _init(model, _key(seed, "teacher"), task, config)
   if tc.get("checkpoint"):
     loaded = ckpt_lib.load_variables(tc.checkpoint, variables)
     return model, loaded, None
-  run = train_lib.train_and_evaluate(
-      model, variables, pipeline, _with_optimizer(config, tc.get("optimizer")),
+  run = _train(
+      config, model, variables, pipeline, _with_optimizer(config, tc.get("optimizer")),
       os.path.join(workdir, "teacher"), seed=seed, epochs=tc.epochs, desc="teacher",
   )
   trained = {"params": run.state.params}
@@ -155,9 +161,27 @@ def expand_methods(config) -> list[tuple[str, dict]]:
   return out
 
 
-def _pipeline(config, seed: int):
-  return data.get(config.data, batch_size=config.batch_size, seed=seed,
-                  eval_batch_size=config.get("eval_batch_size"))
+def mesh_from_config(config) -> jax.sharding.Mesh:
+  """``config.mesh`` (``{"data": -1}`` by default) as a `sharding.make_mesh` mesh."""
+  axes = config.get("mesh")
+  return sharding_lib.make_mesh(_dict(axes) if isinstance(axes, ml_collections.ConfigDict) else axes)
+
+
+def _pipeline(config, seed: int, mesh):
+  # This process's rows of every global batch, as the mesh lays the batch out.
+  batch_size = config.batch_size
+  eval_batch_size = config.get("eval_batch_size") or batch_size
+  slot, slots = sharding_lib.process_batch_slot(mesh, batch_size)
+  if sharding_lib.process_batch_slot(mesh, eval_batch_size) != (slot, slots):
+    raise ValueError(f"config.eval_batch_size={eval_batch_size} and config.batch_size="
+                     f"{batch_size} split differently over mesh {sharding_lib.describe(mesh)}")
+  return data.get(config.data, batch_size=batch_size, seed=seed,
+                  eval_batch_size=eval_batch_size, process_index=slot, process_count=slots)
+
+
+def _train(config, *args, **kwargs):
+  return train_lib.train_and_evaluate(*args, **kwargs, mesh=mesh_from_config(config),
+                                      sharding_rules=config.get("sharding_rules"))
 
 
 def _record(key: str, md: dict, model, variables, run, *, seed: int, task, flops: dict,
@@ -198,7 +222,7 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
     flops: a cache of forward FLOPs by method key, shared across seeds.
   """
   flops = {} if flops is None else flops
-  pipeline = _pipeline(config, seed)
+  pipeline = _pipeline(config, seed, mesh_from_config(config))
   task = pipeline.task
   higher = task.kind == "classification"
   records = []
@@ -221,7 +245,7 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
     extra = {}
     if md["kind"] == "student":
       model = _create(md["model"], task, md.get("kwargs"))
-      variables = _init(model, _key(seed, key), task)
+      variables = _init(model, _key(seed, key), task, config)
       student_params[key] = accounting.param_count(variables["params"])
     else:
       heads = int(md.get("heads", 1))
@@ -230,12 +254,14 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
       spec = InherSpec(rank=rank, heads=heads, rules=rules, method=md.get("svd", "auto"))
       model = t_model.clone(spec=spec)
       if md.get("init", "svd") == "svd":
-        variables = dict(t_vars, params=inherit(t_params, spec, key=_key(seed, key)))
+        variables = dict(t_vars, params=inherit(
+            t_params, spec, key=_key(seed, key),
+            sharding_rules=config.get("sharding_rules")))
       else:  # The paper's "without SVD init" ablation: same network, random init.
-        variables = _init(model, _key(seed, key), task)
+        variables = _init(model, _key(seed, key), task, config)
       extra = {"rank": rank, "heads": heads, "init": md.get("init", "svd")}
-    run = train_lib.train_and_evaluate(
-        model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
+    run = _train(
+        config, model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
         os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,
         loss_kwargs=loss_kwargs, teacher=(t_model, t_vars) if loss != "ce" else None,
         hint=hint, desc=f"seed {seed} {key}",
@@ -265,7 +291,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError(f"config.seeds must be >= 1, got {config.seeds}")
   t0 = time.perf_counter()
   runs, flops, shared = [], {}, None
-  pipeline = _pipeline(config, config.seed)
+  mesh = mesh_from_config(config)
+  logging.info("mesh: %s", sharding_lib.describe(mesh))
+  pipeline = _pipeline(config, config.seed, mesh)
   if jax.process_index() == 0:  # Which data this was (the chars corpus differs by Python).
     report.write_json(os.path.join(workdir, "data_info.json"), dict(pipeline.info))
   if not config.get("teacher_per_seed", False):

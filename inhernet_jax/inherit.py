@@ -6,12 +6,40 @@ to keep or factorise it, decomposes all factorised kernels of one matrix shape t
 `InherDense` / `InherConv`. Nothing else changes: biases of kept layers, norms,
 embeddings and every other leaf pass through as the same objects.
 
+Sharded teachers (`inhernet_jax.inherit_sharded`). When the kernels are jax.Arrays
+sharded over several devices (or a ``mesh`` is passed), each factorised kernel is decomposed on its own by a few jitted
+stages (`Stage`; `sharded_stages` lists them with abstract arguments, to plan memory
+without allocating anything). Their inputs keep the teacher's sharding, and their
+outputs (``down/kernel``, ``up/kernel``, ``up/bias``) are born with the shardings that
+``sharding_rules`` (`inhernet_jax.sharding`) give the new params' paths; gates are
+drawn on the host and sliced onto the devices. Nothing is gathered onto one device or
+the host and no kernels are concatenated: a scan-stacked kernel ``(layers, in, out)``
+is decomposed batched over its layer axis, the layers split over as many mesh devices
+as divide their count, one layer per device moving off the teacher's sharding at a
+time, its Gram matrices and bases constrained to that split; an unstacked kernel
+splits them over their rows instead (its exact SVD, if chosen, runs whole on every
+device). Stages run one at a time. Peak memory per device: the teacher, the new
+params made so far, the bases ``(layers, s, rank + oversample)`` of the kernels
+iterated together, and one stage's output and temporaries (a few layer slices: the
+all-to-all that moves them). A big teacher on one device takes this path too when
+given a one-device ``mesh`` (one layer at a time).
+
+The sharded path draws the same random start matrices (on the host, kernel by kernel)
+and applies the same stopping rule (every kernel with the same Gram size and rank
+iterates in lockstep until all have converged) as the single-device paths, and all
+paths fix the sign of each singular pair the same way, so its results equal the
+unsharded `inherit`'s up to float rounding, gates bit for bit. The energy policy runs
+sharded too (only the singular values come to the host); `resolve` works on sharded
+teachers alike.
+
 Example::
 
   student_params = inherit(teacher_params, 32, heads=3)
   spec = resolve(teacher_params, InherSpec(energy=0.9, heads=3))   # data-dependent ranks
   model = Model(spec=spec)                                          # matches the tree
   rows = inherit_report(teacher_params, spec)                       # one row per kernel
+  # A teacher sharded over a mesh: factors born sharded, by the tensor-parallel rules.
+  student_params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
 """
 
 from __future__ import annotations
@@ -21,14 +49,16 @@ import functools
 import re
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
+from jax.sharding import Mesh
 
+from inhernet_jax import sharding as sharding_lib
 from inhernet_jax import svd
 from inhernet_jax.layers import gate_kernel_init
 from inhernet_jax.spec import InherSpec, LayerPlan, as_spec
@@ -72,20 +102,28 @@ class _Kernel:
     return kernel.reshape(-1, self.m, self.n)
 
 
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray))
+def _is_array(x, abstract: bool = False) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray)) or (abstract and isinstance(x, jax.ShapeDtypeStruct))
 
 
 def _all_finite(x) -> bool:
-  if isinstance(x, jax.core.Tracer):
+  if isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
     return True  # Unknowable under jit; checked on concrete calls.
-  if isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices()):
+  if isinstance(x, np.ndarray) or (len(x.devices()) == 1 and _on_host(x)):
     return bool(np.isfinite(np.asarray(x)).all())  # No compile, no copy on CPU.
-  return bool(jnp.isfinite(x).all())
+  return bool(_finite(x))  # A sharded reduction: nothing is gathered.
 
 
-def _collect(params, spec: InherSpec) -> list[_Kernel]:
-  """Finds kernels, validates every leaf, infers stack axes."""
+@jax.jit
+def _finite(x):
+  return jnp.isfinite(x).all()
+
+
+def _collect(params, spec: InherSpec, abstract: bool = False) -> list[_Kernel]:
+  """Finds kernels, validates every leaf, infers stack axes.
+
+  ``abstract`` also accepts `jax.ShapeDtypeStruct` leaves (`sharded_stages`).
+  """
   if not isinstance(params, Mapping):
     raise TypeError(
         f"params must be a (nested) dict of arrays, the 'params' collection of a Flax "
@@ -104,7 +142,7 @@ def _collect(params, spec: InherSpec) -> list[_Kernel]:
       if isinstance(v, Mapping):
         visit(v, (*keys, str(k)))
         continue
-      if not _is_array(v):
+      if not _is_array(v, abstract):
         raise TypeError(
             f"{path}: expected an array leaf, got {type(v).__name__}; params must be a "
             "pytree of arrays"
@@ -116,7 +154,7 @@ def _collect(params, spec: InherSpec) -> list[_Kernel]:
       if stack is None:
         # A scan-stacked layer has a bias with the same leading layer axes.
         stack = 0
-        if _is_array(bias) and bias.ndim >= 2:
+        if _is_array(bias, abstract) and bias.ndim >= 2:
           lead = bias.ndim - 1
           if bias.shape[:lead] == v.shape[:lead] and bias.shape[-1] == v.shape[-1]:
             stack = lead
@@ -150,14 +188,18 @@ def _by_shape(kernels):
   return groups
 
 
-def _plan_all(kernels: list[_Kernel], spec: InherSpec) -> None:
+def _plan_all(kernels: list[_Kernel], spec: InherSpec, mesh: Mesh | None = None) -> None:
   data = [k for k in kernels if k.plan is None and spec.needs_data(k.path)]
-  if any(isinstance(k.kernel, jax.core.Tracer) for k in data):
+  if any(isinstance(k.kernel, (jax.core.Tracer, jax.ShapeDtypeStruct)) for k in data):
     raise ValueError(
         "the energy policy needs concrete teacher weights; call "
         "spec = inhernet_jax.resolve(params, spec) outside jit and pass the resolved spec"
     )
   values = {}
+  if mesh is not None:  # Sharded: kernel by kernel, only the singular values come back.
+    for k in data:
+      values[k.path] = _sharded._sharded_singular_values(k, mesh)
+    data = []
   for group in _by_shape(data).values():
     mats = [k.matrices() for k in group]
     xp = np if all(isinstance(m, np.ndarray) for m in mats) else jnp
@@ -191,9 +233,12 @@ def _decompose(kernels: list[_Kernel], spec: InherSpec, key) -> None:
   once over an array namespace: NumPy when every kernel is a concrete array in host
   memory, because on CPU compiling one XLA program per distinct shape costs more than
   the work itself; jitted ``jax.numpy`` otherwise (accelerators, or inside a jit).
+
+  Kernels are taken in sorted path order (`_in_order`), so which random start matrix
+  a kernel gets does not depend on the key order of the params dicts.
   """
   groups: dict[Any, list[_Kernel]] = {}
-  for k in kernels:
+  for k in _in_order(kernels):
     if k.plan.factorize:
       groups.setdefault((k.m, k.n, k.plan.rank), []).append(k)
   todo = [k for g in groups.values() for k in g]
@@ -225,6 +270,12 @@ def _decompose(kernels: list[_Kernel], spec: InherSpec, key) -> None:
       meta = _meta(group)
       _store(group, key, finish(a, None, q, _biases(group, host), meta, "finalize", offset, xp=xp))
       offset += a.shape[0]
+
+
+def _in_order(kernels: list[_Kernel]) -> list[_Kernel]:
+  """Kernels sorted by path: the order `jax.tree` functions (and `sharding.put`) give
+  dict keys, whatever the order a params dict was built in."""
+  return sorted(kernels, key=lambda k: k.keys)
 
 
 def _on_host(x) -> bool:
@@ -261,6 +312,7 @@ def _finish_group(a, s, x, biases, meta, mode, offset, *, xp):
     u, s, v = svd.finalize(a, x[offset : offset + count], meta[0][3], xp=xp)
   else:
     u, s, v = a, s, x
+  u, v = _canonical_signs(u, v, xp=xp)
   out, start = [], 0
   for (lead, in_shape, n, rank, heads, dtype), bias in zip(meta, biases):
     sl = slice(start, start + int(np.prod(lead)))
@@ -278,6 +330,16 @@ def _finish_group(a, s, x, biases, meta, mode, offset, *, xp):
       params["up"]["bias"] = xp.broadcast_to(b, (*lead, heads, n)).astype(bias.dtype)
     out.append(((u[sl], s[sl], v[sl]), params))
   return out
+
+
+def _canonical_signs(u, v, *, xp):
+  """Flips each singular pair so that the largest-magnitude entry of its ``u`` column
+  is positive (ties: positive). LAPACK builds differ in the signs they return (NumPy's
+  and XLA's float32 SVDs do), so without this the host, jitted and sharded paths would
+  agree only up to the sign of each (down column, up row) pair."""
+  flip = -xp.min(u, axis=-2, keepdims=True) > xp.max(u, axis=-2, keepdims=True)
+  sign = xp.where(flip, -1, 1).astype(u.dtype)
+  return u * sign, v * sign
 
 
 _stack_jit = jax.jit(_stack, static_argnums=(1, 2), static_argnames=("xp",))
@@ -303,18 +365,24 @@ def _gate_params(key, k: _Kernel) -> dict:
   default key is a constant), so it compiles nothing and eager and jit agree. Only a
   traced key falls back to `jax.random`.
   """
+  if isinstance(key, jax.core.Tracer):
+    seed = zlib.crc32(k.path.encode())
+    rank, heads, dtype = k.plan.rank, k.plan.heads, jnp.dtype(k.kernel.dtype)
+    kernel = _draw_gates(key, seed & 0x7FFFFFFF, k.stack_shape, rank, heads, dtype.name)
+    return {"kernel": kernel, "bias": jnp.zeros((*k.stack_shape, heads), dtype)}
+  # device_put, not jnp.asarray: the latter compiles a program per shape.
+  return jax.tree.map(jax.device_put, _host_gate(key, k))
+
+
+def _host_gate(key, k: _Kernel) -> dict:
+  """`_gate_params` drawn with NumPy (a concrete key): ``{"kernel", "bias"}`` arrays."""
   seed = zlib.crc32(k.path.encode())
   rank, heads, dtype = k.plan.rank, k.plan.heads, jnp.dtype(k.kernel.dtype)
-  bias = np.zeros((*k.stack_shape, heads), dtype)
-  if isinstance(key, jax.core.Tracer):
-    kernel = _draw_gates(key, seed & 0x7FFFFFFF, k.stack_shape, rank, heads, dtype.name)
-    return {"kernel": kernel, "bias": jnp.asarray(bias)}
   words = [0] if key is None else [int(w) for w in np.ravel(_key_data(key))]
   bound = 1.0 / np.sqrt(rank)
   # Drawn in float64 and cast, so a bf16 teacher gets the same gates, rounded.
   gate = np.random.default_rng([*words, seed]).uniform(-bound, bound, (*k.stack_shape, rank, heads))
-  # device_put, not jnp.asarray: the latter compiles a program per shape.
-  return {"kernel": jax.device_put(gate.astype(dtype)), "bias": jax.device_put(bias)}
+  return {"kernel": gate.astype(dtype), "bias": np.zeros((*k.stack_shape, heads), dtype)}
 
 
 def _key_data(key):
@@ -379,12 +447,19 @@ def _report_row(k: _Kernel) -> dict:
   return row
 
 
-def _run(params, rank, heads, rules, key, need_factors=True):
+def _run(params, rank, heads, rules, key, need_factors=True, *, mesh=None,
+         sharding_rules=None, keep_factors=True, trace=None):
   spec = as_spec(rank, heads, rules)
-  kernels = _collect(params, spec)
-  _plan_all(kernels, spec)
-  if need_factors:
+  kernels = _collect(params, spec, abstract=not need_factors)  # Plans need shapes only.
+  mesh = _sharded._sharded_mesh(kernels, mesh)
+  if mesh is not None:
+    sharding_rules = sharding_lib.resolve_rules(sharding_rules)
+    _sharded._place_all(kernels, mesh, sharding_rules)
+  _plan_all(kernels, spec, mesh)
+  if need_factors and mesh is None:
     _decompose(kernels, spec, key)
+  elif need_factors:
+    _sharded._decompose_sharded(kernels, spec, key, mesh, sharding_rules, keep_factors, trace)
   return spec, kernels
 
 
@@ -396,6 +471,9 @@ def inherit(
     rules=(),
     key: jax.Array | None = None,
     return_report: bool = False,
+    mesh: Mesh | None = None,
+    sharding_rules=None,
+    trace: Callable[[_sharded.Stage], None] | None = None,
 ):
   """Inherits a teacher: every selected kernel becomes a gated low-rank factorisation.
 
@@ -407,7 +485,16 @@ def inherit(
     rules: extra ``(regex, action)`` rules, tried before the spec's own.
     key: PRNG key for the new gate weights and the randomized SVD; a fixed default,
       so the same call always returns the same pytree.
-    return_report: also return `inherit_report`'s rows.
+    return_report: also return `inherit_report`'s rows (sharded: each kernel and its
+      factors are brought to the host, one at a time, for the float64 error).
+    mesh: decompose on this mesh (the sharded path, see the module docstring; a
+      one-device mesh for a big single-device teacher); by default the mesh the
+      kernels are sharded over, if any kernel spans several devices. Kernels not on it
+      are placed by ``sharding_rules``.
+    sharding_rules: `sharding` rules (or a `sharding.RULE_SETS` name; default
+      `sharding.DEFAULT_RULES`) for the new params of the sharded path.
+    trace: sharded path only: called with each `Stage`, its concrete ``args`` filled
+      in, right after it ran (memory measurements).
 
   Returns:
     The inherited params (and the report rows when ``return_report``). Right after this
@@ -416,7 +503,8 @@ def inherit(
   Raises:
     TypeError / ValueError naming the offending argument or leaf path.
   """
-  spec, kernels = _run(params, rank, heads, rules, key)
+  spec, kernels = _run(params, rank, heads, rules, key, mesh=mesh, sharding_rules=sharding_rules,
+                       keep_factors=return_report, trace=trace)
   factorised = {k.keys: k for k in kernels if k.plan.factorize}
   out = _rebuild(params, (), factorised)
   if return_report:
@@ -424,10 +512,12 @@ def inherit(
   return out
 
 
-def inherit_report(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> list[dict]:
+def inherit_report(params, rank: int | float | InherSpec, *, heads=None, rules=(),
+                   mesh: Mesh | None = None) -> list[dict]:
   """One row per kernel: path, shape, action, rank, heads, energy kept, Eckart-Young
-  error (absolute and relative), parameters before and after. Kept kernels appear too."""
-  _, kernels = _run(params, rank, heads, rules, None)
+  error (absolute and relative), parameters before and after. Kept kernels appear too.
+  Sharded teachers (or ``mesh``) are decomposed by the sharded path."""
+  _, kernels = _run(params, rank, heads, rules, None, mesh=mesh)
   return [_report_row(k) for k in kernels]
 
 
@@ -451,7 +541,8 @@ def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> I
 
 def planned_param_count(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> int:
   """Parameters of ``inherit(params, rank, ...)`` without computing any factorisation
-  (singular values only for the energy policy)."""
+  (singular values only for the energy policy); ``params`` may be abstract
+  (`jax.ShapeDtypeStruct` leaves) unless the policy needs values."""
   _, kernels = _run(params, rank, heads, rules, None, need_factors=False)
   total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   for k in kernels:
@@ -478,3 +569,14 @@ def format_report(rows: list[dict]) -> str:
   after = sum(r["params_after"] for r in rows)
   lines.append(f"kernels: {len(rows)}, params {before} -> {after} ({after / max(before, 1):.3f}x)")
   return "\n".join(lines)
+
+
+# The sharded path lives in its own module; imported last (it uses the helpers above).
+from inhernet_jax import inherit_sharded as _sharded  # noqa: E402
+from inhernet_jax.inherit_sharded import (  # noqa: E402,F401  (re-exported)
+    Stage,
+    device_bytes,
+    plan_memory,
+    sharded_stages,
+    stage_temp_bytes,
+)

@@ -38,6 +38,7 @@ from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import layers
 from inhernet_jax import losses as losses_lib
 from inhernet_jax import optim
+from inhernet_jax import sharding as sharding_lib
 
 _LN2 = math.log(2.0)
 # Metrics of one training run, one entry per epoch (epoch 0: before training).
@@ -270,6 +271,8 @@ def train_and_evaluate(
     teacher: tuple[nn.Module, dict] | None = None,
     hint: Hint | None = None,
     desc: str = "train",
+    mesh: jax.sharding.Mesh | None = None,
+    sharding_rules=None,
 ) -> Run:
   """Trains ``model`` from ``variables`` for ``epochs``; resumes from ``workdir``.
 
@@ -289,6 +292,11 @@ def train_and_evaluate(
     teacher: ``(teacher_model, teacher_variables)`` for KD, DKD and FitNet.
     hint: the FitNet hint (required for ``loss="fitnet"``).
     desc: the progress bar's label.
+    mesh: the device mesh (`sharding.make_mesh`; default: data parallel over every
+      device). Params and optimizer state are sharded over it by ``sharding_rules``,
+      batches over its ``data`` and ``fsdp`` axes; the results do not depend on it.
+    sharding_rules: path rules (`sharding.resolve_rules`: None, a `sharding.RULE_SETS`
+      name, or ``((regex, action), ...)``).
 
   Returns:
     A `Run`: the final state, the per-epoch history (epoch 0 is the evaluation before
@@ -296,6 +304,8 @@ def train_and_evaluate(
 
   Raises:
     checkpoint.CheckpointError: ``workdir`` holds a checkpoint of a different run.
+    ValueError: the batch size is not divisible by the mesh's data-parallel devices, or a
+      sharding rule does not fit a parameter (the message names it).
   """
   kind = pipeline.task.kind
   loss_kwargs = dict(loss_kwargs or {})
@@ -310,37 +320,47 @@ def train_and_evaluate(
     if loss in ("kd", "dkd") and teacher is None:
       raise ValueError(f"{desc}: loss {loss!r} needs a teacher")
   compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+  # Models with a fixed computation dtype (the CNNs: float32) would promote the bf16
+  # casts back to float32; they compute in compute_dtype (params stay float32).
+  model = _with_dtype(model, compute_dtype)
+  if teacher is not None:
+    teacher = (_with_dtype(teacher[0], compute_dtype), teacher[1])
   steps_per_epoch = pipeline.steps_per_epoch
   total_steps = epochs * steps_per_epoch
   tx, schedule = optim.make_optimizer(
       config.optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps
   )
-  # Copies: the train step donates its state, and inherited params share untouched
-  # leaves (and batch_stats) with the teacher, which must survive.
-  params = jax.tree.map(jnp.array, variables["params"])
-  batch_stats = jax.tree.map(jnp.array, variables.get("batch_stats", {}))
+  mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  rules = sharding_lib.resolve_rules(sharding_rules)
   connector = {}
   t_model, t_vars = teacher if teacher is not None else (None, None)
   if hint:
-    example = pipeline.train_batch(0)
-    x = example["input"][:1]
-    _, s_state = model.apply(variables, x, train=False, mutable=["intermediates"],
-                             capture_intermediates=_capture(hint.student_layer))
-    _, t_state = t_model.apply(t_vars, x, train=False, mutable=["intermediates"],
-                               capture_intermediates=_capture(hint.teacher_layer))
-    s_feat = _feature(s_state["intermediates"], hint.student_layer)
-    t_feat = _feature(t_state["intermediates"], hint.teacher_layer)
-    if s_feat.shape[:-1] != t_feat.shape[:-1]:
-      raise ValueError(
-          f"{desc}: hint layers {hint.student_layer!r} {s_feat.shape} and "
-          f"{hint.teacher_layer!r} {t_feat.shape} differ in more than the channel axis"
-      )
-    connector = losses_lib.HintConnector(t_feat.shape[-1]).init(
-        jax.random.fold_in(jax.random.key(seed), 7), s_feat)["params"]
-  state = TrainState.create(
-      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
-      connector=connector, connector_opt_state=tx.init(connector) if hint else {},
-  )
+    connector = _init_connector(model, variables, t_model, t_vars, hint, pipeline, seed, desc)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  # Placed by the rules without a host gather, then the state is built by one jitted call
+  # whose outputs are born sharded (optimizer moments like their params). The copies
+  # matter: the train step donates its state, and inherited params share untouched
+  # leaves (and batch_stats) with the teacher, which must survive.
+  param_sh = sharding_lib.tree_shardings(mesh, params, rules)
+  params = sharding_lib.put(params, param_sh)
+  batch_stats = sharding_lib.put(batch_stats, jax.tree.map(lambda _: sharding_lib.replicated(mesh), batch_stats))
+
+  def create(params, batch_stats, connector):
+    params, batch_stats, connector = jax.tree.map(
+        lambda x: jnp.array(x, copy=True), (params, batch_stats, connector))
+    return TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
+        connector=connector, connector_opt_state=tx.init(connector) if hint else {},
+    )
+
+  abstract = jax.eval_shape(create, params, batch_stats, connector)
+  state_sh = sharding_lib.state_shardings(mesh, abstract, abstract.params, rules)
+  state = jax.jit(create, out_shardings=state_sh)(params, batch_stats, connector)
+  if t_vars is not None:
+    t_vars = sharding_lib.put(t_vars, sharding_lib.state_shardings(mesh, t_vars, t_vars["params"], rules))
+  logging.info("%s: mesh %s; sharded params:\n%s", desc, sharding_lib.describe(mesh),
+               sharding_lib.describe_shardings(params, param_sh))
   gates_on = _has_gates(params)
 
   mngr = ckpt_lib.manager(
@@ -357,12 +377,17 @@ def train_and_evaluate(
     start_step = resumed_from
     logging.info("%s: resumed from step %d (%s)", desc, resumed_from, mngr.directory)
 
+  repl = sharding_lib.replicated(mesh)
+  # The state keeps its shardings step after step (out_shardings) and is donated; the
+  # batch arrives as global arrays split over the data axes (`shard_batch`).
   train_step = jax.jit(
       make_train_step(model, loss_fn, kind, schedule=schedule, seed=seed, teacher=t_model,
                       hint=hint, compute_dtype=compute_dtype),
-      donate_argnums=0,
+      out_shardings=(state_sh, repl), donate_argnums=0,
   )
-  eval_step = jax.jit(make_eval_step(model, kind, gates=gates_on, compute_dtype=compute_dtype))
+  eval_step = jax.jit(make_eval_step(model, kind, gates=gates_on, compute_dtype=compute_dtype),
+                      out_shardings=repl)
+  pipeline = _Sharded(pipeline, mesh)
   gates = None
 
   def save(step):
@@ -442,6 +467,62 @@ def train_and_evaluate(
     _, _, gates = evaluate(eval_step, state.params, state.batch_stats, pipeline, kind)
   mngr.close()
   return Run(state=state, history=history, wall_s=wall, gates=gates, resumed_from=resumed_from)
+
+
+class _Sharded:
+  """A pipeline whose batches are global arrays on ``mesh`` (this process's rows)."""
+
+  def __init__(self, pipeline, mesh):
+    for what, size in (("batch_size", pipeline.batch_size),
+                       ("eval_batch_size", pipeline.eval_batch_size)):
+      slot, slots = sharding_lib.process_batch_slot(mesh, size)
+      if (pipeline.process_index, pipeline.process_count) != (slot, slots):
+        raise ValueError(
+            f"the pipeline feeds share {pipeline.process_index} of {pipeline.process_count} "
+            f"of every batch, but on mesh {sharding_lib.describe(mesh)} this process holds "
+            f"share {slot} of {slots} ({what}={size}); build it with data.get(..., "
+            f"process_index={slot}, process_count={slots}) (sharding.process_batch_slot)")
+    self._pipeline, self._mesh = pipeline, mesh
+
+  def __getattr__(self, name):
+    return getattr(self._pipeline, name)
+
+  def train_batch(self, step: int):
+    return sharding_lib.shard_batch(self._mesh, self._pipeline.train_batch(step),
+                                    self._pipeline.batch_size)
+
+  def eval_batches(self):
+    for batch in self._pipeline.eval_batches():
+      yield sharding_lib.shard_batch(self._mesh, batch, self._pipeline.eval_batch_size)
+
+
+def _init_connector(model, variables, t_model, t_vars, hint: Hint, pipeline, seed: int, desc: str):
+  """FitNet connector params, sized from the hint layers' shapes (`jax.eval_shape`)."""
+  example = pipeline.train_batch(0)["input"][:1]
+  x = jax.ShapeDtypeStruct(example.shape, example.dtype)
+
+  def feature(m, v, layer):
+    def probe(v, x):
+      _, state = m.apply(v, x, train=False, mutable=["intermediates"],
+                         capture_intermediates=_capture(layer))
+      return _feature(state["intermediates"], layer)
+    return jax.eval_shape(probe, v, x)
+
+  s_feat = feature(model, variables, hint.student_layer)
+  t_feat = feature(t_model, t_vars, hint.teacher_layer)
+  if s_feat.shape[:-1] != t_feat.shape[:-1]:
+    raise ValueError(
+        f"{desc}: hint layers {hint.student_layer!r} {s_feat.shape} and "
+        f"{hint.teacher_layer!r} {t_feat.shape} differ in more than the channel axis"
+    )
+  return losses_lib.HintConnector(t_feat.shape[-1]).init(
+      jax.random.fold_in(jax.random.key(seed), 7), jnp.zeros(s_feat.shape, s_feat.dtype))["params"]
+
+
+def _with_dtype(model: nn.Module, dtype) -> nn.Module:
+  if dtype == jnp.float32 or getattr(model, "dtype", None) in (None, dtype):
+    return model
+  return model.clone(dtype=dtype)
 
 
 def _has_gates(params) -> bool:

@@ -5,6 +5,9 @@ r"""Runs an experiment: teacher -> students -> InherNet, then the report.
       --config.seeds=3 --config.compute_dtype=bfloat16
 
 Killed and started again with the same command, it resumes from the last checkpoints.
+On several hosts, run the same command on every host (TPU pods: as it is; GPU clusters
+and CPU processes: with --coordinator_address, --num_processes and --process_id, or the
+JAX_* environment; see launch/tpu_pod.sh, launch/gpu_cluster.sh, launch/multihost_local.sh).
 Writes results.json, results.md, curves.png (and rank_heads.png for sweeps) into workdir.
 """
 
@@ -13,11 +16,19 @@ import logging as pylogging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from inhernet_jax import experiment
+from inhernet_jax import distributed, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host GPU/CPU; TPU pods need none).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize: 'auto' when a coordinator, several processes, a SLURM/MPI "
+    "job or a multi-host TPU slice is detected.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,8 +41,15 @@ def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Before anything touches a device.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         mode=_DISTRIBUTED.value)
+  if not distributed.is_primary():  # One process logs; every process computes.
+    logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
   results = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if not distributed.is_primary():
+    return
   print(results["table"])
   for name, path in sorted(results["files"].items()):
     print(f"{name}: {path}")

@@ -29,7 +29,7 @@ def load(name):
 CIFAR = load("cifar100")
 VARIANTS = [
     ("digits", None), ("digits", "local"), ("digits", "sweep"), ("chars", None),
-    ("chars", "local"), ("imagenet", None),
+    ("chars", "local"), ("imagenet", None), ("vit", None), ("vit", "model=2,batch=512"),
     *[("cifar100", f"pair={pair}") for pair in CIFAR.PAIRS],
 ]
 ALL_METHODS = ["student", "student_kd", "student_dkd", "student_fitnet", "inherit", "inherit_kd",
@@ -226,6 +226,20 @@ def test_imagenet_inherit_at_resnet18_size():
   assert rank >= 32
 
 
+def test_vit_inherit_at_vit_s_size():
+  teacher, student, inherited, rank, bigger = _inherit_at_student_size("vit", None)
+  assert 22_000_000 < student < 22_200_000  # ViT-S/16 (22.1M).
+  assert teacher > 86_000_000  # ViT-B/16.
+  assert inherited <= student < bigger
+
+
+def test_mesh_and_rules_are_config_fields():
+  c = get("vit", "model=2")
+  assert c.mesh.to_dict() == {"data": -1, "fsdp": 1, "model": 2}
+  assert c.sharding_rules == "tensor_parallel"
+  assert get("digits").sharding_rules == "default"
+
+
 # ------------------------------------------------------------------ values feed the real code
 @pytest.mark.parametrize("name,arg", VARIANTS)
 def test_optimizer_builds_and_updates(name, arg):
@@ -271,6 +285,7 @@ def test_data_pipeline_builds(name, arg):
 @pytest.mark.parametrize("name,arg,classes,shape", [
     ("cifar100", None, 100, (32, 32, 3)),
     ("imagenet", None, 1000, (224, 224, 3)),
+    ("vit", None, 1000, (224, 224, 3)),
 ])
 def test_tfds_configs_are_well_formed(name, arg, classes, shape):
   c = get(name, arg)
