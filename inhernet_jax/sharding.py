@@ -127,6 +127,8 @@ def make_mesh(axes: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,
 def describe(mesh: Mesh) -> str:
   """``"data=4 fsdp=2 model=1 (8 devices, 1 process)"``."""
   shape = " ".join(f"{n}={s}" for n, s in mesh.shape.items())
+  if isinstance(mesh, jax.sharding.AbstractMesh):  # Shapes only (planning).
+    return f"{shape} (abstract)"
   procs = len({d.process_index for d in mesh.devices.flat})
   return f"{shape} ({mesh.devices.size} devices, {procs} process{'es' if procs > 1 else ''})"
 
