@@ -565,6 +565,21 @@ def device_bytes(tree) -> int:
   return total
 
 
+def live_bytes_per_device(arrays) -> int:
+  """The most bytes any one device holds of these (concrete) arrays, e.g.
+  ``jax.live_arrays()``. Buffers are counted once: a global array and the single-device
+  arrays of its shards (which `jax.live_arrays` lists too, once ``addressable_shards``
+  has been read) share them."""
+  per, seen = {}, set()
+  for x in arrays:
+    for shard in x.addressable_shards:
+      buffer = (shard.device, shard.data.unsafe_buffer_pointer())
+      if buffer not in seen:
+        seen.add(buffer)
+        per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+  return max(per.values(), default=0)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_temp_bytes(fn, args) -> int:
   return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)

@@ -165,16 +165,9 @@ def _count(tree) -> int:
 
 
 def _bytes_per_device(arrays) -> int:
-  """The most bytes any one device holds of these arrays, each buffer once (a global
-  array and the single-device arrays of its shards share buffers)."""
-  per, seen = {}, set()
-  for x in arrays:
-    for shard in x.addressable_shards:
-      buffer = (shard.device, shard.data.unsafe_buffer_pointer())
-      if buffer not in seen:
-        seen.add(buffer)
-        per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
-  return max(per.values(), default=0)
+  from inhernet_jax.inherit_sharded import live_bytes_per_device
+
+  return live_bytes_per_device(arrays)
 
 
 def _plan(abstract, inherit_spec, mesh, rules) -> dict:

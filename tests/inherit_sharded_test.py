@@ -182,18 +182,10 @@ def check_extras():
   return {"extras": True}
 
 
-def _bytes_per_device(arrays):
-  """The most bytes any one device holds of these arrays. Buffers are counted once:
-  a global array and the single-device arrays of its shards (which `jax.live_arrays`
-  lists too, once `addressable_shards` has been read) share them."""
-  per, seen = {}, set()
-  for x in arrays:
-    for shard in x.addressable_shards:
-      buffer = (shard.device, shard.data.unsafe_buffer_pointer())
-      if buffer not in seen:
-        seen.add(buffer)
-        per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
-  return max(per.values(), default=0)
+def _bytes_per_device(arrays) -> int:
+  from inhernet_jax.inherit_sharded import live_bytes_per_device
+
+  return live_bytes_per_device(arrays)
 
 
 def check_memory():
