@@ -65,6 +65,8 @@ def get_config(arg: str | None = None):
     c.methods = "student,student_kd,student_fitnet,inherit,inherit_kd"
     c.checkpoint_every_steps = 50
     c.progress = False
+  elif arg.variant == "beyond":  # Data-aware inheritance and budget-matched ranks.
+    c.methods = "student,inherit,inherit_aware,inherit_greedy,inherit_greedy_aware"
   elif arg.variant != "default":
-    raise ValueError(f"chars.py: unknown variant {arg.variant!r} (default, local)")
+    raise ValueError(f"chars.py: unknown variant {arg.variant!r} (default, local, beyond)")
   return c

@@ -89,4 +89,13 @@ def kd_methods(student: str, student_kwargs: dict, *, kd: dict, dkd: dict, hint:
       # The paper's ablation: the inherited architecture without the teacher's weights.
       "inherit_random": {**inherit_def, "init": "random", "loss": "ce",
                          "label": f"InherNet H={heads}, random init"},
+      # Beyond the paper (the ``beyond`` variants): truncation for the layers' output
+      # error on 8 training batches, and per-layer ranks at the same budget.
+      "inherit_aware": {**inherit_def, "loss": "ce", "data_aware": True,
+                        "label": f"InherNet H={heads}, data-aware"},
+      "inherit_greedy": {**inherit_def, "loss": "ce", "allocation": "greedy",
+                         "objective": "param_energy", "label": f"InherNet H={heads}, per-layer ranks"},
+      "inherit_greedy_aware": {**inherit_def, "loss": "ce", "allocation": "greedy",
+                               "objective": "param_energy", "data_aware": True,
+                               "label": f"InherNet H={heads}, per-layer ranks, data-aware"},
   }

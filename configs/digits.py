@@ -51,6 +51,8 @@ def get_config(arg: str | None = None):
   elif arg.variant == "sweep":  # The paper's Figure 4: accuracy over rank x heads.
     c.methods = "student,inherit"
     c.sweep = ml_collections.ConfigDict({"ranks": (4, 8, 16, 32), "heads": (1, 2, 3)})
+  elif arg.variant == "beyond":  # Data-aware inheritance and budget-matched ranks.
+    c.methods = "student,inherit,inherit_aware,inherit_greedy,inherit_greedy_aware"
   elif arg.variant != "default":
-    raise ValueError(f"digits.py: unknown variant {arg.variant!r} (default, local, sweep)")
+    raise ValueError(f"digits.py: unknown variant {arg.variant!r} (default, local, sweep, beyond)")
   return c

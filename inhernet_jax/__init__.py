@@ -34,3 +34,9 @@ __all__ = [
     "svd",
 ]
 __version__ = "0.1.0"
+
+# Budget-matched per-layer ranks (imports the model zoo, for "student:<model>" budgets).
+from inhernet_jax import budget  # noqa: E402
+from inhernet_jax.budget import allocate, parameter_budget  # noqa: E402
+
+__all__ += ["allocate", "budget", "parameter_budget"]

@@ -83,8 +83,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
   )
 
 
-def _describe(tree) -> dict[str, tuple]:
-  """'/'-joined path -> shape, for a readable diff."""
+def describe(tree) -> dict[str, tuple]:
+  """'/'-joined path -> shape of every leaf (arrays or ShapeDtypeStructs), for `diff`."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for path, leaf in flat:
@@ -93,21 +93,44 @@ def _describe(tree) -> dict[str, tuple]:
   return out
 
 
-def _diff(saved: dict, wanted: dict, limit: int = 8) -> str:
-  missing = sorted(set(wanted) - set(saved))
-  unexpected = sorted(set(saved) - set(wanted))
-  mismatched = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+def diff(
+    got: dict,
+    wanted: dict,
+    limit: int = 8,
+    *,
+    got_name: str = "checkpoint",
+    wanted_name: str = "run",
+    notes: dict[str, str] | None = None,
+) -> str:
+  """A readable diff of two `describe` results (empty when they agree).
+
+  Args:
+    got: path -> shape of what was read (a checkpoint, converted weights).
+    wanted: path -> shape of what the model expects.
+    limit: keys shown per kind of difference (then a count).
+    got_name, wanted_name: how the two sides are called in the text.
+    notes: path -> text shown after the path (e.g. the PyTorch name it came from).
+  """
+  notes = notes or {}
+  name = lambda k: f"{k} ({notes[k]})" if k in notes else k
+  missing = sorted(set(wanted) - set(got))
+  unexpected = sorted(set(got) - set(wanted))
+  mismatched = sorted(k for k in set(got) & set(wanted) if got[k] != wanted[k])
   lines = []
   for title, keys, fmt in (
-      ("missing in checkpoint", missing, lambda k: f"{k} {wanted[k]}"),
-      ("unexpected in checkpoint", unexpected, lambda k: f"{k} {saved[k]}"),
-      ("shape mismatch", mismatched, lambda k: f"{k}: checkpoint {saved[k]} vs run {wanted[k]}"),
+      (f"missing in {got_name}", missing, lambda k: f"{name(k)} {wanted[k]}"),
+      (f"unexpected in {got_name}", unexpected, lambda k: f"{name(k)} {got[k]}"),
+      ("shape mismatch", mismatched,
+       lambda k: f"{name(k)}: {got_name} {got[k]} vs {wanted_name} {wanted[k]}"),
   ):
     if keys:
       shown = ", ".join(fmt(k) for k in keys[:limit])
       more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
       lines.append(f"  {title}: {shown}{more}")
   return "\n".join(lines)
+
+
+_describe, _diff = describe, diff  # The earlier private names.
 
 
 def _sharding(x):
@@ -143,14 +166,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[in
     ) from e
   if metadata is None:
     raise CheckpointError(f"checkpoint {where} has no 'state' item; delete {mngr.directory} to start over")
-  saved = _describe(getattr(metadata, "tree", metadata))
+  saved = describe(getattr(metadata, "tree", metadata))
   template = serialization.to_state_dict(abstract_state)
-  wanted = _describe(template)
-  diff = _diff(saved, wanted)
-  if diff:
+  wanted = describe(template)
+  differences = diff(saved, wanted)
+  if differences:
     raise CheckpointError(
         f"checkpoint {where} does not match this run (was it written with another model, "
-        f"spec or optimizer?):\n{diff}\nUse another workdir, or delete {mngr.directory} "
+        f"spec or optimizer?):\n{differences}\nUse another workdir, or delete {mngr.directory} "
         "to start this run over"
     )
   # Restored straight into the run's shardings (whatever mesh wrote the checkpoint):
@@ -214,9 +237,9 @@ def load_variables(directory: str | os.PathLike, abstract_variables: dict) -> di
   saved = getattr(metadata, "tree", metadata) or {}
   got = {k: saved.get(k) for k in wanted}
   got = {k: v for k, v in got.items() if v}
-  diff = _diff(_describe(got), _describe(wanted))
-  if diff:
-    raise CheckpointError(f"checkpoint {where} does not match the model:\n{diff}")
+  differences = diff(describe(got), describe(wanted))
+  if differences:
+    raise CheckpointError(f"checkpoint {where} does not match the model:\n{differences}")
   everywhere = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec())
   target = jax.tree.map(

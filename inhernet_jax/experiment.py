@@ -32,6 +32,8 @@ from inhernet_jax import accounting, data, models, report
 from inhernet_jax import sharding as sharding_lib
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import train as train_lib
+from inhernet_jax import budget as budget_lib
+from inhernet_jax import calibration
 from inhernet_jax.inherit import inherit
 from inhernet_jax.spec import InherSpec
 
@@ -129,17 +131,56 @@ def _with_optimizer(config, override):
   return c
 
 
+def _student_size(rank, student_params: dict[str, int], name: str) -> int | None:
+  """The parameter count ``'params:<method>'`` names (None for a number)."""
+  if not isinstance(rank, str):
+    return None
+  if not rank.startswith("params:"):
+    raise ValueError(f"config.method_defs.{name}.rank: expected an int, a fraction or "
+                     f"'params:<method>', got {rank!r}")
+  other = rank.split(":", 1)[1]
+  if other not in student_params:
+    raise ValueError(f"config.method_defs.{name}.rank {rank!r}: method {other!r} is not a "
+                     f"student run before it (students: {sorted(student_params)})")
+  return student_params[other]
+
+
 def _resolve_rank(rank, teacher_params, heads: int, rules, student_params: dict[str, int], name: str):
-  if isinstance(rank, str):
-    if not rank.startswith("params:"):
-      raise ValueError(f"config.method_defs.{name}.rank: expected an int, a fraction or "
-                       f"'params:<method>', got {rank!r}")
-    other = rank.split(":", 1)[1]
-    if other not in student_params:
-      raise ValueError(f"config.method_defs.{name}.rank {rank!r}: method {other!r} is not a "
-                       f"student run before it (students: {sorted(student_params)})")
-    return accounting.rank_for_params(teacher_params, student_params[other], heads=heads, rules=rules)
-  return rank
+  size = _student_size(rank, student_params, name)
+  if size is None:
+    return rank
+  return accounting.rank_for_params(teacher_params, size, heads=heads, rules=rules)
+
+
+def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_params):
+  """An InherNet method's spec, its calibration Grams (or None) and its rank to report.
+
+  ``allocation``: ``"uniform"`` (one rank, `_resolve_rank`) or ``"greedy"`` (per-layer
+  ranks at the budget ``rank`` names, `budget.allocate`; over the output-energy spectra
+  when ``data_aware``). ``data_aware`` truncates every layer for its output error on
+  ``calibration_batches`` training batches.
+  """
+  heads = int(md.get("heads", 1))
+  rules = models.preset(md.get("preset", "default"), config.teacher.model)
+  aware = bool(md.get("data_aware", False))
+  base = InherSpec(rank=1, heads=heads, rules=rules, method=md.get("svd", "auto"), data_aware=aware)
+  grams = None
+  if aware:
+    batches = (pipeline.train_batch(step) for step in range(int(md.get("calibration_batches", 8))))
+    grams = calibration.input_grams(t_model, t_vars, batches, apply_kwargs={"train": False})
+  allocation = md.get("allocation", "uniform")
+  t_params = t_vars["params"]
+  if allocation == "uniform":
+    rank = _resolve_rank(md["rank"], t_params, heads, rules, student_params, name)
+    return base.replace(rank=rank), grams, rank
+  if allocation != "greedy":
+    raise ValueError(f"config.method_defs.{name}.allocation must be 'uniform' or 'greedy', "
+                     f"got {allocation!r}")
+  target = _student_size(md["rank"], student_params, name) or md["rank"]  # A size, or a ratio.
+  spectra = None if grams is None else calibration.whitened_spectra(t_params, grams, base)
+  spec = budget_lib.allocate(t_params, target, spec=base, spectra=spectra,
+                             objective=md.get("objective", "energy"))
+  return spec, grams, None
 
 
 def expand_methods(config) -> list[tuple[str, dict]]:
@@ -248,18 +289,18 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
       variables = _init(model, _key(seed, key), task, config)
       student_params[key] = accounting.param_count(variables["params"])
     else:
-      heads = int(md.get("heads", 1))
-      rules = models.preset(md.get("preset", "default"), config.teacher.model)
-      rank = _resolve_rank(md["rank"], t_params, heads, rules, student_params, key)
-      spec = InherSpec(rank=rank, heads=heads, rules=rules, method=md.get("svd", "auto"))
+      spec, grams, rank = _inherit_spec(md, key, config, t_model, t_vars, pipeline, student_params)
       model = t_model.clone(spec=spec)
       if md.get("init", "svd") == "svd":
         variables = dict(t_vars, params=inherit(
-            t_params, spec, key=_key(seed, key),
+            t_params, spec, key=_key(seed, key), calibration=grams,
             sharding_rules=config.get("sharding_rules")))
       else:  # The paper's "without SVD init" ablation: same network, random init.
         variables = _init(model, _key(seed, key), task, config)
-      extra = {"rank": rank, "heads": heads, "init": md.get("init", "svd")}
+      init = md.get("init", "svd")
+      if init == "svd" and spec.data_aware:
+        init = "data_aware"  # Its own panel of the rank x heads plot.
+      extra = {"rank": rank, "heads": spec.heads, "init": init}
     run = _train(
         config, model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
         os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,

@@ -30,7 +30,13 @@ iterates in lockstep until all have converged) as the single-device paths, and a
 paths fix the sign of each singular pair the same way, so its results equal the
 unsharded `inherit`'s up to float rounding, gates bit for bit. The energy policy runs
 sharded too (only the singular values come to the host); `resolve` works on sharded
-teachers alike.
+teachers alike. Data-aware inheritance does not (yet): it raises NotImplementedError.
+
+Data-aware inheritance (``InherSpec(data_aware=True)`` or a ``{"data_aware": True}``
+rule): each such kernel is truncated for its output error on calibration inputs
+(`svd.whitened_svd`, exact SVDs), from the per-kernel input Grams of
+`inhernet_jax.calibration.input_grams` passed as ``calibration=``. Each Gram is divided by
+its row count first, so the factors do not depend on how many batches were collected.
 
 Example::
 
@@ -38,6 +44,9 @@ Example::
   spec = resolve(teacher_params, InherSpec(energy=0.9, heads=3))   # data-dependent ranks
   model = Model(spec=spec)                                          # matches the tree
   rows = inherit_report(teacher_params, spec)                       # one row per kernel
+  # Data-aware: truncate for the output error on calibration inputs.
+  grams = calibration.input_grams(teacher, variables, batches, apply_kwargs={"train": False})
+  student_params = inherit(teacher_params, spec.replace(data_aware=True), calibration=grams)
   # A teacher sharded over a mesh: factors born sharded, by the tensor-parallel rules.
   student_params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
 """
@@ -78,6 +87,9 @@ class _Kernel:
   plan: LayerPlan | None = None
   factors: tuple | None = None  # (u, s, v) in compute dtype, stack flattened.
   params: dict | None = None  # The factor params that replace kernel and bias.
+  gram: tuple | None = None  # (gram, count) from ``calibration``, when given for it.
+  whitened: Any = None  # Data-aware: per stack slice, whether whitening succeeded.
+  damping: float = 0.0  # Data-aware: the spec's damping.
 
   @property
   def in_shape(self):
@@ -236,15 +248,19 @@ def _decompose(kernels: list[_Kernel], spec: InherSpec, key) -> None:
 
   Kernels are taken in sorted path order (`_in_order`), so which random start matrix
   a kernel gets does not depend on the key order of the params dicts.
+
+  Data-aware kernels (their `_attach_grams` Grams attached) form groups of their own,
+  decomposed by `svd.whitened_svd`.
   """
   groups: dict[Any, list[_Kernel]] = {}
   for k in _in_order(kernels):
     if k.plan.factorize:
-      groups.setdefault((k.m, k.n, k.plan.rank), []).append(k)
+      groups.setdefault((k.m, k.n, k.plan.rank, k.plan.data_aware), []).append(k)
   todo = [k for g in groups.values() for k in g]
   host = bool(todo) and all(_on_host(k.kernel) for k in todo)
-  stack, exact, finish = (
-      (_stack, _exact, _finish_group) if host else (_stack_jit, _exact_jit, _finish_group_jit)
+  stack, exact, whiten, finish = (
+      (_stack, _exact, _whitened, _finish_group) if host
+      else (_stack_jit, _exact_jit, _whitened_jit, _finish_group_jit)
   )
   xp = np if host else jnp
 
@@ -252,8 +268,14 @@ def _decompose(kernels: list[_Kernel], spec: InherSpec, key) -> None:
     return tuple(np.asarray(k.kernel) if host else k.kernel for k in group)
 
   buckets: dict[Any, list] = {}
-  for (m, n, rank), group in groups.items():
-    if svd.resolve_method(m, n, rank, spec.method) == "exact":
+  for (m, n, rank, aware), group in groups.items():
+    if aware:
+      grams = tuple(np.asarray(k.gram[0]) if host else k.gram[0] for k in group)
+      counts = tuple(np.asarray(k.gram[1], np.float64) if host else jnp.asarray(k.gram[1]) for k in group)
+      down, s, v, ok = whiten(arrays(group), grams, counts, m, n, rank, spec.damping, xp=xp)
+      _note_whitening(group, ok, spec.damping)
+      _store(group, key, finish(down, s, v, _biases(group, host), _meta(group), None, 0, xp=xp))
+    elif svd.resolve_method(m, n, rank, spec.method) == "exact":
       u, s, v = exact(arrays(group), m, n, rank, xp=xp)
       _store(group, key, finish(u, s, v, _biases(group, host), _meta(group), None, 0, xp=xp))
     else:
@@ -305,6 +327,71 @@ def _exact(kernels, m, n, rank, *, xp):
   return svd.exact_svd(a, rank, xp=xp)
 
 
+def _whitened(kernels, grams, counts, m, n, rank, damping, *, xp):
+  a = xp.concatenate([k.reshape(-1, m, n) for k in kernels])
+  # Per-row means: the factors' scales do not depend on the number of calibration rows.
+  g = xp.concatenate([(g / c[..., None, None]).reshape(-1, m, m) for g, c in zip(grams, counts)])
+  return svd.whitened_svd(a, g, rank, damping, xp=xp)
+
+
+def _note_whitening(group, ok, damping) -> None:
+  """Keeps which slices were whitened; warns for each kernel whose Cholesky failed."""
+  if isinstance(ok, jax.core.Tracer):  # Under jit: warn when it runs.
+    jax.debug.callback(functools.partial(_note_whitening, group, damping=damping), ok)
+    return
+  ok, offset = np.asarray(ok), 0
+  for k in group:
+    count = int(np.prod(k.stack_shape))
+    k.whitened, k.damping = ok[offset : offset + count], damping
+    offset += count
+    if not k.whitened.all():
+      where = f" (stack slices {np.flatnonzero(~k.whitened).tolist()})" if k.stack else ""
+      warnings.warn(
+          f"{k.path}: Cholesky of the damped input Gram failed{where} (not positive definite "
+          f"or not finite); plain SVD used instead. Raise InherSpec.damping (now {damping}) "
+          "or calibrate on more (or non-degenerate) inputs", stacklevel=5)
+
+
+def _attach_grams(kernels: list[_Kernel], calibration) -> None:
+  """Attaches each factorised kernel's ``(gram, count)`` from ``calibration``; a
+  data-aware kernel must have one of shape ``(*stack, m, m)``."""
+  if calibration is None:
+    calibration = {}
+  if not isinstance(calibration, Mapping):
+    raise TypeError(
+        "calibration must map kernel paths to {'gram', 'count'} dicts (from "
+        f"inhernet_jax.calibration.input_grams), got {type(calibration).__name__}")
+  for k in kernels:
+    if k.plan.factorize:
+      k.gram = _gram_of(k, calibration, required=k.plan.data_aware)
+
+
+def _gram_of(k: _Kernel, calibration: Mapping, required: bool):
+  """``(gram, count)`` for kernel ``k``, validated, or None when not given (and optional)."""
+  expected = (*k.stack_shape, k.m, k.m)
+  how = ("compute them on a few batches with calibration = inhernet_jax.calibration."
+         "input_grams(teacher_model, variables, batches)")
+  entry = calibration.get(k.path)
+  if entry is None:
+    if required:
+      raise ValueError(
+          f"{k.path}: data-aware inheritance needs this kernel's input Gram X^T X, shape "
+          f"{expected}, as calibration[{k.path!r}] = {{'gram': ..., 'count': rows}}; {how}")
+    return None
+  gram, count = entry, 1
+  if isinstance(entry, Mapping):
+    gram, count = entry.get("gram"), entry.get("count", 1)
+  if not _is_array(gram) or tuple(gram.shape) != expected:
+    got = f"of shape {tuple(gram.shape)}" if _is_array(gram) else f"a {type(gram).__name__}"
+    raise ValueError(
+        f"{k.path}: calibration Gram is {got}, expected shape {expected} "
+        f"({k.stack} stack axes, m = {k.m} inputs of the kernel of shape "
+        f"{tuple(k.kernel.shape)}); {how}")
+  if not isinstance(count, jax.core.Tracer) and not np.all(np.asarray(count) > 0):
+    raise ValueError(f"{k.path}: calibration count must be > 0, got {count!r}")
+  return gram, count
+
+
 def _finish_group(a, s, x, biases, meta, mode, offset, *, xp):
   """Per-kernel ``(u, s, v)`` and down/up params of one group."""
   if mode == "finalize":
@@ -345,6 +432,7 @@ def _canonical_signs(u, v, *, xp):
 _stack_jit = jax.jit(_stack, static_argnums=(1, 2), static_argnames=("xp",))
 _exact_jit = jax.jit(_exact, static_argnums=(1, 2, 3), static_argnames=("xp",))
 _finish_group_jit = jax.jit(_finish_group, static_argnums=(4, 5, 6), static_argnames=("xp",))
+_whitened_jit = jax.jit(_whitened, static_argnums=(3, 4, 5, 6), static_argnames=("xp",))
 
 
 def _store(group, key, results) -> None:
@@ -431,24 +519,49 @@ def _report_row(k: _Kernel) -> dict:
       "rel_error": 0.0,
       "params_before": before,
       "params_after": before,
+      "data_aware": False,
+      "output_rel_error": 0.0,
   }
   if k.plan.factorize:
     # On the host in float64: reports are for reading, and the error of the factors we
     # actually produced (not a formula) is what a user wants to see.
     a = np.asarray(k.matrices(), np.float64)
     u, s, v = (np.asarray(f, np.float64) for f in k.factors)
-    total = float(np.square(a).sum())
+    diff = a - (u * s[:, None, :]) @ np.swapaxes(v, -1, -2)
+    norms = np.square(a).sum((-2, -1))
+    total = float(norms.sum())
     row["energy"] = float(np.square(s).sum()) / total if total > 0 else 1.0
-    row["error"] = float(np.linalg.norm(a - (u * s[:, None, :]) @ np.swapaxes(v, -1, -2)))
+    row["error"] = float(np.linalg.norm(diff))
     row["rel_error"] = row["error"] / np.sqrt(total) if total > 0 else 0.0
     row["params_after"] = layers * svd.inherited_params(
         k.m, k.n, k.plan.rank, k.plan.heads, use_bias
     )
+    row["output_rel_error"] = None
+    if k.gram is not None:  # ||X (A - A_r)|| / ||X A|| on the calibration inputs.
+      count = np.asarray(k.gram[1], np.float64)[..., None, None]  # Per row, as `_whitened`.
+      g = (np.asarray(k.gram[0], np.float64) / count).reshape(-1, k.m, k.m)
+      out = _trace_form(a, g).sum()
+      row["output_rel_error"] = float(np.sqrt(_trace_form(diff, g).sum() / out)) if out > 0 else 0.0
+    if k.whitened is not None:
+      # s are singular values of L^T A (or of A where whitening failed): the energy kept
+      # is the share of the damped Gram's output energy ||L^T A||^2.
+      g = g + k.damping * np.mean(np.diagonal(g, axis1=-2, axis2=-1), -1)[:, None, None] * np.eye(k.m)
+      energy = float(np.where(k.whitened, _trace_form(a, g), norms).sum())
+      row["energy"] = float(np.square(s).sum()) / energy if energy > 0 else 1.0
+      row["data_aware"] = bool(k.whitened.all())
+      if not row["data_aware"]:
+        failed = np.flatnonzero(~k.whitened).tolist()
+        row["reason"] = f"data-aware: Gram not positive definite, plain SVD for slices {failed}"
   return row
 
 
+def _trace_form(x, g):
+  """``tr(x^T g x)`` per slice: ``||X x||_F^2`` for inputs with Gram ``g = X^T X``."""
+  return np.einsum("bij,bij->b", x, g @ x)
+
+
 def _run(params, rank, heads, rules, key, need_factors=True, *, mesh=None,
-         sharding_rules=None, keep_factors=True, trace=None):
+         sharding_rules=None, keep_factors=True, trace=None, calibration=None):
   spec = as_spec(rank, heads, rules)
   kernels = _collect(params, spec, abstract=not need_factors)  # Plans need shapes only.
   mesh = _sharded._sharded_mesh(kernels, mesh)
@@ -457,9 +570,12 @@ def _run(params, rank, heads, rules, key, need_factors=True, *, mesh=None,
     _sharded._place_all(kernels, mesh, sharding_rules)
   _plan_all(kernels, spec, mesh)
   if need_factors and mesh is None:
+    _attach_grams(kernels, calibration)
     _decompose(kernels, spec, key)
   elif need_factors:
+    # Raises NotImplementedError for data-aware plans; Grams only feed the report.
     _sharded._decompose_sharded(kernels, spec, key, mesh, sharding_rules, keep_factors, trace)
+    _attach_grams(kernels, calibration)
   return spec, kernels
 
 
@@ -474,6 +590,7 @@ def inherit(
     mesh: Mesh | None = None,
     sharding_rules=None,
     trace: Callable[[_sharded.Stage], None] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ):
   """Inherits a teacher: every selected kernel becomes a gated low-rank factorisation.
 
@@ -495,16 +612,22 @@ def inherit(
       `sharding.DEFAULT_RULES`) for the new params of the sharded path.
     trace: sharded path only: called with each `Stage`, its concrete ``args`` filled
       in, right after it ran (memory measurements).
+    calibration: ``{kernel path: {"gram": (*stack, m, m), "count": rows}}`` input Grams
+      (`inhernet_jax.calibration.input_grams`), required for every data-aware kernel
+      (the spec's ``data_aware``); others only use them for the report's
+      ``output_rel_error``. A data-aware kernel whose damped Gram is not positive
+      definite falls back to the plain SVD, with a warning naming it.
 
   Returns:
     The inherited params (and the report rows when ``return_report``). Right after this
-    call the inherited network computes the rank-r truncation of the teacher exactly.
+    call the inherited network computes the rank-r truncation of the teacher exactly
+    (the data-aware one ``A_r = L^{-T} U_r S_r V_r^T`` for data-aware kernels).
 
   Raises:
     TypeError / ValueError naming the offending argument or leaf path.
   """
   spec, kernels = _run(params, rank, heads, rules, key, mesh=mesh, sharding_rules=sharding_rules,
-                       keep_factors=return_report, trace=trace)
+                       keep_factors=return_report, trace=trace, calibration=calibration)
   factorised = {k.keys: k for k in kernels if k.plan.factorize}
   out = _rebuild(params, (), factorised)
   if return_report:
@@ -513,11 +636,17 @@ def inherit(
 
 
 def inherit_report(params, rank: int | float | InherSpec, *, heads=None, rules=(),
-                   mesh: Mesh | None = None) -> list[dict]:
+                   mesh: Mesh | None = None, calibration=None) -> list[dict]:
   """One row per kernel: path, shape, action, rank, heads, energy kept, Eckart-Young
   error (absolute and relative), parameters before and after. Kept kernels appear too.
-  Sharded teachers (or ``mesh``) are decomposed by the sharded path."""
-  _, kernels = _run(params, rank, heads, rules, None, mesh=mesh)
+  Sharded teachers (or ``mesh``) are decomposed by the sharded path.
+
+  With ``calibration`` Grams (see `inherit`): ``output_rel_error``, the relative output
+  error ``||X (A - A_r)|| / ||X A||`` on the calibration inputs (None for factorised
+  kernels without a Gram). ``data_aware`` is True for kernels truncated for it, whose
+  ``energy`` is the share of the damped output energy ``||L^T A||^2`` kept; ``error``
+  and ``rel_error`` stay the weight error of the factors produced."""
+  _, kernels = _run(params, rank, heads, rules, None, mesh=mesh, calibration=calibration)
   return [_report_row(k) for k in kernels]
 
 
@@ -526,6 +655,8 @@ def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> I
 
   Needed for data-dependent policies (energy): the layers see shapes, not singular values,
   so a model is built with the resolved spec: ``Model(spec=resolve(teacher, spec))``.
+  Data-aware kernels keep ``data_aware`` (`inherit` with the resolved spec still needs
+  their Grams); the rank policy uses the weights' spectra either way.
   """
   spec, kernels = _run(params, rank, heads, rules, None, need_factors=False)
   exact = []
@@ -533,6 +664,8 @@ def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> I
     action = {"stack": k.stack}
     if k.plan.factorize:
       action.update(rank=k.plan.rank, heads=k.plan.heads)
+      if k.plan.data_aware:
+        action["data_aware"] = True
     else:
       action["skip"] = True
     exact.append((re.escape(k.path), action))
@@ -564,6 +697,7 @@ def format_report(rows: list[dict]) -> str:
         f"{r['heads']:>2} {r['energy']:>7.4f} {r['rel_error']:>8.4f} "
         f"{r['params_before']:>6}->{r['params_after']:<6}"
         + (f"  ({r['reason']})" if r["reason"] else "")
+        + ("  (data-aware)" if r.get("data_aware") else "")
     )
   before = sum(r["params_before"] for r in rows)
   after = sum(r["params_after"] for r in rows)

@@ -357,6 +357,12 @@ def _sharded_schedule(kernels, spec: InherSpec, key, mesh: Mesh, rules, keep_fac
   Gram and init of each group of each kernel, lockstep rounds, and each kernel's
   finalize (group by group), assembly and gate. Returns ``(schedule, constants,
   sharding)``: the group indices the stages read, by label, and where they go."""
+  aware = [k.path for k in kernels if k.plan.factorize and k.plan.data_aware]
+  if aware:
+    raise NotImplementedError(
+        "data-aware inheritance is not implemented for sharded teachers (mesh=...), and "
+        f"the spec asks for it for {aware[:3]}{' ...' if len(aware) > 3 else ''}; gather the "
+        "teacher onto one device (or the host), or turn data_aware off for these paths")
   groups: dict[Any, list[_Kernel]] = {}
   for k in _in_order(kernels):
     if k.plan.factorize:

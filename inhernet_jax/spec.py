@@ -10,8 +10,15 @@ Per-path rules are data, matched with ``re.fullmatch`` against a kernel's path
 
 * ``"skip"``: keep the teacher layer as it is;
 * an ``int``: a fixed rank; a ``float`` in (0, 1]: a fraction of the layer's full rank;
-* a dict overriding any of ``rank``, ``heads``, ``energy``, ``param_ratio`` (and
-  ``stack``: the number of leading layer axes of a scan-stacked kernel).
+* a dict overriding any of ``rank``, ``heads``, ``energy``, ``param_ratio``,
+  ``data_aware`` (and ``stack``: the number of leading layer axes of a scan-stacked
+  kernel).
+
+Data-aware inheritance (``data_aware=True``, globally or per rule) truncates each kernel
+to minimise its output error on calibration inputs instead of its weight error (see
+`svd.whitened_svd`); `inherit` then needs the input Grams,
+``calibration=inhernet_jax.calibration.input_grams(...)``. Shapes are unchanged, so the
+layers ignore it.
 
 Example::
 
@@ -20,6 +27,7 @@ Example::
       (r".*/attn/.*", {"rank": 64}),
       (r"head/kernel", "skip"),
   ))
+  aware = InherSpec(rank=32, heads=3, data_aware=True, rules=((r"head/kernel", "skip"),))
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from flax import struct
 
 from inhernet_jax import svd
 
-_ACTION_KEYS = ("skip", "rank", "fraction", "energy", "param_ratio", "heads", "stack")
+_ACTION_KEYS = ("skip", "rank", "fraction", "energy", "param_ratio", "heads", "stack", "data_aware")
 _POLICIES = ("rank", "fraction", "energy", "param_ratio")
 
 
@@ -67,6 +75,12 @@ def _check_int(value: Any, name: str, where: str, minimum: int) -> int:
     raise TypeError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
   if value < minimum:
     raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
+  return value
+
+
+def _check_bool(value: Any, name: str, where: str) -> bool:
+  if not isinstance(value, bool):
+    raise TypeError(f"{where}: {name} must be a bool, got {type(value).__name__} {value!r}")
   return value
 
 
@@ -108,6 +122,8 @@ def normalize_action(action: Any, where: str) -> tuple[tuple[str, Any], ...]:
     _check_int(items["stack"], "stack", where, 0)
   if "skip" in items:
     items["skip"] = bool(items["skip"])
+  if "data_aware" in items:
+    _check_bool(items["data_aware"], "data_aware", where)
   if sum(k in items for k in _POLICIES) > 1:
     raise ValueError(f"{where}: give at most one of {_POLICIES}, got {sorted(items)}")
   return tuple(sorted(items.items()))
@@ -123,6 +139,7 @@ class LayerPlan:
     heads: number of expert up-projections ``H``.
     full_rank: ``min(in, out)`` of the kernel matrix.
     reason: why a kernel is kept (empty when factorised).
+    data_aware: truncate for the output error on calibration inputs (factorised only).
   """
 
   factorize: bool
@@ -130,6 +147,7 @@ class LayerPlan:
   heads: int
   full_rank: int
   reason: str = ""
+  data_aware: bool = False
 
 
 @struct.dataclass
@@ -150,6 +168,11 @@ class InherSpec:
     skip_if_no_saving: keep a layer whose factorisation has at least the teacher's
       parameters (the demo's ``r >= min(m, n)`` check, by exact count). False factorises
       regardless, capping the rank at full rank (ablations, exactness checks).
+    data_aware: truncate every factorised kernel for its output error on calibration
+      inputs (`svd.whitened_svd`); rules may override it per path. Plans (ranks) do not
+      change, only the factors: `inherit` needs ``calibration=`` Grams.
+    damping: the data-aware ridge, ``damping * mean(diag G)`` added to each input Gram
+      ``G`` (>= 0; a rank-deficient ``G`` needs > 0).
   """
 
   rank: int | float | None = struct.field(pytree_node=False, default=None)
@@ -159,6 +182,8 @@ class InherSpec:
   param_ratio: float | None = struct.field(pytree_node=False, default=None)
   method: str = struct.field(pytree_node=False, default="auto")
   skip_if_no_saving: bool = struct.field(pytree_node=False, default=True)
+  data_aware: bool = struct.field(pytree_node=False, default=False)
+  damping: float = struct.field(pytree_node=False, default=svd.DAMPING)
 
   def __post_init__(self):
     if self.rank is not None:
@@ -171,6 +196,11 @@ class InherSpec:
     if len(given) > 1:
       raise ValueError(f"InherSpec: give one of rank, energy, param_ratio, got {given}")
     _check_int(self.heads, "heads", "InherSpec.heads", 1)
+    _check_bool(self.data_aware, "data_aware", "InherSpec.data_aware")
+    if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
+      raise TypeError(f"InherSpec.damping must be a float >= 0, got {self.damping!r}")
+    if not (math.isfinite(self.damping) and self.damping >= 0):
+      raise ValueError(f"InherSpec.damping must be finite and >= 0, got {self.damping!r}")
     if self.method not in svd.METHODS:
       raise ValueError(f"InherSpec.method must be one of {svd.METHODS}, got {self.method!r}")
     if isinstance(self.rules, (str, Mapping)) or not isinstance(self.rules, (tuple, list)):
@@ -259,13 +289,14 @@ class InherSpec:
       rank = svd.rank_for_param_ratio(m, n, value, heads, use_bias)
       if rank == 0:
         return LayerPlan(False, 0, heads, full, f"no rank meets param_ratio={value}")
+    aware = action.get("data_aware", self.data_aware)
     if not self.skip_if_no_saving:
-      return LayerPlan(True, min(rank, full), heads, full)
+      return LayerPlan(True, min(rank, full), heads, full, data_aware=aware)
     if rank >= full:
       return LayerPlan(False, 0, heads, full, f"rank {rank} >= full rank {full}")
     if svd.inherited_params(m, n, rank, heads, use_bias) >= svd.dense_params(m, n, use_bias):
       return LayerPlan(False, 0, heads, full, "factorisation saves no parameters")
-    return LayerPlan(True, rank, heads, full)
+    return LayerPlan(True, rank, heads, full, data_aware=aware)
 
 
 def as_spec(rank: Any, heads: int | None = None, rules=None) -> InherSpec:

@@ -7,12 +7,18 @@ InherNet's factors: the shared down-projection ``U_r`` (orthonormal columns, ``i
 and each expert up-projection ``S_r V_r^T`` (``r -> out``). Leading "stack" axes (the
 layer axis of scan-over-layers models) are batch axes: each slice is decomposed alone.
 
+Data-aware truncation (SVD-LLM / ASVD) minimises the output error ``||X (A - A_r)||_F``
+over inputs ``X`` instead of the weight error: with the damped input Gram
+``G = X^T X + damping * mean(diag) * I = L L^T`` (Cholesky) and ``L^T A = U S V^T``,
+``A_r = L^{-T} U_r S_r V_r^T`` (`whitened_svd`), so the down-projection is ``L^{-T} U_r``.
+
 Everything here is a pure function of arrays, jit-able and batched over leading axes.
 
 Example::
 
   u, s, v = truncated_svd(kernel_matrix, rank=32)
   err = eckart_young_error(s_all, 32)    # == ||A - U_r S_r V_r^T||_F
+  down, s, v, ok = whitened_svd(kernel_matrix, input_gram, rank=32)   # data-aware
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ METHODS = ("auto", "exact", "randomized")
 ITERS = 64  # Most power iterations of the randomized method (flat spectra need ~24).
 TOL = 1e-3  # Stop when Ritz values move less than this (3e-4 on Gaussian singular values).
 CHECK_EVERY = 4  # Iterations between convergence checks.
+DAMPING = 0.01  # Default ridge on the input Gram, relative to its mean diagonal entry.
+PIVOT_TOL = 100  # A Cholesky pivot below this many eps of its Gram entry: singular.
 
 
 # --------------------------------------------------------------------------- layout
@@ -229,6 +237,74 @@ def finalize(a: jax.Array, q: jax.Array, rank: int, *, xp=jnp):
 def singular_values(a: jax.Array, *, xp=jnp) -> jax.Array:
   """All singular values of ``a`` (``(..., m, n)``), descending, in `compute_dtype`."""
   return xp.linalg.svd(a.astype(compute_dtype()), compute_uv=False)
+
+
+# ------------------------------------------------------------ data-aware truncation
+def whitening(gram: jax.Array, damping: float = DAMPING, *, xp=jnp):
+  """``(l, ok)``: the lower Cholesky factor of ``gram + damping * mean(diag) * I``.
+
+  Batched over leading axes, in `compute_dtype`. ``ok`` (``(...,)`` bool) is False where
+  the damped Gram is not numerically positive definite: the factorisation failed, is
+  not finite, or a pivot is below `PIVOT_TOL` eps of its diagonal entry (an input
+  feature that is a linear combination of others, up to rounding: a rank-deficient
+  ``X`` without damping). There ``l`` is the identity: whitening is skipped and
+  `whitened_svd` is the plain SVD.
+  """
+  g = gram.astype(compute_dtype())
+  m = g.shape[-1]
+  eye = xp.eye(m, dtype=g.dtype)
+  g = g + damping * xp.mean(xp.diagonal(g, axis1=-2, axis2=-1), -1)[..., None, None] * eye
+  l = _cholesky(g, xp)
+  pivots = xp.square(xp.diagonal(l, axis1=-2, axis2=-1))
+  tol = PIVOT_TOL * np.finfo(g.dtype).eps * xp.diagonal(g, axis1=-2, axis2=-1)
+  ok = xp.all(xp.isfinite(l), axis=(-2, -1)) & xp.all(pivots > tol, axis=-1)
+  return xp.where(ok[..., None, None], l, eye), ok
+
+
+def _cholesky(g, xp):
+  if xp is not np:
+    return xp.linalg.cholesky(g)  # NaNs where it fails.
+  try:
+    return np.linalg.cholesky(g)
+  except np.linalg.LinAlgError:  # One bad slice fails the batch: NaN for the bad ones.
+    flat = g.reshape(-1, *g.shape[-2:])
+    out = np.full_like(flat, np.nan)
+    for i, slice_ in enumerate(flat):
+      try:
+        out[i] = np.linalg.cholesky(slice_)
+      except np.linalg.LinAlgError:
+        pass
+    return out.reshape(g.shape)
+
+
+def whitened_svd(a: jax.Array, gram: jax.Array, rank: int, damping: float = DAMPING, *, xp=jnp):
+  """Data-aware top-``rank`` factors of ``a`` (``(..., m, n)``) for inputs with Gram ``gram``.
+
+  ``A_r = down @ diag(s) @ v^T`` minimises ``tr((A - A_r)^T G (A - A_r))`` over rank-r
+  matrices, ``G`` the damped Gram (see `whitening`): ``L^T A = U S V^T`` (exact SVD),
+  ``down = L^{-T} U_r`` (a solve). Slices whose Gram fails `whitening` get the plain
+  SVD. The factor scales follow the Gram's: pass a per-row mean (``X^T X / rows``) so
+  that ``x @ down`` has about unit second moment per component (at most one, damped),
+  whatever the number of rows. Jit-able (``rank`` static).
+
+  Args:
+    a: matrix or batch of matrices.
+    gram: ``(..., m, m)`` positive semi-definite input Gram(s), ``X^T X``.
+    rank: ``1 <= rank <= min(m, n)``.
+    damping: ridge ``damping * mean(diag G)`` added to the diagonal (>= 0).
+    xp: array namespace, ``jax.numpy`` or NumPy (on the host).
+
+  Returns:
+    ``(down, s, v, ok)``: ``(..., m, rank)``, ``(..., rank)`` (the singular values of
+    ``L^T A``), ``(..., n, rank)``, and ``ok`` (``(...,)``, False where the plain SVD
+    was used).
+  """
+  m, n = a.shape[-2:]
+  resolve_method(m, n, rank, "exact")  # Validates rank.
+  l, ok = whitening(gram, damping, xp=xp)
+  lt = xp.swapaxes(l, -1, -2)
+  u, s, v = exact_svd(lt @ a.astype(l.dtype), rank, xp=xp)
+  return xp.linalg.solve(lt, u), s, v, ok
 
 
 # --------------------------------------------------------------- spectral quantities

@@ -20,6 +20,15 @@ Three figures, printed and written as JSON:
    inherited on a one-device mesh (the kernel-by-kernel path), with the allocator's
    ``peak_bytes_in_use`` against the teacher's bytes, and the plan on that device.
 
+4. ``baseline`` (``--baseline``): the same inheritance done the naive way, every layer
+   slice of every factorised kernel through a full ``jnp.linalg.svd`` then truncated
+   (a per-layer loop over ``torch.linalg.svd``, in JAX), against our path, both on ONE
+   device: on the CPU the reduced stack (time, and peak bytes as live arrays + compiled
+   temp bytes after every call), on an accelerator (``--device``) the full stack
+   (time and ``peak_bytes_in_use``; each method in its own process, as the allocator's
+   peak never resets). ``--baseline_layers=N`` runs the baseline on the first N layers
+   of each stacked kernel only and extrapolates its time linearly (reported as such).
+
 Parameter names follow `models.transformer` (``blocks/attn/{query,key,value,out}``,
 ``blocks/mlp/{fc1,fc2}``, ``head``) plus ``blocks/mlp/fc1_gate`` (SwiGLU's gate
 projection, sharded like ``fc1``); LLaMA has no biases, so a rule declares the layer
@@ -30,6 +39,8 @@ Run::
 
   python -m launch.benchmark_memory --out=memory.json                # CPU: plan + real
   python -m launch.benchmark_memory --device --dtype=bfloat16 --out=memory_gpu.json
+  python -m launch.benchmark_memory --baseline --noplan --noreal --out=baseline.json  # CPU
+  python -m launch.benchmark_memory --device --baseline --out=baseline_gpu.json      # GPU
 """
 
 from __future__ import annotations
@@ -38,10 +49,14 @@ import dataclasses
 import gc
 import json
 import os
+import functools
 import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -61,6 +76,15 @@ flags.DEFINE_integer("reduced_width", 512, "Width of the really inherited CPU st
 flags.DEFINE_integer("reduced_mlp", 1376, "MLP width of the really inherited CPU stack.")
 flags.DEFINE_integer("reduced_layers", 8, "Layers of the really inherited CPU stack.")
 flags.DEFINE_integer("reduced_vocab", 4000, "Vocabulary of the really inherited CPU stack.")
+flags.DEFINE_bool("baseline", False, "Also time a per-layer full SVD against our path, "
+                  "on one device (see the module docstring).")
+flags.DEFINE_enum("spectrum", "gaussian", ["gaussian", "power_law"], "The CPU baseline's "
+                  "random teacher: Gaussian kernels (flat spectra: the randomized SVD's worst "
+                  "case) or singular values s_i = 1/i (decaying, like trained weights).")
+flags.DEFINE_integer("baseline_layers", 0, "Layers of each stacked kernel the full-SVD "
+                     "baseline really runs (0: all); the rest is extrapolated.")
+flags.DEFINE_enum("method", None, ["inherit", "full_svd"], "Internal: the one method a "
+                  "--device --baseline child process measures.")
 flags.DEFINE_bool("child", False, "Internal: already re-run with the CPU device count.")
 
 
@@ -298,6 +322,167 @@ def run_device() -> dict:
   }
 
 
+def _planned_kernels(params, inherit_spec):
+  """(path, kernel, rank, heads) of every kernel the spec factorises, sorted by path."""
+  from flax import traverse_util
+
+  out = []
+  for path, leaf in sorted(traverse_util.flatten_dict(params, sep="/").items()):
+    if not path.endswith("kernel"):
+      continue
+    stack = inherit_spec.stack_axes(path) or 0
+    m, n = int(np.prod(leaf.shape[stack:-1])), int(leaf.shape[-1])
+    plan = inherit_spec.plan(path, m, n, use_bias=False)
+    if plan.factorize:
+      out.append((path, leaf, stack, plan.rank, plan.heads))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "heads"))
+def _full_svd_layer(a, rank, heads):
+  """One layer slice: full SVD, truncated; down ``U_r``, every head ``S_r V_r^T``."""
+  u, s, vt = jnp.linalg.svd(a.astype(jnp.float32), full_matrices=False)
+  up = s[:rank, None] * vt[:rank]
+  return u[:, :rank].astype(a.dtype), jnp.broadcast_to(up, (heads, *up.shape)).astype(a.dtype)
+
+
+def full_svd_inherit(params, inherit_spec, *, layers: int = 0, trace=None) -> dict:
+  """The naive baseline: a Python loop of full SVDs, one per layer slice.
+
+  Returns ``{"seconds", "seconds_estimate", "slices_run", "slices", "out"}``: the
+  wall time of the slices run and its linear extrapolation to every slice (``layers``
+  > 0 runs only the first ``layers`` slices of each stacked kernel). ``trace(shape)`` is
+  called after every slice with the slice's matrix shape.
+  """
+  out, run, total = {}, 0, 0
+  start = time.time()
+  for path, kernel, stack, rank, heads in _planned_kernels(params, inherit_spec):
+    mats = kernel.reshape(-1, int(np.prod(kernel.shape[stack:-1])), kernel.shape[-1])
+    count = mats.shape[0] if not layers else min(layers, mats.shape[0])
+    total += mats.shape[0]
+    downs, ups = [], []
+    for i in range(count):
+      down, up = _full_svd_layer(mats[i], rank=rank, heads=heads)
+      jax.block_until_ready(up)
+      downs.append(down)
+      ups.append(up)
+      run += 1
+      if trace is not None:
+        trace(mats.shape[1:], rank, heads, kernel.dtype)
+    out[path] = (jnp.stack(downs), jnp.stack(ups))
+    del downs, ups
+  jax.block_until_ready(out)
+  seconds = time.time() - start
+  return {"seconds": seconds, "seconds_estimate": seconds * total / run, "slices_run": run,
+          "slices": total, "out": out}
+
+
+def _svd_temp_bytes(shape, rank, heads, dtype, cache={}):
+  key = (tuple(shape), rank, heads, str(dtype))
+  if key not in cache:
+    arg = jax.ShapeDtypeStruct(shape, dtype)
+    compiled = _full_svd_layer.lower(arg, rank=rank, heads=heads).compile()
+    cache[key] = int(compiled.memory_analysis().temp_size_in_bytes)
+  return cache[key]
+
+
+def run_baseline_cpu() -> dict:
+  """Reduced stack on one CPU device: our kernel-by-kernel path vs per-layer full SVDs."""
+  import inhernet_jax as ij
+  from inhernet_jax import sharding
+  from inhernet_jax.inherit import stage_temp_bytes
+
+  shape = Shape(FLAGS.reduced_layers, FLAGS.reduced_width, FLAGS.reduced_mlp, FLAGS.reduced_vocab)
+  rank = max(1, FLAGS.rank * shape.width // _full_shape().width)
+  inherit_spec = spec(rank, FLAGS.heads)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  abstract = _sharded(param_shapes(shape, jnp.dtype(FLAGS.dtype)), mesh, sharding.DEFAULT_RULES)
+  if FLAGS.spectrum == "power_law":
+    teacher_params = jax.tree.map(lambda a: jax.device_put(_power_law(a), a.sharding), abstract)
+  else:
+    teacher_params = _random_teacher(abstract)
+  jax.block_until_ready(teacher_params)
+  gc.collect()
+  teacher = _bytes_per_device(jax.tree.leaves(teacher_params))
+  other = _bytes_per_device(jax.live_arrays()) - teacher
+  result = {"shape": dataclasses.asdict(shape), "rank": rank, "heads": FLAGS.heads,
+            "dtype": FLAGS.dtype, "device": str(jax.devices()[0]), "teacher_bytes": teacher,
+            "spectrum": FLAGS.spectrum}
+
+  def ours(trace=None):
+    start = time.time()
+    out = ij.inherit(teacher_params, inherit_spec, mesh=mesh, trace=trace)
+    jax.block_until_ready(out)
+    return out, time.time() - start
+
+  peaks = []
+  _, cold = ours()
+  out, _ = ours(lambda st: peaks.append(
+      _bytes_per_device(jax.live_arrays()) - other + stage_temp_bytes(st)))
+  our_factors = _factors(out, inherit_spec, teacher_params)
+  del out
+  gc.collect()
+  _, warm = ours()
+  gc.collect()
+  result["inherit"] = {"seconds_cold": cold, "seconds_warm": warm, "peak_bytes": max(peaks),
+                       "ratio": max(peaks) / teacher, "error_ratio_vs_full_svd": None}
+  base_peaks = []
+  full_svd_inherit(teacher_params, inherit_spec, layers=1)  # Compiles every shape once.
+  gc.collect()
+  base = full_svd_inherit(teacher_params, inherit_spec, layers=FLAGS.baseline_layers,
+                          trace=lambda *a: base_peaks.append(
+                              _bytes_per_device(jax.live_arrays()) - other + _svd_temp_bytes(*a)))
+  result["inherit"]["error_ratio_vs_full_svd"] = _error_ratio(
+      teacher_params, our_factors, base["out"], inherit_spec)
+  result["full_svd"] = {"seconds_warm": base["seconds"], "seconds_estimate": base["seconds_estimate"],
+                        "slices_run": base["slices_run"], "slices": base["slices"],
+                        "peak_bytes": max(base_peaks), "ratio": max(base_peaks) / teacher}
+  result["speedup"] = base["seconds_estimate"] / warm
+  return result
+
+
+def _power_law(leaf, seed=0):
+  """A host array of ``leaf``'s shape whose matrices have singular values ``1/i``."""
+  if len(leaf.shape) < 2:
+    return np.ones(leaf.shape, leaf.dtype)
+  rng = np.random.default_rng(seed)
+  m, n = leaf.shape[-2:]
+  k = min(m, n)
+  mats = []
+  for _ in range(int(np.prod(leaf.shape[:-2]))):
+    u = np.linalg.qr(rng.standard_normal((m, k)))[0]
+    v = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    mats.append((u / np.arange(1, k + 1)) @ v.T)
+  return np.stack(mats).reshape(leaf.shape).astype(leaf.dtype)
+
+
+def _factors(out, inherit_spec, teacher_params) -> dict:
+  """path -> (down, up) of an inherited params tree."""
+  from flax import traverse_util
+
+  flat = traverse_util.flatten_dict(out, sep="/")
+  return {path: (flat[f"{path[:-len('kernel')]}down/kernel"], flat[f"{path[:-len('kernel')]}up/kernel"])
+          for path, *_ in _planned_kernels(teacher_params, inherit_spec)}
+
+
+def _error_ratio(teacher_params, ours: dict, full: dict, inherit_spec) -> float:
+  """Largest ``||A - ours||_F / ||A - full SVD||_F`` over the slices both computed
+  (1.0: our truncation is as good as the optimal one)."""
+  worst = 0.0
+  for path, kernel, stack, rank, heads in _planned_kernels(teacher_params, inherit_spec):
+    m, n = int(np.prod(kernel.shape[stack:-1])), kernel.shape[-1]
+    count = full[path][0].shape[0]
+    a = np.asarray(kernel, np.float64).reshape(-1, m, n)[:count]
+
+    def err(down, up):
+      d = np.asarray(down, np.float64).reshape(-1, m, rank)[:count]
+      u = np.asarray(up, np.float64).reshape(-1, heads, rank, n)[:count, 0]
+      return np.linalg.norm(a - d @ u)
+
+    worst = max(worst, err(*ours[path]) / max(err(*full[path]), 1e-30))
+  return float(worst)
+
+
 def _reexec(devices: int) -> int:
   """Runs this launcher again with ``devices`` CPU devices; returns its exit code."""
   env = dict(os.environ)
@@ -308,6 +493,43 @@ def _reexec(devices: int) -> int:
   env["JAX_PLATFORMS"] = "cpu"
   args = [sys.executable, "-m", "launch.benchmark_memory", *sys.argv[1:], "--child", "--nodevice"]
   return subprocess.call(args, env=env)
+
+
+def run_device_full_svd() -> dict:
+  """The full stack on one accelerator, inherited by per-layer full SVDs."""
+  device = jax.devices()[0]
+  from inhernet_jax import sharding
+
+  mesh = sharding.make_mesh({"data": 1}, devices=[device])
+  inherit_spec = spec(FLAGS.rank, FLAGS.heads)
+  abstract = _sharded(param_shapes(_full_shape(), jnp.dtype(FLAGS.dtype)), mesh, _rules())
+  teacher_params = _random_teacher(abstract)
+  jax.block_until_ready(teacher_params)
+  teacher = _bytes_per_device(jax.tree.leaves(teacher_params))
+  base = full_svd_inherit(teacher_params, inherit_spec, layers=FLAGS.baseline_layers)
+  peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  return {"device": str(device), "dtype": FLAGS.dtype, "rank": FLAGS.rank, "heads": FLAGS.heads,
+          "teacher_bytes": teacher, "peak_bytes_in_use": peak,
+          "ratio": None if peak is None else peak / teacher,
+          "seconds": base["seconds"], "seconds_estimate": base["seconds_estimate"],
+          "slices_run": base["slices_run"], "slices": base["slices"],
+          "note": "seconds include compiling each matrix shape once"}
+
+
+def _device_child(method: str) -> dict:
+  """Runs one method in a fresh process (the allocator's peak never resets)."""
+  out = f"{FLAGS.out}.{method}.json"
+  args = [sys.executable, "-m", "launch.benchmark_memory", *sys.argv[1:], f"--method={method}",
+          f"--out={out}"]
+  code = subprocess.call(args)
+  if code:
+    raise SystemExit(f"the {method} child failed with exit code {code}")
+  with open(out) as f:
+    return json.load(f)["device"]
+
+
+def _x(ratio) -> str:
+  return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
 def _gb(x) -> str:
@@ -331,12 +553,33 @@ def _print(result: dict) -> None:
           f"{_gb(r['peak_bytes_per_device'])}/device: {r['ratio']:.3f}x (planned "
           f"{r['planned_ratio']:.3f}x; at {r['peak_stage']['name']} {r['peak_stage']['path']}); "
           f"{r['seconds_cold']:.1f}s cold, {r['seconds_warm']:.1f}s warm")
-  if "device" in result:
+  if "device" in result and "params_before" in result["device"]:
     d = result["device"]
     ratio = "n/a" if d["ratio"] is None else f"{d['ratio']:.3f}x"
     print(f"{d['device']} ({d['dtype']}): params {d['params_before']:,} -> {d['params_after']:,}; "
           f"teacher {_gb(d['teacher_bytes'])}, peak in use {_gb(d['peak_bytes_in_use'])}: {ratio} "
-          f"(planned {d['planned_ratio']:.3f}x), {d['seconds']:.1f}s")
+          f"(planned {d.get('planned_ratio', float('nan')):.3f}x), {d['seconds']:.1f}s")
+  if "baseline" in result:
+    b = result["baseline"]
+    i, f = b["inherit"], b["full_svd"]
+    print(f"baseline on one {b['device']}, {b['spectrum']} teacher (width {b['shape']['width']}, {b['shape']['layers']} "
+          f"layers, rank {b['rank']}): ours {i['seconds_warm']:.2f}s warm, peak "
+          f"{i['ratio']:.2f}x teacher; per-layer full SVD {f['seconds_estimate']:.2f}s "
+          f"({f['slices_run']}/{f['slices']} slices run), peak {f['ratio']:.2f}x; "
+          f"speed-up {b['speedup']:.1f}x; error / optimal error {i['error_ratio_vs_full_svd']:.6f}")
+  if "device" in result and "slices" in result["device"]:
+    d = result["device"]
+    print(f"per-layer full SVD on {d['device']} ({d['dtype']}): {d['seconds_estimate']:.1f}s "
+          f"({d['slices_run']}/{d['slices']} slices run), peak in use "
+          f"{_gb(d['peak_bytes_in_use'])} ({_x(d['ratio'])} teacher)")
+  if "device_baseline" in result:
+    b = result["device_baseline"]
+    for m in ("inherit", "full_svd"):
+      d = b[m]
+      est = d.get("seconds_estimate", d["seconds"])
+      print(f"{m} on {d['device']}: {est:.1f}s, peak in use {_gb(d['peak_bytes_in_use'])} "
+            f"({_x(d['ratio'])} teacher)")
+    print(f"speed-up of our path over per-layer full SVD: {b['speedup']:.1f}x")
 
 
 def main(argv):
@@ -347,7 +590,13 @@ def main(argv):
   if device_mode is None:
     device_mode = jax.default_backend() != "cpu"
   result = {"jax": jax.__version__}
-  if device_mode:
+  if device_mode and FLAGS.baseline and FLAGS.method is None:
+    result["device_baseline"] = {m: _device_child(m) for m in ("inherit", "full_svd")}
+    r = result["device_baseline"]
+    r["speedup"] = r["full_svd"]["seconds_estimate"] / r["inherit"]["seconds"]
+  elif device_mode and FLAGS.method == "full_svd":
+    result["device"] = run_device_full_svd()
+  elif device_mode:
     result["device"] = run_device()
   else:
     from inhernet_jax import sharding
@@ -367,9 +616,11 @@ def main(argv):
       result["plan"] = run_plan(mesh, rules)
     if FLAGS.real:
       result["real"] = run_real(mesh, rules)
-  _print(result)
-  with open(FLAGS.out, "w") as f:
+    if FLAGS.baseline:
+      result["baseline"] = run_baseline_cpu()
+  with open(FLAGS.out, "w") as f:  # Before printing: a long run's figures are never lost.
     json.dump(result, f, indent=2)
+  _print(result)
   print(f"wrote {FLAGS.out}")
 
 

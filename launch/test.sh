@@ -3,6 +3,14 @@
 #   bash launch/test.sh            # everything
 #   bash launch/test.sh -k svd     # extra arguments go to pytest
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# The parity tests' PyTorch references (tests/requirements.txt), installed once.
+stamp="$venv/.test-requirements.sha"
+want="$(sha256sum tests/requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "Installing tests/requirements.txt..." >&2
+  python -m pip install -q -r tests/requirements.txt
+  echo "$want" > "$stamp"
+fi
 # Two pytest workers on a 2-core machine: one XLA/BLAS thread each, or their spinning
 # thread pools oversubscribe the cores and slow everything down many times.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"

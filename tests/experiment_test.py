@@ -113,3 +113,20 @@ def test_bad_method_configs_name_the_field():
   config.method_defs.inherit.kind = "distill"
   with pytest.raises(ValueError, match="method_defs.inherit.kind"):
     experiment.expand_methods(config)
+
+
+@pytest.mark.slow
+def test_digits_data_aware_and_budget_matched_methods(tmp_path):
+  config = _config("digits", "local")
+  config.methods = "student,inherit_aware,inherit_greedy"
+  config.epochs = 1
+  config.teacher.epochs = 1
+  runs = _by_method(experiment.train_and_evaluate(config, str(tmp_path))["runs"])
+  student = runs["student"][0]["params"]
+  aware, greedy = runs["inherit_aware"][0], runs["inherit_greedy"][0]
+  # A uniform rank at the student's size, truncated for the output error.
+  assert aware["init"] == "data_aware" and aware["rank"] >= 1 and aware["params"] <= student
+  # Per-layer ranks: no uniform rank to report, at most the student's size.
+  assert greedy["init"] == "svd" and greedy["rank"] is None and greedy["params"] <= student
+  for r in (aware, greedy):
+    assert r["metric_at_init"] == r["history"]["test_metric"][0]

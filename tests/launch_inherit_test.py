@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from inhernet_jax import accounting, checkpoint, models
+from inhernet_jax import accounting, checkpoint, export, models
 from inhernet_jax import train as train_lib
 from inhernet_jax.inherit import inherit, resolve
 from inhernet_jax.spec import InherSpec
@@ -85,11 +85,13 @@ def test_rank_writes_checkpoint_spec_and_report(teachers, rank4):
     assert (by_path[path]["action"], by_path[path]["rank"], by_path[path]["heads"]) == (
         "factorize", 4, 2)
   spec_json = json.loads((out / "spec.json").read_text())
-  assert (spec_json["model"], spec_json["num_classes"]) == ("cnn", 10)
-  assert (spec_json["rank"], spec_json["heads"]) == (4, 2)
+  meta = spec_json["metadata"]
+  assert (meta["model"], meta["num_classes"]) == ("cnn", 10)
+  assert (spec_json["spec"]["rank"], spec_json["spec"]["heads"]) == (4, 2)
+  spec = InherSpec(rank=4, heads=2, rules=models.preset("default", "cnn"))
+  assert export.load_spec(out / "spec.json") == (spec, meta)
   assert "fc/kernel" in (out / "report.md").read_text()
 
-  spec = InherSpec(rank=4, heads=2, rules=models.preset("default", "cnn"))
   loaded = checkpoint.load_variables(out, inherited_abstract(model, spec))
   expected = inherit(teacher_params, spec)
   assert jax.tree.structure(loaded["params"]) == jax.tree.structure(expected)
@@ -113,7 +115,7 @@ def test_rank_params_of_a_zoo_model(teachers, tmp_path):
   proc = launch("--config=configs/digits.py", f"--teacher={run_dir}", "--rank=params:mlp",
                 f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  spec_json = json.loads((out / "spec.json").read_text())
+  spec_json = json.loads((out / "spec.json").read_text())["spec"]
   rules = models.preset("default", "cnn")
   want = accounting.rank_for_params(teacher_params, target, heads=3, rules=rules)
   assert (spec_json["rank"], spec_json["heads"]) == (want, 3)
@@ -130,10 +132,7 @@ def test_energy_spec_json_rebuilds_the_model(teachers, tmp_path):
   proc = launch("--config=configs/digits.py:local", f"--teacher={run_dir}", "--energy=0.3",
                 "--heads=2", f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  saved = json.loads((out / "spec.json").read_text())
-  spec = InherSpec(rank=saved["rank"], heads=saved["heads"], method=saved["method"],
-                   rules=tuple((p, dict(a) if isinstance(a, list) else a)
-                               for p, a in saved["rules"]))
+  spec, _ = export.load_spec(out / "spec.json")  # The resolved spec: exact per-layer rules.
   loaded = checkpoint.load_variables(out, inherited_abstract(model, spec))
   rules = models.preset("default", "cnn")
   want = resolve(teacher_params, InherSpec(energy=0.3, heads=2, rules=rules))
@@ -170,5 +169,5 @@ def test_rank_or_energy_is_required(teachers, tmp_path):
                 f"--out={tmp_path / 'out'}")
   assert proc.returncode != 0
   # (The usage text absl prints mentions both flags anyway: match the message itself.)
-  assert "give exactly one of --rank and --energy" in proc.stderr
+  assert "give exactly one of --rank, --energy and --budget" in proc.stderr
   assert not (tmp_path / "out").exists()

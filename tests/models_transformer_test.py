@@ -132,6 +132,16 @@ def test_param_count_and_output_shape(name):
     assert _flat(params)["block_11/mlp/fc1/bias"].shape == (model.mlp_dim,)
 
 
+def test_vit_class_token_pooling():
+  # pool_type="tok" (HF / timm / the original ViT): a class token with its own position.
+  model = MODELS["vit_b16"](num_classes=1000, pool_type="tok", norm_eps=1e-12)
+  params = _flat(_init_shapes(model, _IMAGE))
+  assert _size(params) == 86_567_656  # timm's vit_base_patch16_224.
+  assert (params["cls"].shape, params["pos_embed"].shape) == ((1, 1, 768), (1, 197, 768))
+  with pytest.raises(ValueError, match="pool_type must be 'gap' or 'tok', got 'cls'"):
+    _init_shapes(model.clone(pool_type="cls"), _IMAGE)
+
+
 def test_naming_convention():
   names = {
       name: set(_flat(_init_shapes(MODELS[name](**kw), x)))

@@ -349,3 +349,42 @@ def test_flax_module_field():
   # Modules with equal specs are equal (flax relies on this for caching/cloning).
   assert Net(spec=spec) == Net(spec=InherSpec(rank=2, heads=2))
   assert math.isfinite(float(jnp.sum(out)))
+
+
+# ---------------------------------------------------------------------- data-aware
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"data_aware": 1}, TypeError, "data_aware"),
+        ({"data_aware": "yes"}, TypeError, "data_aware"),
+        ({"damping": -0.1}, ValueError, "damping"),
+        ({"damping": float("nan")}, ValueError, "damping"),
+        ({"damping": "0.1"}, TypeError, "damping"),
+        ({"damping": True}, TypeError, "damping"),
+        ({"rules": (("x/kernel", {"data_aware": 1}),)}, TypeError, r"rules\[0\].*data_aware"),
+    ],
+)
+def test_bad_data_aware_settings(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    InherSpec(rank=2, **kwargs)
+
+
+def test_data_aware_is_opt_in_globally_or_per_rule():
+  plain = InherSpec(rank=2)
+  assert not plain.data_aware and plain.damping == 0.01
+  assert plain.plan("a/kernel", 64, 64, True) == LayerPlan(True, 2, 1, 64)  # Unchanged.
+  assert InherSpec(rank=2, data_aware=True, damping=0).plan("a/kernel", 64, 64, True) == LayerPlan(
+      True, 2, 1, 64, data_aware=True)
+  spec = InherSpec(rank=2, rules=(
+      (r"a/kernel", {"data_aware": True}), (r"b/kernel", {"data_aware": True, "rank": 70}),
+      (r"c/kernel", "skip")))
+  assert spec.rules[0] == (r"a/kernel", (("data_aware", True),))
+  assert InherSpec(rank=2, rules=spec.rules) == spec  # Normalised rules round-trip.
+  assert spec.plan("a/kernel", 64, 64, True).data_aware
+  assert not spec.plan("b/kernel", 64, 64, True).data_aware  # Kept: nothing to truncate.
+  assert not spec.plan("c/kernel", 64, 64, True).data_aware
+  assert not spec.plan("d/kernel", 64, 64, True).data_aware
+  off = InherSpec(rank=2, data_aware=True, rules=((r"a/kernel", {"data_aware": False}),))
+  assert not off.plan("a/kernel", 64, 64, True).data_aware and off.plan("d/kernel", 64, 64, True).data_aware
+  # Different settings, different (hashable, static) specs.
+  assert len({plain, plain.replace(data_aware=True), plain.replace(damping=0.1)}) == 3

@@ -469,3 +469,105 @@ def test_spectral_quantities_of_tiny_and_huge_singular_values():
     np.testing.assert_allclose(float(svd.energy_kept(s, 1)), 9.0 / 14.0, rtol=1e-5)
   assert float(svd.eckart_young_error(jnp.zeros(3), 0)) == 0.0
   assert float(svd.energy_kept(jnp.zeros(3), 1)) == 1.0
+
+
+# ------------------------------------------------------------ data-aware truncation
+def np_damped_gram(x, damping):
+  g = np.asarray(x, np.float64).T @ np.asarray(x, np.float64)
+  return g + damping * np.mean(np.diag(g)) * np.eye(g.shape[0])
+
+
+def np_output_sq_error(a, approx, g):
+  """``tr(E^T G E)``: the squared output error of ``approx`` for inputs with Gram ``g``."""
+  e = np.asarray(a, np.float64) - approx
+  return float(np.sum(e * (g @ e)))
+
+
+@st.composite
+def calibrated(draw):
+  """A kernel, correlated inputs (some draws rank deficient), a rank and a damping."""
+  m, n = draw(st.integers(2, 9)), draw(st.integers(1, 7))
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  rows = draw(st.sampled_from([m // 2 + 1, 3 * m]))  # Fewer rows than m: singular X^T X.
+  x = rng.standard_normal((rows, m)) @ rng.standard_normal((m, m)) * rng.uniform(0.1, 3, m)
+  a = rng.standard_normal((m, n)) * draw(st.sampled_from([1e-2, 1.0, 1e2]))
+  damping = draw(st.sampled_from([0.01, 0.3] if rows < m else [0.0, 0.01, 0.3]))
+  return a.astype(np.float32), x.astype(np.float32), draw(st.integers(1, min(m, n))), damping
+
+
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(case=calibrated())
+def test_whitened_truncation_is_optimal_for_the_damped_output_error(case):
+  a, x, rank, damping = case
+  g = np_damped_gram(x, damping)
+  down, s, v, ok = svd.whitened_svd(a, x.T @ x, rank, damping, xp=np)
+  assert ok
+  chex.assert_shape([down, s, v], [(a.shape[0], rank), (rank,), (a.shape[1], rank)])
+  approx = reconstruct(down, s, v)
+  # Independent optimum: Eckart-Young on G^{1/2} A (symmetric root by eigh, not Cholesky).
+  w, q = np.linalg.eigh(g)
+  root = (q * np.sqrt(np.maximum(w, 0))) @ q.T
+  tail = np.linalg.svd(root @ a.astype(np.float64), compute_uv=False)[rank:]
+  total = np_output_sq_error(a, 0.0, g)
+  best = float(np.sum(tail**2))
+  got = np_output_sq_error(a, approx, g)
+  np.testing.assert_allclose(got, best, rtol=2e-3, atol=1e-4 * total)
+  np.testing.assert_allclose(np.sum(np.asarray(s, np.float64) ** 2) + best, total, rtol=1e-3)
+  # The plain truncation is never better on this objective.
+  plain = reconstruct(*svd.exact_svd(a, rank, xp=np))
+  assert np_output_sq_error(a, plain, g) >= got - 2e-3 * got - 1e-4 * total
+  if damping == 0:  # Then it is the calibration inputs' own output error.
+    assert np.linalg.norm(x @ (a - approx)) <= np.linalg.norm(x @ (a - plain)) * (1 + 1e-3) + 1e-4 * np.linalg.norm(x @ a)
+
+
+def test_whitened_svd_with_identity_gram_is_the_plain_svd():
+  a = random_spectrum_matrix(7, 5, [5.0, 3.0, 2.0, 1.0, 0.5], seed=0)
+  u, s, v = svd.exact_svd(a, 3, xp=np)
+  down, s_w, v_w, ok = svd.whitened_svd(a, np.eye(7, dtype=np.float32), 3, 0.0, xp=np)
+  assert ok
+  np.testing.assert_allclose(s_w, s, rtol=1e-5)
+  signs = np.sign(np.sum(down * u, axis=0))
+  np.testing.assert_allclose(down * signs, u, atol=1e-5)
+  np.testing.assert_allclose(v_w * signs, v, atol=1e-5)
+  # Damping scales the identity: other factors, the same truncation.
+  down, s_w, v_w, _ = svd.whitened_svd(a, np.eye(7, dtype=np.float32), 3, 0.5, xp=np)
+  np.testing.assert_allclose(reconstruct(down, s_w, v_w), reconstruct(u, s, v), atol=1e-5)
+
+
+def test_whitened_svd_jit_matches_numpy_and_batches():
+  rng = np.random.default_rng(1)
+  a = rng.standard_normal((2, 6, 4)).astype(np.float32)
+  x = rng.standard_normal((2, 20, 6)).astype(np.float32)
+  g = np.swapaxes(x, -1, -2) @ x
+  host = svd.whitened_svd(a, g, 2, 0.01, xp=np)
+  jitted = jax.jit(svd.whitened_svd, static_argnames=("rank", "xp"))(a, g, rank=2, damping=0.01)
+  for i in range(2):  # Batched == one by one; jax == numpy (up to each pair's sign).
+    single = svd.whitened_svd(a[i], g[i], 2, 0.01, xp=np)
+    for got in (host, jitted):
+      np.testing.assert_allclose(reconstruct(got[0][i], got[1][i], got[2][i]), reconstruct(*single[:3]), atol=1e-4)
+  np.testing.assert_array_equal(jitted[3], [True, True])
+
+
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax"])
+def test_whitening_flags_grams_that_are_not_positive_definite(xp):
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((30, 5))
+  dead = x.copy()
+  dead[:, 2] = 0  # A dead input unit: singular X^T X.
+  twin = x.copy()
+  twin[:, 4] = twin[:, 1]  # Collinear inputs: singular up to rounding.
+  indefinite = np.diag([1.0, 2.0, -1.0, 1.0, 1.0])
+  nan = x.T @ x
+  nan[0, 0] = np.nan
+  grams = np.stack([x.T @ x, dead.T @ dead, twin.T @ twin, indefinite, nan]).astype(np.float32)
+  # Jitted as a whole on jax (eager would compile op by op).
+  whitening = svd.whitening if xp is np else jax.jit(svd.whitening, static_argnames="xp")
+  whitened_svd = svd.whitened_svd if xp is np else jax.jit(svd.whitened_svd, static_argnames=("rank", "xp"))
+  l, ok = whitening(grams, 0.0, xp=xp)
+  np.testing.assert_array_equal(ok, [True, False, False, False, False])
+  np.testing.assert_array_equal(np.asarray(l)[1:], np.broadcast_to(np.eye(5), (4, 5, 5)))
+  # Those slices get the plain SVD; damping makes a singular Gram definite.
+  a = rng.standard_normal((5, 5, 3)).astype(np.float32)
+  down, s, v, _ = whitened_svd(a, grams, rank=2, damping=0.0, xp=xp)
+  np.testing.assert_allclose(reconstruct(down, s, v)[1:], reconstruct(*svd.exact_svd(a[1:], 2, xp=np)), atol=1e-5)
+  np.testing.assert_array_equal(whitening(grams[:3], 0.01, xp=xp)[1], [True] * 3)

@@ -165,13 +165,18 @@ def _stack(config: dict[str, Any], depth: int, scan: bool, x, mask, train):
 
 
 class ViT(nn.Module):
-  """Vision Transformer as in big_vision's ``vit.py`` with ``pool_type='gap'``.
+  """Vision Transformer as in big_vision's ``vit.py`` (``pool_type`` ``'gap'`` or ``'tok'``).
 
-  Patch-embedding conv, learned position embeddings (no class token), pre-LN blocks,
-  final LayerNorm, global average pool, linear head. Differences from big_vision: the
-  head is initialised like ``nn.Dense`` (big_vision zero-initialises it), there is no
-  optional pre-logits layer, and param names follow this package (``embed``,
-  ``pos_embed``, ``norm``, ``head``).
+  Patch-embedding conv (with bias), learned position embeddings, pre-LN blocks, final
+  LayerNorm, a pooled feature and a linear head. ``pool_type='gap'`` (the default) has no
+  class token and averages the final tokens; ``'tok'`` prepends a learned class token
+  ``cls`` and classifies its final state (HF ``ViTForImageClassification``, timm and the
+  original ViT). As there, the class token gets a position embedding too: ``pos_embed``
+  has ``1 + patches`` rows (big_vision adds them to the patches only). A converted HF ViT
+  is ``ViT(pool_type="tok", norm_eps=1e-12, activation=exact GELU)`` (`inhernet_jax.convert`).
+  Other differences from big_vision: the head is initialised like ``nn.Dense`` (big_vision
+  zero-initialises it), there is no optional pre-logits layer, and param names follow this
+  package (``embed``, ``cls``, ``pos_embed``, ``norm``, ``head``).
 
   Attributes:
     num_classes: classifier outputs.
@@ -180,6 +185,10 @@ class ViT(nn.Module):
     dropout_rate: dropout after the embeddings and in the blocks (training only).
     scan: stack the blocks with `nn.scan` (params ``blocks/...`` with a layer axis).
     spec: None for the teacher, an `InherSpec` for the inherited network.
+    pool_type: ``"gap"`` (global average, no class token) or ``"tok"`` (class token).
+    norm_eps: epsilon of every LayerNorm (big_vision 1e-6, HF 1e-12).
+    activation: the MLP's (``nn.gelu``: tanh-approximate as big_vision; HF's ``"gelu"``
+      is the exact ``functools.partial(nn.gelu, approximate=False)``).
   """
 
   num_classes: int = 1000
@@ -193,15 +202,24 @@ class ViT(nn.Module):
   spec: InherSpec | None = None
   dense: ModuleDef = InherDense
   conv: ModuleDef = InherConv
+  pool_type: str = "gap"
+  norm_eps: float = 1e-6
+  activation: Callable = nn.gelu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     """Logits ``(batch, num_classes)`` of images ``(batch, height, width, channels)``."""
+    if self.pool_type not in ("gap", "tok"):
+      raise ValueError(f"ViT.pool_type must be 'gap' or 'tok', got {self.pool_type!r}")
     p = self.patch_size
     x = self.conv(
         self.width, (p, p), strides=(p, p), padding="VALID", spec=self.spec, name="embed"
     )(x)
     x = x.reshape(x.shape[0], -1, self.width)
+    if self.pool_type == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+      cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype)
+      x = jnp.concatenate([cls, x], axis=1)
     pos = self.param(
         "pos_embed", nn.initializers.normal(1 / np.sqrt(self.width)), (1, *x.shape[1:])
     )
@@ -210,13 +228,15 @@ class ViT(nn.Module):
         num_heads=self.num_heads,
         mlp_dim=self.mlp_dim,
         pre_norm=True,
-        norm_eps=1e-6,
+        activation=self.activation,
+        norm_eps=self.norm_eps,
         dropout_rate=self.dropout_rate,
         spec=self.spec,
         dense=self.dense,
     )
     x = _stack(block, self.depth, self.scan, x, None, train)
-    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x).mean(axis=1)
+    x = nn.LayerNorm(epsilon=self.norm_eps, name="norm")(x)
+    x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
     return self.dense(self.num_classes, spec=self.spec, name="head")(x)
 
 
@@ -228,8 +248,10 @@ class BertClassifier(nn.Module):
 
   Token (``embed``) + position (``pos_embed``) + token-type (``segment``, optional)
   embeddings, LayerNorm ``input_norm``, post-LN blocks with exact GELU, a ``pooler``
-  Dense with tanh on the first token, then the ``head``.
-  ``bert_base`` without the head is HF ``BertModel``'s 109,482,240 parameters.
+  Dense with tanh on the first token, then the ``head``: HF
+  ``BertForSequenceClassification`` (`inhernet_jax.convert.from_hf` gives the same
+  logits, padding mask and token types included). ``bert_base`` without the head is HF
+  ``BertModel``'s 109,482,240 parameters.
 
   Attributes:
     num_classes: classifier outputs.
@@ -241,6 +263,7 @@ class BertClassifier(nn.Module):
       feature (training only; BERT used 0.1).
     scan: stack the blocks with `nn.scan`.
     spec: None for the teacher, an `InherSpec` for the inherited network.
+    norm_eps: epsilon of every LayerNorm (HF ``layer_norm_eps``).
   """
 
   num_classes: int = 2
@@ -255,6 +278,7 @@ class BertClassifier(nn.Module):
   scan: bool = False
   spec: InherSpec | None = None
   dense: ModuleDef = InherDense
+  norm_eps: float = 1e-12
 
   @nn.compact
   def __call__(
@@ -284,7 +308,7 @@ class BertClassifier(nn.Module):
       y = y + nn.Embed(
           self.type_vocab_size, self.width, embedding_init=_normal02, name="segment"
       )(types)
-    y = nn.LayerNorm(epsilon=1e-12, name="input_norm")(y)
+    y = nn.LayerNorm(epsilon=self.norm_eps, name="input_norm")(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     attn_mask = None if mask is None else mask[..., None, None, :].astype(bool)
     block = dict(
@@ -292,7 +316,7 @@ class BertClassifier(nn.Module):
         mlp_dim=self.mlp_dim,
         pre_norm=False,
         activation=functools.partial(nn.gelu, approximate=False),
-        norm_eps=1e-12,
+        norm_eps=self.norm_eps,
         dropout_rate=self.dropout_rate,
         kernel_init=_normal02,
         spec=self.spec,

@@ -1,0 +1,658 @@
+"""Budget-matched per-layer ranks: the inherited network that keeps the most energy.
+
+`parameter_budget` reads a size (a parameter count, a fraction of the teacher, or "as
+large as zoo model X"). `allocate` then picks one rank per inherited kernel so that the
+whole inherited network has at most that many parameters (heads, gates, biases and every
+untouched leaf counted exactly, as `inherit.planned_param_count` counts them) and keeps
+as much normalised spectral energy as it can::
+
+  maximise  sum over kernel matrices of  sum_{i<=r} s_i^2 / sum_i s_i^2
+  s.t.      parameters(inherited network) <= budget
+
+A scan-stacked kernel has one rank for its whole stack and each of its layers counts as
+one matrix. A layer may also stay dense (all its energy, its teacher size). `uniform` is
+the baseline, one rank everywhere (`accounting.rank_for_params`). Both return an
+`InherSpec` with exact per-path rules, like `inherit.resolve`, so that
+``model.clone(spec=spec)`` and ``inherit(params, spec)`` agree.
+
+Note which layers get rank: the objective rewards energy still missing, so a layer with
+a flat spectrum (every direction matters as much) ends up with more rank, or dense,
+than one whose spectrum decays fast (a few directions already hold most of its energy);
+only the first few increments of a tight budget go to the decaying layer. And a sum of
+fractions will trade one layer's last few percent for another's larger share: at tight
+budgets it can starve a costly layer (rank 1), which before fine-tuning costs accuracy;
+``objective="log_energy"`` (the product of the fractions) does not.
+
+Both still count a costly layer's fraction as much as a cheap one's, so they buy rank
+where it is cheap (narrow outputs, few heads) and leave the wide layers a narrow
+bottleneck, which fine-tuning cannot widen: at the same budget they lose to uniform after
+fine-tuning (digits CNN at 6.5% of the teacher: 93.4% / 52.1% against 95.7%; a char GPT:
+2.18 against 2.06 bits per char). ``objective="param_energy"`` weights each matrix's
+fraction by its dense size (about its share of the teacher's weight energy), and by
+default keeps every layer at least half the uniform rank (``rank_floor``), so that no
+cheap layer is starved in turn (on the digits CNN the size-weighted sum alone gave the
+conv layer rank 1: 94.2%). It gets back most of the loss but not all: on the digits CNN
+it picks the uniform ranks (6.5%) or the same ranks as ``"energy"`` (25%, equal to
+uniform), on the char GPT it gives the MLP's fc2 ~20 and attention ~10 (uniform 12):
+2.072 bits per char (2.060 data-aware, where uniform data-aware gives 2.042). Uniform
+ranks remain the safer choice when the network is fine-tuned afterwards.
+``"param_energy"`` is the default of `allocate`, the launchers and the configs.
+
+The greedy (see `allocate`) is exact in ~98% of random small problems and within 0.02
+energy per layer of the optimum in all; ``method="exact"`` solves small ones exactly.
+
+Example::
+
+  budget = parameter_budget(teacher_params, "student:resnet8x4", num_classes=100)
+  rules = models.preset("default", "resnet32x4")
+  spec = allocate(teacher_params, budget, heads=3, rules=rules)
+  student = teacher.clone(spec=spec)              # its params: inherit(teacher_params, spec)
+  print(summary(teacher_params, spec)["energy_mean"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from inhernet_jax import accounting, models, svd
+from inhernet_jax import spec as spec_lib
+from inhernet_jax.inherit import _by_shape, _collect, _plan_all, planned_param_count
+from inhernet_jax.spec import InherSpec, as_spec
+
+METHODS = ("greedy", "exact")
+OBJECTIVES = ("energy", "log_energy", "param_energy")
+_EXACT_MAX_STATES = 20_000_000  # Most (Pareto state, option) pairs the exact method visits.
+_TOL = 1e-12  # Objective improvements below this are rounding, not improvements.
+_FORCED = 16  # Most layers forced dense, one greedy run each.
+_STARTS = 8  # Most starting points the local search improves (it costs more than a greedy).
+
+
+# ---------------------------------------------------------------------------- budget
+def parameter_budget(teacher_params, budget, *, num_classes: int | None = None,
+                     model_kwargs: Mapping[str, Any] | None = None) -> int:
+  """A total parameter count for the whole inherited network.
+
+  Args:
+    teacher_params: the teacher's ``params`` (arrays or `jax.ShapeDtypeStruct`s).
+    budget: an int (parameters, every leaf counted); a float in (0, 1] (that fraction of
+      the teacher's parameters, rounded down); or ``"student:<zoo model>"`` /
+      ``"params:<zoo model>"`` (that model's size, `models.param_count`). Strings holding
+      an int or a float are read as such (command lines).
+    num_classes: classifier size of the named model (its default when None).
+    model_kwargs: fields of the named model (``{"widths": (16, 32, 64)}``).
+
+  Raises:
+    TypeError / ValueError naming the budget and what was expected.
+  """
+  value = budget
+  if isinstance(value, str):
+    kind, sep, name = value.strip().partition(":")
+    if sep:
+      if kind not in ("student", "params"):
+        raise ValueError(f"budget {budget!r}: expected 'student:<zoo model>' or "
+                         "'params:<zoo model>', an int or a fraction in (0, 1]")
+      if name not in models.NAMES:
+        raise ValueError(f"budget {budget!r}: unknown model {name!r}; "
+                         f"known: {', '.join(models.NAMES)}")
+      return int(models.param_count(name, num_classes=num_classes, **dict(model_kwargs or {})))
+    try:
+      value = int(kind)
+    except ValueError:
+      try:
+        value = float(kind)
+      except ValueError:
+        raise ValueError(f"budget {budget!r}: expected an int, a fraction in (0, 1] or "
+                         "'student:<zoo model>'") from None
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"budget must be an int, a float fraction in (0, 1] or "
+                    f"'student:<zoo model>', got {type(budget).__name__} {budget!r}")
+  if isinstance(value, numbers.Integral):
+    if value < 1:
+      raise ValueError(f"budget {budget!r}: a parameter count must be >= 1")
+    return int(value)
+  total = accounting.param_count(teacher_params)
+  if not (math.isfinite(value) and 0.0 < value <= 1.0):
+    raise ValueError(f"budget {budget!r}: a float is a fraction of the teacher's {total:,} "
+                     "parameters, in (0, 1]; give an int for a parameter count")
+  return int(math.floor(value * total))
+
+
+# --------------------------------------------------------------------------- layers
+@dataclasses.dataclass
+class _Layer:
+  """One kernel whose rank is ours to choose, as a chain of options.
+
+  Option ``j`` (0-based) is rank ``j + 1`` for ``j < max_rank`` and dense for
+  ``j == max_rank``; ``costs`` (parameters, whole stack) increase strictly along it,
+  ``values`` (the objective: kept normalised energy, its log or its size-weighted
+  value, summed over the stack) never decrease, by non-increasing steps up to the last
+  (to dense). A rank floor drops the options below it (`_shifted`).
+  """
+
+  kernel: Any  # inherit._Kernel
+  heads: int
+  costs: np.ndarray  # (max_rank + 1,) int64
+  values: np.ndarray  # (max_rank + 1,) float64
+
+  @property
+  def dense_option(self) -> int:
+    return len(self.costs) - 1
+
+
+def _layer_costs(k, heads: int) -> tuple[int, int, int, int]:
+  """``(rank-1 cost, cost per extra rank, dense cost, max_rank)`` of a kernel's stack;
+  ``max_rank`` is the largest rank whose factorisation has fewer parameters than the
+  dense layer (0: none has)."""
+  layers = int(np.prod(k.stack_shape))
+  use_bias = k.bias is not None
+  base = svd.inherited_params(k.m, k.n, 1, heads, use_bias)
+  step = svd.inherited_params(k.m, k.n, 2, heads, use_bias) - base  # Linear in the rank.
+  dense = svd.dense_params(k.m, k.n, use_bias)
+  max_rank = 0 if base >= dense else min(min(k.m, k.n) - 1, (dense - 1 - base) // step + 1)
+  return layers * base, layers * step, layers * dense, max_rank
+
+
+def _normalised_energy(sv: np.ndarray) -> np.ndarray:
+  """``s_i^2 / sum_j s_j^2`` per slice (0 for an all-zero slice), float64."""
+  s = np.abs(np.asarray(sv, np.float64))
+  s = s / np.maximum(s.max(-1, keepdims=True), np.finfo(np.float64).tiny)  # No overflow.
+  s2 = np.square(s)
+  total = s2.sum(-1, keepdims=True)
+  return np.where(total > 0, s2 / np.where(total > 0, total, 1), 0.0)
+
+
+def _spectra(kernels, spectra: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+  """Singular values ``(layers, full)`` of each kernel: from ``spectra`` where given
+  (validated, zero-padded to full length), else from the weights, batched by shape on the
+  host like `inherit._plan_all`."""
+  out, todo = {}, []
+  spectra = dict(spectra or {})
+  for k in kernels:
+    if k.path not in spectra:
+      todo.append(k)
+      continue
+    s = np.asarray(spectra[k.path], np.float64)
+    full, stack = min(k.m, k.n), tuple(k.stack_shape)
+    if s.ndim < 1 or s.shape[:-1] != stack or not 1 <= s.shape[-1] <= full:
+      raise ValueError(f"spectra[{k.path!r}]: expected shape (*{stack}, k) with 1 <= k <= "
+                       f"{full} (the kernel's stack axes, then its singular values), got {s.shape}")
+    if not np.isfinite(s).all() or (s < 0).any():
+      raise ValueError(f"spectra[{k.path!r}]: singular values must be finite and >= 0")
+    if (np.diff(s, axis=-1) > 1e-6 * s[..., :1]).any():
+      raise ValueError(f"spectra[{k.path!r}]: singular values must be in descending order")
+    pad = np.zeros((*stack, full - s.shape[-1]))
+    out[k.path] = np.concatenate([s, pad], -1).reshape(-1, full)
+  for group in _by_shape(todo).values():
+    mats = np.concatenate([np.asarray(k.matrices()) for k in group])
+    sv = np.asarray(svd.singular_values(mats, xp=np), np.float64)
+    offset = 0
+    for k in group:
+      count = int(np.prod(k.stack_shape))
+      out[k.path], offset = sv[offset: offset + count], offset + count
+  return out
+
+
+def _problem(teacher_params, spec: InherSpec, spectra, objective: str = "energy"):
+  """Kernels, the free layers, and the parameters of everything else.
+
+  A kernel is free when no rule fixes its plan (skip, or a rank policy of its own) and
+  some rank saves parameters; every other kernel is planned by the spec as `inherit`
+  would, and counts at its planned size. A free layer's values are its slices' kept
+  energies (or their logs, ``objective="log_energy"``; weighted by the matrix's dense
+  size over the mean of the free matrices', ``"param_energy"``), summed.
+  """
+  if spectra is not None and not isinstance(spectra, Mapping):
+    raise TypeError(f"spectra must be a dict of kernel path -> singular values, got "
+                    f"{type(spectra).__name__}")
+  kernels = _collect(teacher_params, spec)
+  known = {k.path for k in kernels}
+  unknown = sorted(set(spectra or {}) - known)
+  if unknown:
+    raise ValueError(f"spectra names {unknown}, not kernels of the teacher; "
+                     f"kernels: {sorted(known)}")
+  free, fixed = [], []
+  for k in kernels:
+    action = spec.match(k.path)[1]
+    heads = action.get("heads", spec.heads)
+    if k.plan is None and not any(p in action for p in spec_lib._POLICIES):
+      base, step, dense, max_rank = _layer_costs(k, heads)
+      if max_rank >= 1:
+        free.append((k, heads, base, step, dense, max_rank))
+        continue
+      k.plan = spec_lib.LayerPlan(False, 0, heads, min(k.m, k.n), "no rank saves parameters")
+    fixed.append(k)
+  _plan_all(fixed, spec)
+  other = accounting.param_count(teacher_params)
+  for k in fixed:
+    if k.plan.factorize:
+      layers, use_bias = int(np.prod(k.stack_shape)), k.bias is not None
+      other += layers * (svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
+                         - svd.dense_params(k.m, k.n, use_bias))
+  spectra = _spectra([f[0] for f in free], spectra)
+  layers = []
+  for k, heads, base, step, dense, max_rank in free:
+    other -= dense
+    energy = _normalised_energy(spectra[k.path])  # (slices, full)
+    kept = np.cumsum(energy, -1)
+    if objective == "log_energy":  # Concave in the rank too; an all-zero slice keeps 1.
+      kept = np.where(energy.sum(-1, keepdims=True) > 0, np.log(np.maximum(kept, 1e-300)), 0.0)
+    costs = np.append(base + step * np.arange(max_rank, dtype=np.int64), dense)
+    values = np.append(kept[:, :max_rank].sum(0), kept[:, -1].sum())
+    layers.append(_Layer(k, heads, costs, values))
+  if objective == "param_energy" and layers:
+    # Each matrix's fraction weighted by its dense size (mean weight 1 over the matrices).
+    sizes = np.array([l.costs[-1] / int(np.prod(l.kernel.stack_shape)) for l in layers], np.float64)
+    counts = np.array([int(np.prod(l.kernel.stack_shape)) for l in layers], np.float64)
+    mean = (sizes * counts).sum() / counts.sum()
+    for l, size in zip(layers, sizes):
+      l.values = l.values * (size / mean)
+  return kernels, layers, other
+
+
+# ------------------------------------------------------------------------ allocation
+def _objective(layers, level) -> float:
+  return float(sum(l.values[j] for l, j in zip(layers, level)))
+
+
+def _cost(layers, level) -> int:
+  return int(sum(int(l.costs[j]) for l, j in zip(layers, level)))
+
+
+def _steps(layer: _Layer, index: int, frm: np.ndarray, to: np.ndarray) -> np.ndarray:
+  """Increments ``frm -> to`` of one layer in chain order, as rows ``(layer, to, cost,
+  gain, gain per parameter)``. Zero gains are dropped; rounding cannot make a row gain
+  more per parameter than the one before it (it would be taken first)."""
+  c, v = layer.costs, layer.values
+  dc, dv = c[to] - c[frm], v[to] - v[frm]
+  rows = np.stack([np.full(len(to), index), to, dc, dv, np.minimum.accumulate(dv / dc)], 1)
+  return rows[dv > 0]
+
+
+def _hull(layer: _Layer, index: int) -> tuple[np.ndarray, np.ndarray]:
+  """A layer's increments along the upper concave hull of its options, and the rank
+  steps that the hull's last increment stands for.
+
+  Rank steps cost the same and gain non-increasing energy, so the chain is concave up
+  to its last step (to dense), which may gain more per parameter than the ranks before
+  it (flat spectra). Then the hull joins the tangent option ``t`` (the least gain per
+  parameter from there to dense) straight to dense: one all-or-nothing increment,
+  standing for the rank steps ``t -> max_rank`` and the dense step.
+  """
+  c, v = layer.costs, layer.values
+  top = layer.dense_option
+  slope = (v[top] - v[:top]) / (c[top] - c[:top])
+  t = top - 1 - int(np.argmin(slope[::-1]))  # Ties: the highest option (finer steps).
+  hull = _steps(layer, index, np.append(np.arange(t), t), np.append(np.arange(1, t + 1), top))
+  ranks = _steps(layer, index, np.arange(t, top - 1), np.arange(t + 1, top))
+  return hull, ranks
+
+
+def _by_ratio(rows: np.ndarray) -> np.ndarray:
+  """Rows sorted by gain per parameter, descending; ties by layer, then chain order."""
+  return rows[np.lexsort((rows[:, 1], rows[:, 0], -rows[:, 4]))]
+
+
+def _greedy(layers, hulls, remaining: int, force: tuple[int, int] | None = None):
+  """Increments, most energy per parameter first, while they fit; returns the options.
+
+  From rank 1 everywhere with ``remaining`` parameters to add; ``hulls`` are `_hull` per
+  layer. Increments of one layer come in chain order (the hull is concave); a layer
+  whose next increment does not fit takes no more (the budget only shrinks), except
+  that an unaffordable jump to dense falls back to its single rank steps. Vectorised:
+  take the longest prefix that fits, drop the layer that blocked it, repeat (at most
+  two passes per layer).
+
+  ``force``: ``(layer, option)`` set first, that layer then fixed; None if it does not fit.
+  """
+  level = np.zeros(len(layers), np.int64)
+  if force is not None:
+    i, option = force
+    level[i] = option
+    remaining -= int(layers[i].costs[option] - layers[i].costs[0])
+    if remaining < 0:
+      return None
+    hulls = [h for j, h in enumerate(hulls) if j != i]
+  rows = _by_ratio(np.concatenate([h for h, _ in hulls] or [np.zeros((0, 5))]))
+  fallback = {int(r[0, 0]): r for _, r in hulls if len(r)}
+  while len(rows):
+    cum = np.cumsum(rows[:, 2].astype(np.int64))
+    k = int(np.searchsorted(cum, remaining, side="right"))
+    layer, to = rows[:k, 0].astype(np.int64), rows[:k, 1].astype(np.int64)
+    np.maximum.at(level, layer, to)
+    remaining -= int(cum[k - 1]) if k else 0
+    if k == len(rows):
+      break
+    blocked = int(rows[k, 0])
+    rows = rows[k + 1:][rows[k + 1:, 0] != blocked]
+    ranks = fallback.pop(blocked, None)
+    if ranks is not None and level[blocked] == ranks[0, 1] - 1:
+      # The jump to dense was blocked: its rank steps join, in order of gain per parameter.
+      at = np.searchsorted(-rows[:, 4], -ranks[:, 4], side="right")
+      rows = np.insert(rows, at, ranks, axis=0)
+  return level
+
+
+def _improve(layers, level, remaining: int, max_moves: int) -> np.ndarray:
+  """Local search: the best single step up that fits, or the best pair (one layer steps
+  down, another up) that fits and raises the objective, until none does.
+
+  Steps up: one option, or straight to dense. Steps down: one option, or to rank 1.
+  """
+  level = level.copy()
+  n = len(layers)
+  if n == 0:
+    return level
+  cost = lambda j: np.array([l.costs[min(x, l.dense_option)] for l, x in zip(layers, j)])
+  value = lambda j: np.array([l.values[min(x, l.dense_option)] for l, x in zip(layers, j)])
+  top = np.array([l.dense_option for l in layers])
+  for _ in range(max_moves):
+    c0, v0 = cost(level), value(level)
+    ups = [np.minimum(level + 1, top), top]
+    downs = [np.maximum(level - 1, 0), np.zeros_like(level)]
+    up_dc = np.stack([cost(u) - c0 for u in ups])  # (2, n)
+    up_dv = np.stack([value(u) - v0 for u in ups])
+    down_dc = np.stack([c0 - cost(d) for d in downs])
+    down_dv = np.stack([v0 - value(d) for d in downs])
+    # Single steps up.
+    fits = (up_dc <= remaining) & (up_dv > _TOL)
+    best_single = np.where(fits, up_dv, -np.inf)
+    # Pairs: layer a down (option p), layer b up (option q): (2, n, 2, n).
+    gain = up_dv[None, None] - down_dv[:, :, None, None]
+    extra = up_dc[None, None] - down_dc[:, :, None, None]
+    ok = (extra <= remaining) & (gain > _TOL) & ~np.eye(n, dtype=bool)[None, :, None, :]
+    ok &= (up_dc[None, None] > 0)
+    best_pair = np.where(ok, gain, -np.inf)
+    if max(best_single.max(), best_pair.max()) == -np.inf:
+      break
+    if best_single.max() >= best_pair.max():
+      q, b = np.unravel_index(np.argmax(best_single), best_single.shape)
+      remaining -= int(up_dc[q, b])
+      level[b] = ups[q][b]
+    else:
+      p, a, q, b = np.unravel_index(np.argmax(best_pair), best_pair.shape)
+      remaining -= int(extra[p, a, q, b])
+      level[a], level[b] = downs[p][a], ups[q][b]
+  return level
+
+
+def _uniform_levels(layers, remaining: int) -> np.ndarray | None:
+  """Options of the largest uniform rank that fits (rank past a layer's max_rank keeps
+  it dense, as `InherSpec.plan` does), or None when rank 1 does not fit."""
+  if not layers:
+    return np.zeros(0, np.int64)
+  top = max(l.dense_option for l in layers) + 1
+  ranks = np.arange(1, top + 1)
+  levels = np.stack([np.minimum(ranks - 1, l.dense_option) for l in layers])  # (n, R)
+  totals = np.stack([l.costs[j] for l, j in zip(layers, levels)]).sum(0)
+  ok = np.flatnonzero(totals <= remaining)
+  return levels[:, ok[-1]] if ok.size else None
+
+
+def _exact(layers, remaining: int) -> np.ndarray:
+  """The optimum by dynamic programming over Pareto fronts (multiple-choice knapsack):
+  after each layer, keep only the (cost, value) states no cheaper state beats. Small
+  problems only: raises when the fronts grow past `_EXACT_MAX_STATES` pairs."""
+  cost, value = np.zeros(1, np.int64), np.zeros(1)
+  back = []
+  mins = np.array([l.costs[0] for l in layers] + [0], np.int64)
+  later = np.cumsum(mins[::-1])[::-1]  # Cheapest cost of the layers after each.
+  for i, l in enumerate(layers):
+    if cost.size * l.costs.size > _EXACT_MAX_STATES:
+      raise ValueError(f"method='exact': {cost.size} states x {l.costs.size} options at "
+                       f"{l.kernel.path} exceed {_EXACT_MAX_STATES}; use method='greedy'")
+    c = (cost[:, None] + l.costs[None]).ravel()
+    v = (value[:, None] + l.values[None]).ravel()
+    ok = np.flatnonzero(c <= remaining - later[i + 1])
+    order = ok[np.lexsort((-v[ok], c[ok]))]
+    best = np.maximum.accumulate(v[order])
+    keep = order[np.append(True, v[order][1:] > best[:-1] + _TOL)]  # Pareto front.
+    back.append(keep)
+    cost, value = c[keep], v[keep]
+  level = np.zeros(len(layers), np.int64)
+  state = int(np.argmax(value))
+  for i in range(len(layers) - 1, -1, -1):
+    flat = back[i][state]
+    state, level[i] = divmod(int(flat), layers[i].costs.size)
+  return level
+
+
+def _floor_options(layers, uniform_level, fraction: float) -> np.ndarray:
+  """Each layer's lowest option: rank ``max(1, floor(fraction * u))`` for the largest
+  uniform rank ``u`` that fits (0, rank 1, when none does or ``fraction`` is 0); never
+  the dense option, so that every layer keeps a choice."""
+  offset = np.zeros(len(layers), np.int64)
+  if not fraction or uniform_level is None or not layers:
+    return offset
+  u = max(int(j) + 1 for j in uniform_level)  # Layers past their max_rank are dense.
+  rank = max(1, int(math.floor(fraction * u)))
+  return np.array([min(rank - 1, l.dense_option - 1) for l in layers], np.int64)
+
+
+def _shifted(layer: _Layer, offset: int) -> _Layer:
+  """The layer with its options below ``offset`` removed (option 0 is ``offset``)."""
+  if not offset:
+    return layer
+  return _Layer(layer.kernel, layer.heads, layer.costs[offset:], layer.values[offset:])
+
+
+def _base_spec(spec, heads, rules) -> InherSpec:
+  base = InherSpec() if spec is None else spec
+  if not isinstance(base, InherSpec):
+    raise TypeError(f"spec must be an InherSpec or None, got {type(spec).__name__}")
+  return as_spec(base, heads, tuple(rules))
+
+
+def _exact_rules(spec: InherSpec, kernels, chosen: dict[str, int], heads: dict[str, int]) -> tuple:
+  """``(re.escape(path), action)`` for every kernel, as `inherit.resolve` writes them.
+
+  A factorised kernel's action keeps the other keys of the rule that matched it (say
+  ``data_aware``): the exact rule is matched first and hides that rule.
+  """
+  rules = []
+  for k in kernels:
+    rank = chosen[k.path] if k.path in chosen else (k.plan.rank if k.plan.factorize else 0)
+    if rank:
+      drop = (*spec_lib._POLICIES, "skip", "heads", "stack")
+      action = {key: v for key, v in spec.match(k.path)[1].items() if key not in drop}
+      action.update(stack=k.stack, rank=rank,
+                    heads=heads[k.path] if k.path in heads else k.plan.heads)
+    else:
+      action = {"stack": k.stack, "skip": True}
+    rules.append((re.escape(k.path), action))
+  return tuple(rules)
+
+
+def allocate(
+    teacher_params,
+    budget,
+    *,
+    heads: int | None = None,
+    rules=(),
+    spec: InherSpec | None = None,
+    spectra: Mapping[str, Any] | None = None,
+    method: str = "greedy",
+    objective: str = "param_energy",
+    num_classes: int | None = None,
+    return_info: bool = False,
+    max_moves: int | None = None,
+    rank_floor: float | None = None,
+):
+  """Per-layer ranks with the most kept energy within a parameter budget.
+
+  Every kernel not fixed by a rule starts at rank 1; ranks (or dense) are then added
+  where they keep the most normalised energy per parameter. A rank past the largest
+  that saves parameters makes the layer dense instead (all its energy, teacher size).
+
+  ``method="greedy"``: every layer's increments, most energy per parameter first, taken
+  while they fit (vectorised: a prefix per pass, a pass or two per layer). A layer's
+  increments follow the upper concave hull of its options: rank steps, and the jump to
+  dense as one all-or-nothing increment where it is worth more per parameter than the
+  last ranks (flat spectra); a jump that does not fit falls back to its rank steps.
+  Dense jumps make this a knapsack, so there are more starts: the greedy with one layer
+  forced dense (the `_FORCED` best jumps) and the uniform allocation. The `_STARTS` best
+  are improved by a local search (single steps up; one layer down and another up, while
+  the objective rises) and the best wins: never worse than uniform. On random small
+  problems it is optimal in ~98% of cases (`"exact"`), within 0.02 energy per layer.
+  ``"exact"``: the optimum by dynamic programming (small models; raises when too large).
+
+  Args:
+    teacher_params: the teacher's ``params`` collection (concrete arrays).
+    budget: total parameters of the inherited network, every leaf counted; anything
+      `parameter_budget` reads (an int, a fraction of the teacher, "student:<model>").
+    heads: expert up-projections per layer; default the spec's heads (1 without spec).
+      A rule's own ``heads`` wins for its paths.
+    rules: ``(regex, action)`` rules selecting the inherited kernels (e.g.
+      `models.preset`), tried before the spec's. Kernels a rule skips count at their
+      dense size; kernels a rule gives a rank policy keep it and count at that size.
+    spec: a base `InherSpec`; all its fields but the rank policy are kept (``method``...).
+    spectra: kernel path -> singular values ``(*stack, k)`` (descending, ``k`` at most
+      the full rank; missing values count as zero) used instead of the weights' own,
+      e.g. data-aware output energies. Kernels not named use their weights'.
+    method: ``"greedy"`` or ``"exact"``.
+    objective: ``"energy"``: the sum of kept energies (above); ``"log_energy"``: the sum
+      of their logs (their product), which will not leave one layer with almost
+      nothing to give another a little more: on the digits CNN at a tight budget the
+      sum left its largest layer at rank 1 (7% energy, 20% accuracy before fine-tuning;
+      uniform 50%), the logs did not (49%).
+      ``"param_energy"`` (default): the sum of kept energies weighted by each matrix's
+      dense size (mean weight 1), above a rank floor (``rank_floor`` 0.5 by default).
+    num_classes: for a ``"student:<model>"`` budget.
+    return_info: also return a dict: ``params`` (exactly what `inherit` will produce),
+      ``budget``, ``objective`` (its value, over the free matrices), ``ranks``
+      (path -> rank, 0 for dense) of the free kernels, ``method``.
+    max_moves: most local-search moves (default ``10 * layers + 100``).
+    rank_floor: a fraction in [0, 1] of the largest uniform rank within the budget, ``u``:
+      every free layer keeps rank ``max(1, floor(rank_floor * u))`` at least (or dense).
+      Default: 0.5 for ``"param_energy"``, 0 (rank 1) otherwise; 1.0 is uniform, with
+      only the leftover parameters allocated.
+
+  Returns:
+    An `InherSpec` with one exact rule per kernel (and the info dict when asked).
+
+  Raises:
+    ValueError: an infeasible budget (names the count at rank 1 and the budget), an
+      unknown method, bad spectra (names the path).
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+  if rank_floor is not None and not (isinstance(rank_floor, numbers.Real)
+                                     and 0.0 <= rank_floor <= 1.0):
+    raise ValueError(f"rank_floor must be a fraction in [0, 1] of the uniform rank, "
+                     f"got {rank_floor!r}")
+  target = parameter_budget(teacher_params, budget, num_classes=num_classes)
+  base = _base_spec(spec, heads, rules)
+  kernels, layers, other = _problem(teacher_params, base, spectra, objective)
+  remaining = target - other
+  floor = int(sum(int(l.costs[0]) for l in layers))
+  if floor > remaining:
+    raise ValueError(
+        f"budget {target:,} parameters is infeasible: rank 1 on every inherited layer "
+        f"(heads={base.heads}) already gives {other + floor:,} parameters; skip fewer "
+        "layers, use fewer heads or a larger budget")
+  uniform_level = _uniform_levels(layers, remaining)
+  if rank_floor is None:
+    rank_floor = 0.5 if objective == "param_energy" else 0.0
+  offset = _floor_options(layers, uniform_level, rank_floor)
+  full, layers = layers, [_shifted(l, o) for l, o in zip(layers, offset)]
+  floor = int(sum(int(l.costs[0]) for l in layers))
+  if method == "exact":
+    level = _exact(layers, remaining)
+  else:
+    moves = 10 * len(layers) + 100 if max_moves is None else max_moves
+    # Starts: the greedy; the greedy with a layer forced dense (dense jumps are
+    # all-or-nothing, the knapsack part of the problem), for the layers whose jump gains
+    # the most per parameter; uniform (so, the floor).
+    hulls = [_hull(l, i) for i, l in enumerate(layers)]
+    greedy = _greedy(layers, hulls, remaining - floor)
+    jumps = [(-h[-1, 4], i) for i, (h, _) in enumerate(hulls)
+             if len(h) and greedy[i] != layers[i].dense_option]
+    starts = [greedy, None if uniform_level is None else uniform_level - offset] + [
+        _greedy(layers, hulls, remaining - floor, (i, layers[i].dense_option))
+        for _, i in sorted(jumps)[:_FORCED]]
+    starts = [s for s in starts if s is not None]
+    # The local search costs more than a greedy pass: improve the best few starts only.
+    starts = sorted(starts, key=lambda s: -_objective(layers, s))[:_STARTS]
+    finals = [_improve(layers, s, remaining - _cost(layers, s), moves) for s in starts]
+    level = max(finals, key=lambda s: _objective(layers, s))
+  level, layers = level + offset, full
+  # Options to ranks: 0 is dense.
+  chosen = {l.kernel.path: 0 if j == l.dense_option else int(j) + 1 for l, j in zip(layers, level)}
+  layer_heads = {l.kernel.path: l.heads for l in layers}
+  out = base.replace(rules=_exact_rules(base, kernels, chosen, layer_heads) + base.rules,
+                     rank=None, energy=None, param_ratio=None)
+  if not return_info:
+    return out
+  info = {"params": other + _cost(layers, level), "budget": target, "method": method,
+          "objective": _objective(layers, level), "ranks": chosen}
+  return out, info
+
+
+def uniform(teacher_params, budget, *, heads: int | None = None, rules=(),
+            spec: InherSpec | None = None, num_classes: int | None = None) -> InherSpec:
+  """The largest uniform rank within ``budget`` (`accounting.rank_for_params`).
+
+  Same arguments as `allocate`; the spec keeps the base spec's other fields and carries
+  the rank as its policy (no per-path rules are added).
+  """
+  target = parameter_budget(teacher_params, budget, num_classes=num_classes)
+  base = _base_spec(spec, heads, rules)
+  rank = accounting.rank_for_params(teacher_params, target, heads=base.heads, rules=base.rules)
+  return base.replace(rank=rank, energy=None, param_ratio=None)
+
+
+# --------------------------------------------------------------------------- summary
+def summary(teacher_params, spec: InherSpec, spectra: Mapping[str, Any] | None = None) -> dict:
+  """What ``inherit(teacher_params, spec)`` keeps, for reports and benchmarks.
+
+  Returns:
+    ``params`` (of the inherited network), ``teacher_params``, ``energy_mean`` (kept
+    normalised energy averaged over every kernel matrix, stacks counted per layer, dense
+    ones at 1), ``energy_weighted`` (the same weighted by each matrix's teacher
+    parameters), ``energy_sum``, and ``layers``: one row per kernel with ``path``,
+    ``rank`` (0: dense), ``heads``, ``stack``, ``energy`` (mean over its stack),
+    ``params`` and ``dense_params``.
+  """
+  kernels = _collect(teacher_params, spec)
+  _plan_all(kernels, spec)
+  unknown = sorted(set(spectra or {}) - {k.path for k in kernels})
+  if unknown:
+    raise ValueError(f"spectra names {unknown}, not kernels of the teacher")
+  factorised = [k for k in kernels if k.plan.factorize]
+  values = _spectra(factorised, {p: s for p, s in (spectra or {}).items()
+                                 if p in {k.path for k in factorised}})
+  rows, energies, weights = [], [], []
+  for k in kernels:
+    layers, use_bias = int(np.prod(k.stack_shape)), k.bias is not None
+    dense = svd.dense_params(k.m, k.n, use_bias)
+    kept = np.ones(layers)
+    params = layers * dense
+    if k.plan.factorize:
+      s2 = _normalised_energy(values[k.path])
+      nonzero = s2.sum(-1) > 0
+      kept = np.where(nonzero, s2[:, :k.plan.rank].sum(-1), 1.0)
+      params = layers * svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
+    energies.append(kept)
+    weights.append(np.full(layers, dense))
+    rows.append({"path": k.path, "rank": k.plan.rank if k.plan.factorize else 0,
+                 "heads": k.plan.heads if k.plan.factorize else 0, "stack": k.stack,
+                 "energy": float(kept.mean()), "params": params, "dense_params": layers * dense})
+  energies = np.concatenate(energies or [np.ones(0)])
+  weights = np.concatenate(weights or [np.ones(0)])
+  return {
+      "params": planned_param_count(teacher_params, spec),
+      "teacher_params": accounting.param_count(teacher_params),
+      "energy_mean": float(energies.mean()) if energies.size else 1.0,
+      "energy_weighted": (float((energies * weights).sum() / weights.sum())
+                          if energies.size else 1.0),
+      "energy_sum": float(energies.sum()),
+      "layers": rows,
+  }

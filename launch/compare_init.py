@@ -1,0 +1,125 @@
+r"""Inherited networks before fine-tuning: data-aware vs plain, per-layer vs uniform ranks.
+
+For a trained teacher (restored from ``WORKDIR/seed_<seed>/teacher``, trained there
+first if absent, exactly as `launch.main` does), prints and writes ``compare_init.json``:
+
+1. **Data-aware vs plain at equal rank**, for each ``--ranks``: the relative output
+   error ``||X (A - A_r)|| / ||X A||`` of every inherited layer on *held-out* inputs
+   (Grams of the eval split, `calibration.input_grams`; the data-aware truncation is
+   fitted on ``--calibration_batches`` training batches), and the network's metric.
+2. **Per-layer vs uniform ranks at the student's budget** (the config's ``student``
+   method): `budget.uniform` and `budget.allocate` over the weights' spectra and over
+   the data-aware output spectra (`calibration.whitened_spectra`), parameters and metric.
+
+Nothing is fine-tuned here; the ``beyond`` config variants fine-tune the same methods
+(`configs/digits.py:variant=beyond`).
+
+  python -m launch.compare_init --config=configs/digits.py:divisor=4 --workdir=workdir/digits
+  python -m launch.compare_init --config=configs/chars.py --workdir=workdir/chars --ranks=8,16
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from inhernet_jax import accounting, budget, calibration, experiment, models
+from inhernet_jax import train as train_lib
+from inhernet_jax.inherit import inherit
+from inhernet_jax.spec import InherSpec
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (teacher inside).")
+_RANKS = flags.DEFINE_list("ranks", ["4", "8"], "Uniform ranks of the data-aware comparison.")
+_BATCHES = flags.DEFINE_integer("calibration_batches", 8, "Training batches for the Grams.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _metric(model, variables, pipeline) -> float:
+  kind = pipeline.task.kind
+  step = jax.jit(train_lib.make_eval_step(model, kind))
+  return train_lib.evaluate(step, variables["params"], variables.get("batch_stats"), pipeline, kind)[1]
+
+
+def _held_out(pipeline):
+  """Eval batches without their padding rows (they would count as inputs)."""
+  for batch in pipeline.eval_batches():
+    mask = np.asarray(batch["mask"], bool)
+    yield batch["input"][mask.reshape(mask.shape[0], -1).any(-1)]
+
+
+def _mean_error(teacher_params, params, grams) -> float:
+  errors = calibration.inherited_output_errors(teacher_params, params, grams)
+  return float(np.mean([np.mean(e) for e in errors.values()]))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  seed = config.seed
+  pipeline = experiment._pipeline(config, seed, experiment.mesh_from_config(config))
+  t_model, t_vars, _ = experiment._teacher(
+      config, pipeline, os.path.join(_WORKDIR.value, f"seed_{seed}"), seed)
+  t_params = t_vars["params"]
+  name = config.teacher.model
+  md = config.method_defs.inherit
+  heads, rules = int(md.heads), models.preset(md.get("preset", "default"), name)
+  calib = calibration.input_grams(
+      t_model, t_vars, (pipeline.train_batch(s) for s in range(_BATCHES.value)),
+      apply_kwargs={"train": False})
+  held = calibration.input_grams(t_model, t_vars, _held_out(pipeline), apply_kwargs={"train": False})
+  result = {"config": config.get("name"), "teacher_metric": _metric(t_model, t_vars, pipeline),
+            "metric": train_lib.metric_name(pipeline.task.kind), "equal_rank": [], "budget": []}
+
+  def row(spec, **extra):
+    params = inherit(t_params, spec, calibration=calib if spec.data_aware else None)
+    variables = dict(t_vars, params=params)
+    return {**extra, "params": accounting.param_count(params),
+            "output_error": _mean_error(t_params, params, held),
+            "metric": _metric(t_model.clone(spec=spec), variables, pipeline)}
+
+  for rank in (int(r) for r in _RANKS.value):
+    spec = InherSpec(rank=rank, heads=heads, rules=rules)
+    for aware in (False, True):
+      result["equal_rank"].append(row(spec.replace(data_aware=aware), rank=rank, data_aware=aware))
+
+  student = experiment._create(config.method_defs.student.model, pipeline.task,
+                               config.method_defs.student.get("kwargs"))
+  target = accounting.param_count(experiment._init(student, jax.random.key(0), pipeline.task,
+                                                   config)["params"])
+  base = InherSpec(rank=1, heads=heads, rules=rules)
+  spectra = calibration.whitened_spectra(t_params, calib, base)
+  specs = {"uniform": budget.uniform(t_params, target, spec=base),
+           "greedy": budget.allocate(t_params, target, spec=base),
+           "greedy, output spectra": budget.allocate(t_params, target, spec=base, spectra=spectra)}
+  for label, spec in specs.items():
+    result["budget"].append(row(spec, allocation=label, budget=target))
+  if jax.process_index() == 0:
+    _print(result)
+    out = os.path.join(_WORKDIR.value, "compare_init.json")
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+
+
+def _print(result) -> None:
+  m = result["metric"]
+  print(f"{result['config']}: teacher {m} {result['teacher_metric']:.4f}")
+  print(f"| rank | truncation | held-out output error | {m} before fine-tuning |")
+  print("|---:|---|---:|---:|")
+  for r in result["equal_rank"]:
+    print(f"| {r['rank']} | {'data-aware' if r['data_aware'] else 'plain'} | "
+          f"{r['output_error']:.3f} | {r['metric']:.4f} |")
+  print(f"\n| allocation at {result['budget'][0]['budget']:,} params | params | "
+        f"held-out output error | {m} before fine-tuning |")
+  print("|---|---:|---:|---:|")
+  for r in result["budget"]:
+    print(f"| {r['allocation']} | {r['params']:,} | {r['output_error']:.3f} | {r['metric']:.4f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,66 @@
+"""The inherited network's flags, shared by `launch.inherit` and `launch.convert`.
+
+``--rank`` (an int, a fraction, or ``params:<zoo model>``: the largest uniform rank at
+that model's size), ``--energy`` (per-layer ranks by spectral energy) or ``--budget``
+(per-layer ranks at a parameter budget: an int, a fraction of the teacher, or
+``student:<zoo model>``; ``--allocation`` greedy or uniform), with ``--heads`` and
+``--preset``. `make_spec` turns them into an exact `InherSpec`.
+"""
+
+from absl import app, flags
+
+from inhernet_jax import accounting, budget, models
+from inhernet_jax.inherit import resolve
+from inhernet_jax.spec import InherSpec
+
+RANK = flags.DEFINE_string(
+    "rank", None, "An int, a fraction in (0, 1], or params:<zoo model> (that model's size).")
+ENERGY = flags.DEFINE_float("energy", None, "Instead of --rank: spectral energy to keep per layer.")
+BUDGET = flags.DEFINE_string(
+    "budget", None, "Instead of --rank: total parameters of the inherited network, an int, a "
+    "fraction of the teacher's, or student:<zoo model> (that model's size).")
+ALLOCATION = flags.DEFINE_enum(
+    "allocation", "greedy", ("greedy", "uniform"),
+    "With --budget: per-layer ranks keeping the most spectral energy, or one uniform rank.")
+HEADS = flags.DEFINE_integer("heads", 3, "Gated expert up-projections H.")
+PRESET = flags.DEFINE_enum("preset", "default", models.PRESETS, "Which layers are inherited.")
+
+
+def given() -> list[str]:
+  """The rank flags given on the command line (``--rank``, ``--energy``, ``--budget``)."""
+  return [f"--{f.name}" for f in (RANK, ENERGY, BUDGET) if f.value is not None]
+
+
+def make_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
+  """The flags' `InherSpec` for a teacher of zoo model ``name`` (whose presets apply).
+
+  Raises:
+    app.UsageError: naming the flag and what was expected.
+  """
+  rules = models.preset(PRESET.value, name)
+  heads = HEADS.value
+  if BUDGET.value is not None:
+    try:
+      target = budget.parameter_budget(teacher_params, BUDGET.value, num_classes=num_classes)
+      pick = budget.allocate if ALLOCATION.value == "greedy" else budget.uniform
+      spec = pick(teacher_params, target, heads=heads, rules=rules)
+    except (TypeError, ValueError) as e:
+      raise app.UsageError(f"--budget={BUDGET.value!r}: {e}") from None
+    print(f"budget {target:,} parameters, {ALLOCATION.value} allocation")
+    return spec
+  if ENERGY.value is not None:
+    return resolve(teacher_params, InherSpec(energy=ENERGY.value, heads=heads, rules=rules))
+  rank = RANK.value
+  if rank.startswith("params:"):
+    other = rank.split(":", 1)[1]
+    if other not in models.NAMES:
+      raise app.UsageError(f"--rank={rank!r}: unknown model {other!r}; known: {', '.join(models.NAMES)}")
+    target = models.param_count(other, num_classes=num_classes)
+    return InherSpec(rank=accounting.rank_for_params(teacher_params, target, heads=heads, rules=rules),
+                     heads=heads, rules=rules)
+  try:
+    value = int(rank) if rank.isdigit() else float(rank)
+    return InherSpec(rank=value, heads=heads, rules=rules)
+  except (TypeError, ValueError) as e:
+    raise app.UsageError(f"--rank={rank!r}: expected an int >= 1, a fraction in (0, 1] or "
+                         f"params:<zoo model> ({e})") from None

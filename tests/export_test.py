@@ -1,0 +1,119 @@
+"""Tests for `inhernet_jax.export`: model.safetensors + spec.json, round trips and errors."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from inhernet_jax import export
+from inhernet_jax.spec import InherSpec
+
+SPEC = InherSpec(rank=0.25, heads=3, method="exact", rules=(
+    (r"stem/kernel", "skip"),
+    (r"block_\d+/attn/.*", {"rank": 8, "heads": 2}),
+    (r"blocks/mlp/fc1/kernel", {"stack": 1, "energy": 0.9}),
+    (r"head/kernel", 0.5),
+))
+
+
+def _variables():
+  rng = np.random.default_rng(0)
+  return {
+      "params": {
+          "stem": {"kernel": rng.normal(size=(3, 3, 3, 8)).astype(np.float32)},
+          "block_0": {"attn": {"query": {
+              "down": {"kernel": jnp.asarray(rng.normal(size=(8, 2)), jnp.bfloat16)},
+              "up": {"kernel": rng.normal(size=(2, 2, 8)).astype(ml_dtypes.bfloat16),
+                     "bias": np.full((2, 8), np.nan, np.float32)}}}},
+          "step": np.int32(7),  # A 0-d leaf.
+      },
+      "batch_stats": {"bn": {"mean": rng.normal(size=(8,)), "var": np.ones(8, np.float16)}},
+  }
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return x.dtype, x.shape, x.tobytes()
+
+
+def test_round_trip_is_exact(tmp_path):
+  variables = _variables()
+  export.save(tmp_path, variables, SPEC, metadata={"model": "vit_b16", "num_classes": 10})
+  loaded, spec = export.load(tmp_path)
+  assert spec == SPEC and hash(spec) == hash(SPEC)
+  flat = export.flatten(loaded)
+  want = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  assert sorted(flat) == sorted(want)
+  for key in want:  # Bit for bit, dtypes (bfloat16, float16, float64, int32) and shapes.
+    assert _bits(flat[key]) == _bits(want[key]), key
+  assert loaded["params"]["step"].shape == ()
+  assert loaded["params"]["block_0"]["attn"]["query"]["down"]["kernel"].dtype == jnp.bfloat16
+  assert export.load_spec(tmp_path / "spec.json")[1] == {"model": "vit_b16", "num_classes": 10}
+
+
+def test_files_are_readable_without_jax(tmp_path):
+  export.save(tmp_path, _variables(), SPEC)
+  with open(tmp_path / "spec.json") as f:
+    data = json.load(f)
+  assert (data["format"], data["version"], data["metadata"]) == (export.FORMAT, export.VERSION, {})
+  spec = data["spec"]
+  assert set(spec) == {f.name for f in dataclasses.fields(InherSpec)}  # Every field, generically.
+  assert (spec["rank"], spec["heads"], spec["method"], spec["energy"]) == (0.25, 3, "exact", None)
+  assert spec["rules"] == [["stem/kernel", {"skip": True}],
+                           [r"block_\d+/attn/.*", {"heads": 2, "rank": 8}],
+                           ["blocks/mlp/fc1/kernel", {"energy": 0.9, "stack": 1}],
+                           ["head/kernel", {"fraction": 0.5}]]
+  weights = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+  assert "params/block_0/attn/query/up/kernel" in weights and "batch_stats/bn/var" in weights
+  assert weights["params/stem/kernel"].shape == (3, 3, 3, 8)
+
+
+def test_teacher_export_and_spec_json_helpers(tmp_path):
+  export.save(tmp_path, {"params": {"w": np.ones(2, np.float32)}}, None)
+  variables, spec = export.load(tmp_path)
+  assert spec is None and variables["params"]["w"].tolist() == [1.0, 1.0]
+  assert export.spec_from_json(export.spec_to_json(SPEC)) == SPEC
+  assert export.spec_from_json({"rank": 4}) == InherSpec(rank=4)  # Absent fields: defaults.
+
+
+def test_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="spec.json"):
+    export.load(tmp_path)
+  export.save(tmp_path, _variables(), SPEC)
+  with pytest.raises(FileExistsError, match="model.safetensors"):
+    export.save(tmp_path, _variables(), SPEC)
+  export.save(tmp_path, {"params": {"w": np.zeros(1)}}, None, overwrite=True)
+  (tmp_path / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    export.load(tmp_path)
+
+  def write(data):
+    (tmp_path / "spec.json").write_text(json.dumps(data))
+    return tmp_path / "spec.json"
+
+  good = {"format": export.FORMAT, "version": 1, "spec": export.spec_to_json(SPEC), "metadata": {}}
+  with pytest.raises(ValueError, match=r"unknown InherSpec fields \['sparsity'\]"):
+    export.load_spec(write({**good, "spec": {**good["spec"], "sparsity": 0.5}}))
+  with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
+    export.load_spec(write({**good, "extra": 1}))
+  with pytest.raises(ValueError, match="not an inhernet_jax export"):
+    export.load_spec(write({"rank": 4, "heads": 2}))
+  with pytest.raises(ValueError, match="version 2"):
+    export.load_spec(write({**good, "version": 2}))
+  with pytest.raises(ValueError, match=r"rules\[0\]"):  # InherSpec's own validation, named.
+    export.load_spec(write({**good, "spec": {"rank": 4, "rules": [["a", {"bogus": 1}]]}}))
+  with pytest.raises(ValueError, match="a/b"):
+    export.save(tmp_path / "bad", {"params": {"a/b": np.zeros(1)}}, None)
+  with pytest.raises(TypeError, match="params/w: expected an array"):
+    export.save(tmp_path / "bad", {"params": {"w": [1.0]}}, None)
+  with pytest.raises(ValueError, match="'params'"):
+    export.save(tmp_path / "bad", {"w": np.zeros(1)}, None)
+  with pytest.raises(TypeError, match="metadata.source"):
+    export.save(tmp_path / "bad", {"params": {"w": np.zeros(1)}}, None, metadata={"source": object()})
+  assert not (tmp_path / "bad").exists()
