@@ -217,6 +217,18 @@ class InherSpec:
       rules.append((pattern, normalize_action(action, f"InherSpec.rules[{i}] ({pattern!r})")))
     object.__setattr__(self, "rules", tuple(rules))
 
+  # Equality and hash also compare the type of ``rank``: rank=1 (one direction) and
+  # rank=1.0 (full rank) would otherwise be equal specs, and a cache keyed on specs (a
+  # jit static argument, functools.cache) would hand one the other's model.
+  def _key(self):
+    return (type(self.rank), *(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+  def __eq__(self, other):
+    return type(other) is type(self) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
   # ----------------------------------------------------------------------- matching
   def match(self, path: str) -> tuple[int | None, dict[str, Any]]:
     """Index and action of the first rule that fully matches ``path`` (or None, {})."""

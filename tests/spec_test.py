@@ -388,3 +388,12 @@ def test_data_aware_is_opt_in_globally_or_per_rule():
   assert not off.plan("a/kernel", 64, 64, True).data_aware and off.plan("d/kernel", 64, 64, True).data_aware
   # Different settings, different (hashable, static) specs.
   assert len({plain, plain.replace(data_aware=True), plain.replace(damping=0.1)}) == 3
+
+
+def test_rank_one_and_full_rank_fraction_are_different_specs():
+  # rank=1 is one direction, rank=1.0 the full rank: caches keyed on specs must not mix them.
+  one, full = InherSpec(rank=1, heads=3), InherSpec(rank=1.0, heads=3)
+  assert one != full and len({one: 0, full: 1}) == 2
+  assert full == InherSpec(rank=1.0, heads=3) and hash(full) == hash(InherSpec(rank=1.0, heads=3))
+  assert one.plan("k", 8, 8, True).rank == 1 and full.plan("k", 8, 8, True).full_rank == 8
+  assert full.replace(skip_if_no_saving=False).plan("k", 8, 8, True).rank == 8
