@@ -30,7 +30,8 @@ iterates in lockstep until all have converged) as the single-device paths, and a
 paths fix the sign of each singular pair the same way, so its results equal the
 unsharded `inherit`'s up to float rounding, gates bit for bit. The energy policy runs
 sharded too (only the singular values come to the host); `resolve` works on sharded
-teachers alike. Data-aware inheritance does not (yet): it raises NotImplementedError.
+teachers alike. Data-aware kernels are decomposed group by group by exact SVDs of LᵀA
+(their per-row Grams replicated on every device).
 
 Data-aware inheritance (``InherSpec(data_aware=True)`` or a ``{"data_aware": True}``
 rule): each such kernel is truncated for its output error on calibration inputs
@@ -569,13 +570,12 @@ def _run(params, rank, heads, rules, key, need_factors=True, *, mesh=None,
     sharding_rules = sharding_lib.resolve_rules(sharding_rules)
     _sharded._place_all(kernels, mesh, sharding_rules)
   _plan_all(kernels, spec, mesh)
-  if need_factors and mesh is None:
+  if need_factors:
     _attach_grams(kernels, calibration)
+  if need_factors and mesh is None:
     _decompose(kernels, spec, key)
   elif need_factors:
-    # Raises NotImplementedError for data-aware plans; Grams only feed the report.
     _sharded._decompose_sharded(kernels, spec, key, mesh, sharding_rules, keep_factors, trace)
-    _attach_grams(kernels, calibration)
   return spec, kernels
 
 

@@ -41,6 +41,7 @@ from inhernet_jax.inherit import (
     _Kernel,
     _key_data,
     _meta,
+    _note_whitening,
     _plan_all,
 )
 from inhernet_jax.spec import InherSpec, as_spec
@@ -243,15 +244,29 @@ def _exact_stage(kernel, bias, index, *, meta, layout, via, parts, keep_factors)
   return _part(kernel, bias, None, index, meta, layout, via, parts, keep_factors)
 
 
-def _part(kernel, bias, q, index, meta, layout, via, parts, keep_factors):
+def _whitened_stage(kernel, bias, gram, index, *, meta, layout, via, parts, keep_factors, damping):
+  """A data-aware group: `svd.whitened_svd` with the group's per-row Grams, plus
+  whether each slice's Cholesky succeeded (last output)."""
+  return _part(kernel, bias, None, index, meta, layout, via, parts, keep_factors, gram, damping)
+
+
+def _part(kernel, bias, q, index, meta, layout, via, parts, keep_factors, gram=None, damping=0.0):
   """One group's params (``down/kernel``, ``up/kernel``, [``up/bias``]) from its bases
-  ``q`` (randomized) or an SVD (``q`` None), and (``keep_factors``) its ``u, s, v``;
-  ``parts``: their shardings."""
+  ``q`` (randomized), a whitened SVD (``gram``: the kernel's per-row input Grams
+  ``(B, m, m)``; then also the slices' Cholesky success, last) or an SVD, and
+  (``keep_factors``) its ``u, s, v``; ``parts``: their shardings."""
   _, in_shape, n, rank, heads, dtype = meta
   a = _matrices(kernel, index, in_shape, n, layout, via)
   meta = ((a.shape[0],), in_shape, n, rank, heads, dtype)
   bias = None if bias is None else _group(bias, index, layout.groups, (n,))
-  if q is None:
+  ok = ()
+  if gram is not None:
+    m = a.shape[-2]
+    u, s, v, whitened = svd.whitened_svd(a, _group(gram, index, layout.groups, (m, m)), rank,
+                                         damping, xp=jnp)
+    [(factors, params)] = _finish_group(u, s, v, (bias,), (meta,), None, 0, xp=jnp)
+    ok = (whitened,)
+  elif q is None:
     u, s, v = svd.exact_svd(a, rank)
     [(factors, params)] = _finish_group(u, s, v, (bias,), (meta,), None, 0, xp=jnp)
   else:
@@ -260,7 +275,7 @@ def _part(kernel, bias, q, index, meta, layout, via, parts, keep_factors):
   up = params["up"]
   params = (params["down"]["kernel"], up["kernel"]) + ((up["bias"],) if "bias" in up else ())
   params = tuple(_leave_stack(x, layout, target) for x, target in zip(params, parts))
-  return params + (factors if keep_factors else ())
+  return params + (factors if keep_factors else ()) + ok
 
 
 def _assemble_stage(*parts, stack_shape, count):
@@ -357,16 +372,10 @@ def _sharded_schedule(kernels, spec: InherSpec, key, mesh: Mesh, rules, keep_fac
   Gram and init of each group of each kernel, lockstep rounds, and each kernel's
   finalize (group by group), assembly and gate. Returns ``(schedule, constants,
   sharding)``: the group indices the stages read, by label, and where they go."""
-  aware = [k.path for k in kernels if k.plan.factorize and k.plan.data_aware]
-  if aware:
-    raise NotImplementedError(
-        "data-aware inheritance is not implemented for sharded teachers (mesh=...), and "
-        f"the spec asks for it for {aware[:3]}{' ...' if len(aware) > 3 else ''}; gather the "
-        "teacher onto one device (or the host), or turn data_aware off for these paths")
   groups: dict[Any, list[_Kernel]] = {}
   for k in _in_order(kernels):
     if k.plan.factorize:
-      groups.setdefault((k.m, k.n, k.plan.rank), []).append(k)
+      groups.setdefault((k.m, k.n, k.plan.rank, k.plan.data_aware), []).append(k)
   schedule, buckets = [], {}
 
   def rule(k, name, shape):
@@ -379,14 +388,18 @@ def _sharded_schedule(kernels, spec: InherSpec, key, mesh: Mesh, rules, keep_fac
       shapes["up/bias"] = (*k.stack_shape, k.plan.heads, k.n)
     return shapes
 
+  def extra(k):
+    """Factors (for the report) and a data-aware kernel's Cholesky flags: replicated."""
+    return (NamedSharding(mesh, P()),) * (3 * keep_factors + k.plan.data_aware)
+
   def part_shardings(k):
     """A group's params: the rules' sharding of their non-stack axes (assembling them
-    is then a local concatenation); factors replicated (they are for the report)."""
+    is then a local concatenation), then `extra`."""
     out = []
     for name, shape in param_shapes(k).items():
       spec = tuple(rule(k, name, shape)) + (None,) * len(shape)
       out.append(NamedSharding(mesh, P(None, *spec[k.stack : len(shape)])))
-    return tuple(out) + ((NamedSharding(mesh, P()),) * 3 if keep_factors else ())
+    return tuple(out) + extra(k)
 
   def finish(k, layout, name, fn, frees=False):
     """The group parts (``fn`` of the kernel, its bias, [the group's subspace state],
@@ -394,10 +407,11 @@ def _sharded_schedule(kernels, spec: InherSpec, key, mesh: Mesh, rules, keep_fac
     p, parts, stages = k.path, [f"part:{k.path}#{g}" for g in range(layout.groups)], []
     for g in range(layout.groups):
       state = (f"state:{p}#{g}",) if frees else ()
-      stages.append(Stage(p, name, fn, (f"kernel:{p}", f"bias:{p}", *state, f"index:{g}"),
+      gram = (f"gram:{p}",) if k.plan.data_aware else ()
+      stages.append(Stage(p, name, fn, (f"kernel:{p}", f"bias:{p}", *gram, *state, f"index:{g}"),
                           parts[g], state))
     out = tuple(NamedSharding(mesh, rule(k, name, shape)) for name, shape in param_shapes(k).items())
-    out += (NamedSharding(mesh, P()),) * 3 if keep_factors else ()
+    out += extra(k)
     assemble = _jit(_assemble_stage, out, stack_shape=k.stack_shape, count=len(param_shapes(k)))
     stages.append(Stage(k.path, "assemble", assemble, tuple(parts), f"params:{k.path}", tuple(parts)))
     if k.plan.heads > 1:
@@ -411,12 +425,17 @@ def _sharded_schedule(kernels, spec: InherSpec, key, mesh: Mesh, rules, keep_fac
     return stages
 
   most = 1
-  for (m, n, rank), group in groups.items():
+  for (m, n, rank, aware), group in groups.items():
     exact = svd.resolve_method(m, n, rank, spec.method) == "exact"
     for k in group:
       layout = _layout(mesh, int(np.prod(k.stack_shape)), min(m, n))
       most = max(most, layout.groups)
-      if exact:
+      if aware:  # Exact SVDs of L^T A, group by group, like the exact method.
+        fn = _jit(_whitened_stage, part_shardings(k), meta=_meta([k])[0], layout=layout,
+                  via=_via(k, layout), parts=part_shardings(k), keep_factors=keep_factors,
+                  damping=spec.damping)
+        schedule += finish(k, layout, "whitened", fn)
+      elif exact:
         fn = _jit(_exact_stage, part_shardings(k), meta=_meta([k])[0], layout=layout,
                   via=_via(k, layout), parts=part_shardings(k), keep_factors=keep_factors)
         schedule += finish(k, layout, "exact", fn)
@@ -487,11 +506,22 @@ def _execute(schedule, env: dict, trace=None) -> None:
       done += svd.CHECK_EVERY
 
 
-def _teacher_env(kernels) -> dict:
+def _teacher_env(kernels, mesh: Mesh) -> dict:
+  """The stages' inputs: kernels and biases, and data-aware kernels' per-row input Grams
+  ``(B, m, m)`` (replicated; abstract when planning without them)."""
   env = {}
+  replicated = NamedSharding(mesh, P())
   for k in kernels:
     if k.plan.factorize:
       env[f"kernel:{k.path}"], env[f"bias:{k.path}"] = k.kernel, k.bias
+    if k.plan.factorize and k.plan.data_aware:
+      shape = (int(np.prod(k.stack_shape)), k.m, k.m)
+      if k.gram is None:
+        env[f"gram:{k.path}"] = jax.ShapeDtypeStruct(shape, svd.compute_dtype(), sharding=replicated)
+      else:
+        gram, count = (np.asarray(x, np.float64) for x in k.gram)
+        per_row = (gram / count[..., None, None]).reshape(shape).astype(svd.compute_dtype())
+        env[f"gram:{k.path}"] = jax.device_put(per_row, replicated)
   return env
 
 
@@ -500,12 +530,15 @@ def _decompose_sharded(kernels, spec, key, mesh, rules, keep_factors=True, trace
   if isinstance(key, jax.core.Tracer):
     raise ValueError("inherit(mesh=...) needs a concrete key (it runs outside jit)")
   schedule, constants, replicated = _sharded_schedule(kernels, spec, key, mesh, rules, keep_factors)
-  env = {**_teacher_env(kernels), **jax.device_put(constants, replicated)}
+  env = {**_teacher_env(kernels, mesh), **jax.device_put(constants, replicated)}
   _execute(schedule, env, trace)
   for k in kernels:
     if not k.plan.factorize:
       continue
     out = env.pop(f"params:{k.path}")
+    if k.plan.data_aware:
+      _note_whitening([k], np.asarray(out[-1]), spec.damping)
+      out = out[:-1]
     k.params = {"down": {"kernel": out[0]}, "up": {"kernel": out[1]}}
     if k.bias is not None:
       k.params["up"]["bias"] = out[2]
@@ -547,7 +580,7 @@ def sharded_stages(
   _place_all(kernels, mesh, rules)
   _plan_all(kernels, spec, mesh)
   schedule, constants, replicated = _sharded_schedule(kernels, spec, key, mesh, rules, keep_factors)
-  env = _teacher_env(kernels)
+  env = _teacher_env(kernels, mesh)
   env.update({label: jax.ShapeDtypeStruct((), np.int32, sharding=replicated) for label in constants})
   out = []
   for entry in schedule:

@@ -259,11 +259,17 @@ def test_missing_or_misshaped_gram_names_path_and_shape():
   ij.inherit(params, spec.replace(rules=((r"fc/kernel", {"data_aware": False}),)))
 
 
-def test_sharded_path_refuses_data_aware():
-  params, grams = dense_case()
+def test_sharded_path_equals_unsharded():
+  # A stack with one dead slice: the same factors and the same fallback warning.
+  params, grams = dense_case(stack=(2,), dead=[1])
+  spec = InherSpec(rank=2, heads=2, data_aware=True, damping=0.0, skip_if_no_saving=False)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  with pytest.raises(NotImplementedError, match=r"data-aware.*fc/kernel"):
-    ij.inherit(params, InherSpec(rank=2, data_aware=True), mesh=mesh, calibration=grams)
+  with pytest.warns(UserWarning, match=r"fc/kernel: .*stack slices \[1\]"):
+    ref = ij.inherit(params, spec, calibration=grams)
+  with pytest.warns(UserWarning, match=r"fc/kernel: .*stack slices \[1\]"):
+    out = ij.inherit(params, spec, mesh=mesh, calibration=grams)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 
 
 def test_jit_matches_host():

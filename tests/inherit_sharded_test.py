@@ -143,7 +143,8 @@ def check_equality():
 
 def check_extras():
   """On the (4, 2, 1) mesh: host params with ``mesh=`` (placed by the rules), the energy
-  policy (`resolve`) and the report of the sharded path match the unsharded ones."""
+  policy (`resolve`), data-aware inheritance and the report of the sharded path match
+  the unsharded ones."""
   import inhernet_jax as ij
   from inhernet_jax import sharding
 
@@ -163,6 +164,19 @@ def check_extras():
   assert sorted(resolved.rules) == sorted(ref_resolved.rules), (resolved.rules, ref_resolved.rules)
   assert resolved.replace(rules=()) == ref_resolved.replace(rules=())
 
+  # Data-aware: input Grams of 80 random rows per layer (scan-stacked kernels).
+  rng = np.random.default_rng(3)
+  grams = {}
+  for path, x in _flat(host).items():
+    if path.startswith("blocks/") and path.endswith("/kernel"):
+      rows = rng.standard_normal((x.shape[0], 80, x.shape[1]))
+      grams[path] = {"gram": np.swapaxes(rows, -1, -2) @ rows, "count": 80}
+  aware = spec.replace(data_aware=True)
+  ref = _flat(ij.inherit(host, aware, calibration=grams))
+  out = _flat(ij.inherit(placed, aware, calibration=grams, sharding_rules=None))
+  for path, x in out.items():  # L^{-T} U_r: the triangular solve adds some rounding.
+    np.testing.assert_allclose(np.asarray(x), ref[path], rtol=1e-4, atol=TOL, err_msg=f"aware {path}")
+
   make, rules = TREES["conv"]
   host = make()
   placed = sharding.put(host, sharding.tree_shardings(mesh, host))
@@ -178,7 +192,7 @@ def check_extras():
         assert abs(row[name] - value) <= 1e-5, (row["path"], name, row[name], value)
       else:
         assert row[name] == value, (row["path"], name, row[name], value)
-  print("ok extras (mesh=, resolve, report)", flush=True)
+  print("ok extras (mesh=, resolve, data-aware, report)", flush=True)
   return {"extras": True}
 
 
