@@ -99,3 +99,19 @@ def kd_methods(student: str, student_kwargs: dict, *, kd: dict, dkd: dict, hint:
                                "objective": "param_energy", "data_aware": True,
                                "label": f"InherNet H={heads}, per-layer ranks, data-aware"},
   }
+
+
+def student_and_inherit_methods(student: str, student_kwargs: dict, *, heads: int,
+                                kd: dict) -> dict:
+  """The large-scale comparisons' method table (ImageNet, ViT): the student from
+  scratch and with KD, InherNet at the student's size with CE and with KD."""
+  student_def = {"kind": "student", "model": student, "kwargs": student_kwargs}
+  inherit_def = {"kind": "inhernet", "rank": "params:student", "heads": heads, "preset": "default"}
+  label = f"InherNet H={heads} ({student} size)"
+  return {
+      "student": {**student_def, "loss": "ce", "label": f"{student} from scratch"},
+      "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": f"{student} + KD"},
+      "inherit": {**inherit_def, "loss": "ce", "label": label},
+      "inherit_kd": {**inherit_def, "loss": "kd", "loss_kwargs": kd, "label": f"{label} + KD"},
+  }
+

@@ -43,14 +43,6 @@ def get_config(arg: str | None = None):
   c.teacher = ml_collections.ConfigDict(
       {"model": "resnet50", "kwargs": {}, "epochs": arg.epochs, "checkpoint": ""})
   kd = {"alpha": 0.5, "temperature": 1.0}
-  student_def = {"kind": "student", "model": "resnet18", "kwargs": {}}
-  inherit_def = {"kind": "inhernet", "rank": "params:student", "heads": 3, "preset": "default"}
-  c.method_defs = {
-      "student": {**student_def, "loss": "ce", "label": "resnet18 from scratch"},
-      "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": "resnet18 + KD"},
-      "inherit": {**inherit_def, "loss": "ce", "label": "InherNet H=3 (resnet18 size)"},
-      "inherit_kd": {**inherit_def, "loss": "kd", "loss_kwargs": kd,
-                     "label": "InherNet H=3 (resnet18 size) + KD"},
-  }
+  c.method_defs = common.student_and_inherit_methods("resnet18", {}, heads=3, kd=kd)
   c.methods = "student,student_kd,inherit,inherit_kd"
   return c

@@ -51,14 +51,6 @@ def get_config(arg: str | None = None):
   c.teacher = ml_collections.ConfigDict(
       {"model": "vit_b16", "kwargs": vit, "epochs": arg.epochs, "checkpoint": ""})
   kd = {"alpha": 0.5, "temperature": 1.0}
-  student_def = {"kind": "student", "model": "vit_s16", "kwargs": vit}
-  inherit_def = {"kind": "inhernet", "rank": "params:student", "heads": 2, "preset": "default"}
-  c.method_defs = {
-      "student": {**student_def, "loss": "ce", "label": "vit_s16 from scratch"},
-      "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": "vit_s16 + KD"},
-      "inherit": {**inherit_def, "loss": "ce", "label": "InherNet H=2 (vit_s16 size)"},
-      "inherit_kd": {**inherit_def, "loss": "kd", "loss_kwargs": kd,
-                     "label": "InherNet H=2 (vit_s16 size) + KD"},
-  }
+  c.method_defs = common.student_and_inherit_methods("vit_s16", vit, heads=2, kd=kd)
   c.methods = "student,student_kd,inherit,inherit_kd"
   return c

@@ -152,7 +152,7 @@ def _resolve_rank(rank, teacher_params, heads: int, rules, student_params: dict[
   return accounting.rank_for_params(teacher_params, size, heads=heads, rules=rules)
 
 
-def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_params):
+def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_params, grams_cache):
   """An InherNet method's spec, its calibration Grams (or None) and its rank to report.
 
   ``allocation``: ``"uniform"`` (one rank, `_resolve_rank`) or ``"greedy"`` (per-layer
@@ -165,9 +165,13 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   aware = bool(md.get("data_aware", False))
   base = InherSpec(rank=1, heads=heads, rules=rules, method=md.get("svd", "auto"), data_aware=aware)
   grams = None
-  if aware:
-    batches = (pipeline.train_batch(step) for step in range(int(md.get("calibration_batches", 8))))
-    grams = calibration.input_grams(t_model, t_vars, batches, apply_kwargs={"train": False})
+  if aware:  # One set of Grams per seed and batch count, shared by the methods.
+    count = int(md.get("calibration_batches", 8))
+    if count not in grams_cache:
+      batches = (pipeline.train_batch(step) for step in range(count))
+      grams_cache[count] = calibration.input_grams(t_model, t_vars, batches,
+                                                   apply_kwargs={"train": False})
+    grams = grams_cache[count]
   allocation = md.get("allocation", "uniform")
   t_params = t_vars["params"]
   if allocation == "uniform":
@@ -277,6 +281,7 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
   t_params = t_vars["params"]
 
   student_params: dict[str, int] = {}
+  grams_cache: dict[int, dict] = {}
   for key, md in expand_methods(config):
     loss, loss_kwargs = md.get("loss", "ce"), _dict(md.get("loss_kwargs"))
     hint = None
@@ -289,7 +294,8 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
       variables = _init(model, _key(seed, key), task, config)
       student_params[key] = accounting.param_count(variables["params"])
     else:
-      spec, grams, rank = _inherit_spec(md, key, config, t_model, t_vars, pipeline, student_params)
+      spec, grams, rank = _inherit_spec(md, key, config, t_model, t_vars, pipeline, student_params,
+                                        grams_cache)
       model = t_model.clone(spec=spec)
       if md.get("init", "svd") == "svd":
         variables = dict(t_vars, params=inherit(
