@@ -1,23 +1,35 @@
-"""Sharded inheritance: `inherit` on a teacher sharded over a device mesh.
+"""Sharded inheritance: the executor of `inherit`'s plan for teachers sharded over a mesh.
 
 Teachers too big for one device (or the host) arrive as jax.Arrays sharded over a mesh.
-Each factorised kernel is then decomposed on its own by a few jitted stages whose inputs
-keep the teacher's sharding and whose outputs are born with the shardings that the
-sharding rules give the new params: nothing is gathered onto one device or the host,
-and no kernels are concatenated. The stages follow `inherit._decompose` step by step
-(same order, same random start matrices, same stopping rule), so the results equal the
-host path's up to float rounding. `inherit.inherit` dispatches here; this module also
-plans the per-device memory of every stage from abstract params.
+Each factorised kernel is then decomposed on its own by jitted stages whose inputs keep
+the teacher's sharding and whose outputs are born with the shardings that the sharding
+rules give the new params: nothing is gathered onto one device or the host, and no
+kernels are concatenated. A scan-stacked kernel ``(layers, in, out)`` is decomposed
+batched over its layer axis, its layers split over as many mesh devices as divide
+their count, one group of layers (one per device) moving off the teacher's sharding at
+a time; an unstacked kernel goes whole, its work arrays split over their rows. Each
+group is one jitted program (power iterations included: nothing comes back to the
+host mid-way), then the groups are assembled and the gate placed.
+
+It runs the same plan (`inhernet_jax.plan`) as the local executor: the same method
+per kernel, the same start matrices (`plan.start`, per kernel and stack slice) and
+the same per-batch math (`svd`, `plan.finish_group`), so the results equal the local
+path's up to float rounding, gates bit for bit. `inherit.inherit` dispatches here.
+
+`sharded_stages` lists the stages with abstract arguments (memory planning, without
+allocating anything: see ``benchmarks/memory_plan.py``); `tracing` installs a hook
+called after each stage runs (memory measurements).
 
 Example::
 
+  params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
   stages = inherit_sharded.sharded_stages(abstract_params, spec, mesh=mesh)
-  rows = inherit_sharded.plan_memory(stages, teacher_bytes=inherit_sharded.device_bytes(abstract_params))
-  max(r["peak"] for r in rows) / teacher_bytes      # < 2 for a LLaMA-7B-shaped stack
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -30,31 +42,24 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from inhernet_jax import plan as plan_lib
 from inhernet_jax import sharding as sharding_lib
 from inhernet_jax import svd
-from inhernet_jax.inherit import (
-    _collect,
-    _finish_group,
-    _host_gate,
-    _in_order,
-    _is_array,
-    _Kernel,
-    _key_data,
-    _meta,
-    _note_whitening,
-    _plan_all,
-)
+from inhernet_jax.plan import Kernel
 from inhernet_jax.spec import InherSpec, as_spec
 
+_TRACE: contextvars.ContextVar = contextvars.ContextVar("inherit_sharded_trace", default=None)
 
-# ------------------------------------------------------------------ sharded inheritance
-# Teachers too big for one device (or the host) arrive as jax.Arrays sharded over a mesh.
-# Each factorised kernel is then decomposed on its own by a few jitted stages whose
-# inputs keep the teacher's sharding and whose outputs are born with the shardings that
-# the sharding rules give the new params: nothing is gathered onto one device or the
-# host, and no kernels are concatenated. The stages follow `_decompose` step by step
-# (same order, same random start matrices, same stopping rule), so the results equal
-# the host path's up to float rounding.
+
+@contextlib.contextmanager
+def tracing(fn: Callable[["Stage"], None]):
+  """Within this context the sharded path calls ``fn(stage)`` after each stage runs,
+  its concrete ``args`` filled in (memory measurements; see the benchmarks)."""
+  token = _TRACE.set(fn)
+  try:
+    yield
+  finally:
+    _TRACE.reset(token)
 
 
 class Stage(NamedTuple):
@@ -62,19 +67,15 @@ class Stage(NamedTuple):
 
   Attributes:
     path: the '/'-joined path of the kernel it works on.
-    name: ``"exact"`` (a truncated SVD and the params of one layer group),
-      ``"start"`` (a group's random start matrices, drawn on the host and placed),
-      ``"gram"`` (a group's Gram matrices), ``"init"`` / ``"step"`` (the randomized
-      method's subspace iteration: `svd.CHECK_EVERY` power iterations per step; a gram
-      and a step per group of every kernel of a bucket make a round, repeated until
-      the Ritz values of all of them settle), ``"finalize"`` (a group's params),
-      ``"assemble"`` (a kernel's params from its groups'), ``"gate"`` (the gate, drawn
-      on the host and placed).
+    name: the `plan.Group` method of one layer group's truncated SVD and params
+      (``"exact"``, ``"randomized"``: its start matrices drawn on the device, or
+      ``"whitened"``), ``"assemble"`` (a kernel's params from its groups'), ``"gate"``
+      (the gate, drawn on the host and placed).
     fn: the jitted function (``fn.lower(*args).compile()`` works on abstract args), or
       for host stages a function of no arguments that returns the placed arrays.
     inputs: labels of the arguments: ``"kernel:PATH"``, ``"bias:PATH"`` (the teacher's),
-      ``"index:G"`` (a group index), per group ``"start:PATH#G"``, ``"gram:PATH#G"``,
-      ``"state:PATH#G"`` (bases, Ritz values, change), ``"part:PATH#G"``.
+      ``"index:G"`` (a group index), ``"gram:PATH"`` (a data-aware kernel's per-row
+      input Grams), ``"part:PATH#G"`` (a group's params).
     output: label of the result (``"params:PATH"``, ``"gate:PATH"``, ...).
     frees: labels whose arrays are dropped after this stage.
     args: the arguments (abstract in `sharded_stages`, concrete when traced).
@@ -90,13 +91,6 @@ class Stage(NamedTuple):
   frees: tuple = ()
   args: tuple = ()
   abstract: Any = None
-
-
-class _Round(NamedTuple):
-  """One lockstep round: a ``"gram"`` and a ``"step"`` stage per group of every kernel
-  of a bucket."""
-
-  stages: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +143,7 @@ def _layout(mesh: Mesh, batch: int, size: int) -> _Layout:
   return _Layout(batch, (), None, named(None, rows, None), named(), named())
 
 
-def _via(k: _Kernel, layout: _Layout) -> tuple[NamedSharding, ...]:
+def _via(k: Kernel, layout: _Layout) -> tuple[NamedSharding, ...]:
   """Shardings on the way from the kernel's to ``layout.matrices``, for one group
   ``(D, *in_shape, out)``: step ``i`` moves stack axis ``i`` onto the first axis (the
   other axes give it up). Each step is a local slice or an all-to-all over one mesh
@@ -203,79 +197,31 @@ def _matrices(kernel, index, in_shape, n, layout, via):
   return _constrain(group.reshape(-1, int(np.prod(in_shape)), n), layout.matrices)
 
 
-def _ritz(g, q, rank):
-  """`svd.subspace`'s Ritz values and their convergence scale (the same expressions)."""
-  k = q.shape[-1]
-  w = jnp.linalg.eigvalsh(jnp.swapaxes(q, -1, -2) @ g @ q)[..., k - rank :]
-  floor = 100 * np.finfo(g.dtype).eps * w[..., -1:]
-  return w, jnp.maximum(jnp.abs(w), floor)
-
-
-# The stages, each jitted once per (statics, output shardings) by `_jit`. The subspace
-# iteration (init, step) takes Gram matrices, so every kernel with the same Gram size
-# and layout shares one program (QR programs are slow to compile); the Gram matrices
-# are recomputed for every step rather than kept, so that a bucket's lockstep holds
-# only its bases (B, s, k), never the Gram matrices (B, s, s) of all its kernels.
-def _gram_stage(kernel, index, *, in_shape, n, layout, via):
-  a = _matrices(kernel, index, in_shape, n, layout, via).astype(svd.compute_dtype())
-  return _constrain(svd.gram(a), layout.basis)
-
-
-def _init_stage(g, start, *, rank, layout):
-  q = _constrain(svd._householder_q(start), layout.basis)
-  return q, _ritz(g, q, rank)[0], jnp.asarray(np.inf, g.dtype)
-
-
-def _step_stage(g, state, *, rank, layout):
-  def power(_, q):
-    return _constrain(svd._householder_q(g @ q), layout.basis)
-
-  q, w, _ = state
-  q = jax.lax.fori_loop(0, svd.CHECK_EVERY, power, q)
-  w_new, scale = _ritz(g, q, rank)
-  return q, w_new, jnp.max(jnp.abs(w_new - w) / scale)
-
-
-def _finalize_stage(kernel, bias, state, index, *, meta, layout, via, parts, keep_factors):
-  return _part(kernel, bias, state[0], index, meta, layout, via, parts, keep_factors)
-
-
-def _exact_stage(kernel, bias, index, *, meta, layout, via, parts, keep_factors):
-  return _part(kernel, bias, None, index, meta, layout, via, parts, keep_factors)
-
-
-def _whitened_stage(kernel, bias, gram, index, *, meta, layout, via, parts, keep_factors, damping):
-  """A data-aware group: `svd.whitened_svd` with the group's per-row Grams, plus
-  whether each slice's Cholesky succeeded (last output)."""
-  return _part(kernel, bias, None, index, meta, layout, via, parts, keep_factors, gram, damping)
-
-
-def _part(kernel, bias, q, index, meta, layout, via, parts, keep_factors, gram=None, damping=0.0):
-  """One group's params (``down/kernel``, ``up/kernel``, [``up/bias``]) from its bases
-  ``q`` (randomized), a whitened SVD (``gram``: the kernel's per-row input Grams
-  ``(B, m, m)``; then also the slices' Cholesky success, last) or an SVD, and
-  (``keep_factors``) its ``u, s, v``; ``parts``: their shardings."""
-  _, in_shape, n, rank, heads, dtype = meta
+def _group_stage(kernel, bias, gram, key, index, *, meta, layout, via, parts, keep_factors, method,
+                 width, power_iters, damping):
+  """One layer group's params (``down/kernel``, ``up/kernel``, [``up/bias``]), then
+  (``keep_factors``) its ``u, s, v`` and (data-aware) whether each slice's Cholesky
+  succeeded: `plan.decompose_group` on the group's ``D`` slices, its randomized start
+  matrices drawn here (`plan.start`'s numbers for slices ``index * D ...``)."""
+  stack, in_shape, n, rank, heads, dtype = meta
   a = _matrices(kernel, index, in_shape, n, layout, via)
-  meta = ((a.shape[0],), in_shape, n, rank, heads, dtype)
+  count, m = a.shape[0], a.shape[1]
+  group_meta = (((count,), in_shape, n, rank, heads, dtype),)
   bias = None if bias is None else _group(bias, index, layout.groups, (n,))
-  ok = ()
-  if gram is not None:
-    m = a.shape[-2]
-    u, s, v, whitened = svd.whitened_svd(a, _group(gram, index, layout.groups, (m, m)), rank,
-                                         damping, xp=jnp)
-    [(factors, params)] = _finish_group(u, s, v, (bias,), (meta,), None, 0, xp=jnp)
-    ok = (whitened,)
-  elif q is None:
-    u, s, v = svd.exact_svd(a, rank)
-    [(factors, params)] = _finish_group(u, s, v, (bias,), (meta,), None, 0, xp=jnp)
-  else:
-    a = a.astype(svd.compute_dtype())
-    [(factors, params)] = _finish_group(a, None, q, (bias,), (meta,), "finalize", 0, xp=jnp)
+  grams = None if gram is None else (_group(gram, index, layout.groups, (m, m)),)
+  counts = None if gram is None else (jnp.ones((count,), svd.compute_dtype()),)
+  start = None
+  if method == "randomized":
+    key = jax.random.wrap_key_data(key)
+    start = svd.start_matrix(key, (count, min(m, n), width), index * count)
+    start = _constrain(start, layout.basis)
+  [(factors, params)], ok = plan_lib.decompose_group(
+      (a,), (bias,), grams, counts, start, group_meta=group_meta, method=method, m=m, n=n,
+      rank=rank, power_iters=power_iters, damping=damping, xp=jnp)
   up = params["up"]
   params = (params["down"]["kernel"], up["kernel"]) + ((up["bias"],) if "bias" in up else ())
   params = tuple(_leave_stack(x, layout, target) for x, target in zip(params, parts))
-  return params + (factors if keep_factors else ()) + ok
+  return params + (factors if keep_factors else ()) + (() if ok is None else (ok,))
 
 
 def _assemble_stage(*parts, stack_shape, count):
@@ -296,7 +242,7 @@ def _jit(fn, out_shardings, **statics):
   return jax.jit(functools.partial(fn, **statics), out_shardings=out_shardings)
 
 
-def _sharded_mesh(kernels: list[_Kernel], mesh: Mesh | None) -> Mesh | None:
+def sharded_mesh(kernels: list[Kernel], mesh: Mesh | None) -> Mesh | None:
   """The mesh of the sharded path: ``mesh``, or the one the kernels are sharded over;
   None (the single-device paths) when no kernel spans several devices."""
   live = [k for k in kernels if k.plan is None]
@@ -334,15 +280,15 @@ def _place(x, mesh: Mesh, path: str, rules):
   return sharding_lib.put(x, target)
 
 
-def _place_all(kernels: list[_Kernel], mesh: Mesh, rules) -> None:
+def place_all(kernels: list[Kernel], mesh: Mesh, rules) -> None:
   for k in kernels:
     if k.plan is None:
       prefix = "/".join(k.keys)
       k.kernel = _place(k.kernel, mesh, k.path, rules)
-      k.bias = _place(k.bias, mesh, f"{prefix}/bias", rules) if _is_array(k.bias, True) else None
+      k.bias = _place(k.bias, mesh, f"{prefix}/bias", rules) if plan_lib.is_array(k.bias, True) else None
 
 
-def _sharded_singular_values(k: _Kernel, mesh: Mesh) -> np.ndarray:
+def singular_values(k: Kernel, mesh: Mesh) -> np.ndarray:
   """All singular values of every slice of a kernel, group by group."""
   layout = _layout(mesh, int(np.prod(k.stack_shape)), min(k.m, k.n))
   fn = _jit(_singular_values_stage, (layout.replicated,), in_shape=k.in_shape, n=k.n,
@@ -351,32 +297,11 @@ def _sharded_singular_values(k: _Kernel, mesh: Mesh) -> np.ndarray:
   return np.concatenate([np.asarray(fn(k.kernel, index)[0]) for index in indices])
 
 
-def _start_rng(key, size: int, rank: int) -> np.random.Generator:
-  """The NumPy generator `svd.subspace` draws a bucket's start matrices from."""
-  bucket_key = jax.random.fold_in(jax.random.key(0) if key is None else key, size * 100003 + rank)
-  return np.random.default_rng([int(w) for w in np.ravel(_key_data(bucket_key))])
-
-
-def _draw_start(rng, shape, sharding):
-  """The next ``shape`` standard normals of ``rng`` (one matrix at a time, the same
-  stream as one big draw), in `svd.compute_dtype`, placed without a gather."""
-  start = np.empty(shape, svd.compute_dtype())
-  for i in range(shape[0]):
-    start[i] = rng.standard_normal(shape[1:])
-  return sharding_lib.put(start, sharding)
-
-
-def _sharded_schedule(kernels, spec: InherSpec, key, mesh: Mesh, rules, keep_factors: bool):
-  """The stages of the sharded path in `_decompose`'s order: exact kernels one by one;
-  then per bucket (randomized kernels with the same Gram size and rank) the start,
-  Gram and init of each group of each kernel, lockstep rounds, and each kernel's
-  finalize (group by group), assembly and gate. Returns ``(schedule, constants,
-  sharding)``: the group indices the stages read, by label, and where they go."""
-  groups: dict[Any, list[_Kernel]] = {}
-  for k in _in_order(kernels):
-    if k.plan.factorize:
-      groups.setdefault((k.m, k.n, k.plan.rank, k.plan.data_aware), []).append(k)
-  schedule, buckets = [], {}
+def _sharded_schedule(kernels, spec: InherSpec, mesh: Mesh, rules, keep_factors: bool):
+  """The stages of the sharded path, `plan.groups`' kernels in order: per kernel, one
+  stage per layer group, their assembly and the gate. Returns ``(schedule, groups)``:
+  the stages, and the most layer groups of any kernel (the group indices to place)."""
+  schedule, most = [], 1
 
   def rule(k, name, shape):
     return sharding_lib.partition_spec(mesh, f"{'/'.join(k.keys)}/{name}", shape, rules)
@@ -401,85 +326,46 @@ def _sharded_schedule(kernels, spec: InherSpec, key, mesh: Mesh, rules, keep_fac
       out.append(NamedSharding(mesh, P(None, *spec[k.stack : len(shape)])))
     return tuple(out) + extra(k)
 
-  def finish(k, layout, name, fn, frees=False):
-    """The group parts (``fn`` of the kernel, its bias, [the group's subspace state],
-    the group index), their assembly and the gate of kernel ``k``."""
-    p, parts, stages = k.path, [f"part:{k.path}#{g}" for g in range(layout.groups)], []
-    for g in range(layout.groups):
-      state = (f"state:{p}#{g}",) if frees else ()
-      gram = (f"gram:{p}",) if k.plan.data_aware else ()
-      stages.append(Stage(p, name, fn, (f"kernel:{p}", f"bias:{p}", *gram, *state, f"index:{g}"),
-                          parts[g], state))
-    out = tuple(NamedSharding(mesh, rule(k, name, shape)) for name, shape in param_shapes(k).items())
-    out += extra(k)
-    assemble = _jit(_assemble_stage, out, stack_shape=k.stack_shape, count=len(param_shapes(k)))
-    stages.append(Stage(k.path, "assemble", assemble, tuple(parts), f"params:{k.path}", tuple(parts)))
-    if k.plan.heads > 1:
-      shapes = {"kernel": (*k.stack_shape, k.plan.rank, k.plan.heads),
-                "bias": (*k.stack_shape, k.plan.heads)}
-      shardings = {name: NamedSharding(mesh, rule(k, f"gate/{name}", shape)) for name, shape in shapes.items()}
-      abstract = {name: jax.ShapeDtypeStruct(shape, k.kernel.dtype, sharding=shardings[name])
-                  for name, shape in shapes.items()}
-      stages.append(Stage(k.path, "gate", lambda: sharding_lib.put(_host_gate(key, k), shardings),
-                          output=f"gate:{k.path}", abstract=abstract))
-    return stages
-
-  most = 1
-  for (m, n, rank, aware), group in groups.items():
-    exact = svd.resolve_method(m, n, rank, spec.method) == "exact"
-    for k in group:
-      layout = _layout(mesh, int(np.prod(k.stack_shape)), min(m, n))
+  for group in plan_lib.groups(kernels, spec):
+    for k in group.kernels:
+      p = k.path
+      layout = _layout(mesh, int(np.prod(k.stack_shape)), min(k.m, k.n))
       most = max(most, layout.groups)
-      if aware:  # Exact SVDs of L^T A, group by group, like the exact method.
-        fn = _jit(_whitened_stage, part_shardings(k), meta=_meta([k])[0], layout=layout,
-                  via=_via(k, layout), parts=part_shardings(k), keep_factors=keep_factors,
-                  damping=spec.damping)
-        schedule += finish(k, layout, "whitened", fn)
-      elif exact:
-        fn = _jit(_exact_stage, part_shardings(k), meta=_meta([k])[0], layout=layout,
-                  via=_via(k, layout), parts=part_shardings(k), keep_factors=keep_factors)
-        schedule += finish(k, layout, "exact", fn)
-      else:
-        size = min(m, n)
-        bucket = (size, rank, min(size, rank + svd._oversample(rank, None)))
-        buckets.setdefault(bucket, []).append((k, layout))
-  for (size, rank, width), items in buckets.items():
-    rng = _start_rng(key, size, rank)
-    steps, finals = [], []
-    for k, layout in items:
-      p, kernel, via = k.path, f"kernel:{k.path}", _via(k, layout)
-      shape = (int(np.prod(k.stack_shape)) // layout.groups, size, width)
-      start = jax.ShapeDtypeStruct(shape, svd.compute_dtype(), sharding=layout.basis)
-      gram = _jit(_gram_stage, layout.basis, in_shape=k.in_shape, n=k.n, layout=layout, via=via)
-      state = (layout.basis, layout.values, layout.replicated)
-      init = _jit(_init_stage, state, rank=rank, layout=layout)
-      step = _jit(_step_stage, state, rank=rank, layout=layout)
+      fn = _jit(_group_stage, part_shardings(k), meta=plan_lib.meta([k])[0], layout=layout,
+                via=_via(k, layout), parts=part_shardings(k), keep_factors=keep_factors,
+                method=group.method, width=group.width, power_iters=group.power_iters,
+                damping=float(spec.damping))
+      parts = [f"part:{p}#{g}" for g in range(layout.groups)]
+      gram = f"gram:{p}" if k.plan.data_aware else "none"
       for g in range(layout.groups):
-        at = f"{p}#{g}"
-        schedule += [
-            Stage(p, "start", functools.partial(_draw_start, rng, shape, layout.basis),
-                  output=f"start:{at}", abstract=start),
-            Stage(p, "gram", gram, (kernel, f"index:{g}"), f"gram:{at}"),
-            Stage(p, "init", init, (f"gram:{at}", f"start:{at}"), f"state:{at}",
-                  (f"start:{at}", f"gram:{at}")),
-        ]
-        steps += [Stage(p, "gram", gram, (kernel, f"index:{g}"), f"gram:{at}"),
-                  Stage(p, "step", step, (f"gram:{at}", f"state:{at}"), f"state:{at}", (f"gram:{at}",))]
-      final = _jit(_finalize_stage, part_shardings(k), meta=_meta([k])[0], layout=layout,
-                   via=via, parts=part_shardings(k), keep_factors=keep_factors)
-      finals += finish(k, layout, "finalize", final, frees=True)
-    schedule += [_Round(tuple(steps)), *finals]
-  # Group indices as arrays on the mesh, placed once: a host scalar would be copied to
-  # every device on every call (and XLA:CPU's collectives can stall behind such copies).
-  replicated = NamedSharding(mesh, P())
-  return schedule, {f"index:{g}": np.int32(g) for g in range(most)}, replicated
+        schedule.append(Stage(p, group.method, fn,
+                              (f"kernel:{p}", f"bias:{p}", gram, f"key:{p}", f"index:{g}"), parts[g]))
+      out = tuple(NamedSharding(mesh, rule(k, name, shape)) for name, shape in param_shapes(k).items())
+      out += extra(k)
+      assemble = _jit(_assemble_stage, out, stack_shape=k.stack_shape, count=len(param_shapes(k)))
+      schedule.append(Stage(p, "assemble", assemble, tuple(parts), f"params:{p}", tuple(parts)))
+      if k.plan.heads > 1:
+        shapes = {"kernel": (*k.stack_shape, k.plan.rank, k.plan.heads),
+                  "bias": (*k.stack_shape, k.plan.heads)}
+        shardings = {name: NamedSharding(mesh, rule(k, f"gate/{name}", shape))
+                     for name, shape in shapes.items()}
+        abstract = {name: jax.ShapeDtypeStruct(shape, k.kernel.dtype, sharding=shardings[name])
+                    for name, shape in shapes.items()}
+        schedule.append(Stage(p, "gate", functools.partial(_place_gate, k, shardings),
+                              ("seed",), f"gate:{p}", abstract=abstract))
+  return schedule, most
 
 
-def _call(stage: Stage, env: dict, trace) -> Any:
+def _place_gate(k, shardings, key):
+  return sharding_lib.put(plan_lib.host_gate(key, k), shardings)
+
+
+def _call(stage: Stage, env: dict) -> Any:
   """Runs one stage and waits for it: one stage at a time keeps the memory to plan
   (and XLA:CPU's collectives stall when many programs are in flight)."""
   args = tuple(env[label] for label in stage.inputs)
   env[stage.output] = out = jax.block_until_ready(stage.fn(*args))
+  trace = _TRACE.get()
   if trace is not None:
     trace(stage._replace(args=args))
   for label in stage.frees:
@@ -487,34 +373,21 @@ def _call(stage: Stage, env: dict, trace) -> Any:
   return out
 
 
-def _execute(schedule, env: dict, trace=None) -> None:
-  """Runs a schedule; a round repeats until `svd.subspace`'s stopping rule holds for
-  the whole bucket (the largest change over its kernels, as in one batched call)."""
-  for entry in schedule:
-    if isinstance(entry, Stage):
-      _call(entry, env, trace)
-      continue
-    done, change = 0, np.float32(np.inf)
-    while done < svd.ITERS and change > svd.TOL:
-      changes = []
-      for stage in entry.stages:  # Keep only the change: the Gram matrix must go.
-        out = _call(stage, env, trace)
-        if stage.name == "step":
-          changes.append(out[2])
-      del out
-      change = np.max([np.asarray(c) for c in changes])
-      done += svd.CHECK_EVERY
-
-
-def _teacher_env(kernels, mesh: Mesh) -> dict:
-  """The stages' inputs: kernels and biases, and data-aware kernels' per-row input Grams
-  ``(B, m, m)`` (replicated; abstract when planning without them)."""
-  env = {}
+def _teacher_env(kernels, key, mesh: Mesh, abstract: bool = False) -> dict:
+  """The stages' inputs: kernels and biases, their keys' data, data-aware kernels'
+  per-row input Grams ``(B, m, m)`` (replicated; abstract when planning without them)."""
   replicated = NamedSharding(mesh, P())
+  env = {"none": None, "seed": key}
   for k in kernels:
-    if k.plan.factorize:
-      env[f"kernel:{k.path}"], env[f"bias:{k.path}"] = k.kernel, k.bias
-    if k.plan.factorize and k.plan.data_aware:
+    if not k.plan.factorize:
+      continue
+    env[f"kernel:{k.path}"], env[f"bias:{k.path}"] = k.kernel, k.bias
+    if abstract:
+      env[f"key:{k.path}"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)
+    else:
+      data = jax.random.key_data(plan_lib.kernel_key(key, k))
+      env[f"key:{k.path}"] = jax.device_put(np.asarray(data), replicated)
+    if k.plan.data_aware:
       shape = (int(np.prod(k.stack_shape)), k.m, k.m)
       if k.gram is None:
         env[f"gram:{k.path}"] = jax.ShapeDtypeStruct(shape, svd.compute_dtype(), sharding=replicated)
@@ -525,19 +398,24 @@ def _teacher_env(kernels, mesh: Mesh) -> dict:
   return env
 
 
-def _decompose_sharded(kernels, spec, key, mesh, rules, keep_factors=True, trace=None) -> None:
-  """`_decompose` for sharded teachers (see the section comment): kernel by kernel."""
+def decompose(kernels, spec, key, mesh, rules, keep_factors=True) -> None:
+  """Runs the plan on ``mesh`` (see the module docstring): kernel by kernel."""
   if isinstance(key, jax.core.Tracer):
     raise ValueError("inherit(mesh=...) needs a concrete key (it runs outside jit)")
-  schedule, constants, replicated = _sharded_schedule(kernels, spec, key, mesh, rules, keep_factors)
-  env = {**_teacher_env(kernels, mesh), **jax.device_put(constants, replicated)}
-  _execute(schedule, env, trace)
+  schedule, most = _sharded_schedule(kernels, spec, mesh, rules, keep_factors)
+  replicated = NamedSharding(mesh, P())
+  env = _teacher_env(kernels, key, mesh)
+  # Group indices as arrays on the mesh, placed once: a host scalar would be copied to
+  # every device on every call (and XLA:CPU's collectives can stall behind such copies).
+  env.update(jax.device_put({f"index:{g}": np.int32(g) for g in range(most)}, replicated))
+  for stage in schedule:
+    _call(stage, env)
   for k in kernels:
     if not k.plan.factorize:
       continue
     out = env.pop(f"params:{k.path}")
     if k.plan.data_aware:
-      _note_whitening([k], np.asarray(out[-1]), spec.damping)
+      plan_lib.note_whitening([k], np.asarray(out[-1]), spec.damping)
       out = out[:-1]
     k.params = {"down": {"kernel": out[0]}, "up": {"kernel": out[1]}}
     if k.bias is not None:
@@ -564,91 +442,30 @@ def sharded_stages(
   For planning memory without allocating anything: ``params`` may hold
   `jax.ShapeDtypeStruct` leaves (with shardings; leaves without one are placed by the
   rules). Every jitted stage's ``fn.lower(*args).compile().memory_analysis()`` gives its
-  per-device argument, output and temp bytes. A lockstep round appears once (each
-  further round has the same footprint). The energy policy needs values: `resolve`
-  first.
+  per-device argument, output and temp bytes. The energy policy needs values:
+  `resolve` first.
   """
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       params)
   spec = as_spec(rank, heads, rules)
-  kernels = _collect(abstract, spec, abstract=True)
+  kernels = plan_lib.collect(abstract, spec, abstract=True)
   rules = sharding_lib.resolve_rules(sharding_rules)
-  mesh = _sharded_mesh(kernels, mesh)
+  mesh = sharded_mesh(kernels, mesh)
   if mesh is None:
     raise ValueError("sharded_stages: no kernel is sharded over several devices; pass mesh=")
-  _place_all(kernels, mesh, rules)
-  _plan_all(kernels, spec, mesh)
-  schedule, constants, replicated = _sharded_schedule(kernels, spec, key, mesh, rules, keep_factors)
-  env = _teacher_env(kernels, mesh)
-  env.update({label: jax.ShapeDtypeStruct((), np.int32, sharding=replicated) for label in constants})
+  place_all(kernels, mesh, rules)
+  plan_lib.plan_all(kernels, spec, lambda k: singular_values(k, mesh))
+  schedule, most = _sharded_schedule(kernels, spec, mesh, rules, keep_factors)
+  replicated = NamedSharding(mesh, P())
+  env = _teacher_env(kernels, key, mesh, abstract=True)
+  env.update({f"index:{g}": jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
+              for g in range(most)})
   out = []
-  for entry in schedule:
-    for stage in entry.stages if isinstance(entry, _Round) else (entry,):
-      args = tuple(env[label] for label in stage.inputs)
-      if stage.abstract is None:
-        stage = stage._replace(abstract=jax.eval_shape(stage.fn, *args))
-      env[stage.output] = stage.abstract
-      out.append(stage._replace(args=args))
+  for stage in schedule:
+    args = tuple(env[label] for label in stage.inputs)
+    if stage.abstract is None:
+      stage = stage._replace(abstract=jax.eval_shape(stage.fn, *args))
+    env[stage.output] = stage.abstract
+    out.append(stage._replace(args=args))
   return out
-
-
-def device_bytes(tree) -> int:
-  """Bytes one device holds of a pytree of (sharded) arrays or `jax.ShapeDtypeStruct`s,
-  the most over devices (from shard shapes: nothing is read)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    placed = getattr(x, "sharding", None)
-    shape = x.shape if placed is None else placed.shard_shape(x.shape)
-    total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
-  return total
-
-
-def live_bytes_per_device(arrays) -> int:
-  """The most bytes any one device holds of these (concrete) arrays, e.g.
-  ``jax.live_arrays()``. Buffers are counted once: a global array and the single-device
-  arrays of its shards (which `jax.live_arrays` lists too, once ``addressable_shards``
-  has been read) share them."""
-  per, seen = {}, set()
-  for x in arrays:
-    for shard in x.addressable_shards:
-      buffer = (shard.device, shard.data.unsafe_buffer_pointer())
-      if buffer not in seen:
-        seen.add(buffer)
-        per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
-  return max(per.values(), default=0)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_temp_bytes(fn, args) -> int:
-  return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
-
-
-def stage_temp_bytes(stage: Stage) -> int:
-  """Per-device temp bytes XLA plans for a jitted stage (0 for host stages); compiles
-  each distinct (stage, argument shapes and shardings) once."""
-  if stage.name in ("start", "gate"):
-    return 0
-  args = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      stage.args)
-  return _compiled_temp_bytes(stage.fn, args)
-
-
-def plan_memory(stages: list[Stage], teacher_bytes: int) -> list[dict]:
-  """The per-device memory of `sharded_stages`' schedule, stage by stage.
-
-  Each row: ``live`` (the teacher's ``teacher_bytes`` plus every array alive before the
-  stage: new params so far, bases of the bucket, the stage's inputs), ``out`` (what it
-  makes), ``temp`` (`stage_temp_bytes`) and ``peak = live + out + temp``.
-  """
-  live, rows = {}, []
-  for stage in stages:
-    out, temp = device_bytes(stage.abstract), stage_temp_bytes(stage)
-    before = teacher_bytes + sum(live.values())
-    rows.append({"path": stage.path, "name": stage.name, "live": before, "out": out,
-                 "temp": temp, "peak": before + out + temp})
-    live[stage.output] = out
-    for label in stage.frees:
-      live.pop(label, None)
-  return rows

@@ -5,7 +5,7 @@ Three figures, printed and written as JSON:
 1. ``plan``: the full 7B-shaped stack (32 scan-stacked layers, width 4096, SwiGLU MLP
    11008, vocabulary 32000; 6.74B parameters) as abstract params sharded over an
    8-device CPU mesh (``--mesh``, default ``fsdp=8``): nothing is allocated. Every
-   jitted stage of the sharded path (`inhernet_jax.inherit.sharded_stages`) is lowered
+   jitted stage of the sharded path (`inhernet_jax.inherit_sharded.sharded_stages`) is lowered
    and compiled on its abstract sharded inputs; `plan_memory` walks the schedule
    (teacher resident + new params made so far + the bases of the kernels iterated
    together + the current stage's output and compiled temp bytes) and gives the peak
@@ -45,6 +45,7 @@ Run::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -189,14 +190,16 @@ def _count(tree) -> int:
 
 
 def _bytes_per_device(arrays) -> int:
-  from inhernet_jax.inherit_sharded import live_bytes_per_device
+  from benchmarks.memory_plan import live_bytes_per_device
 
   return live_bytes_per_device(arrays)
 
 
 def _plan(abstract, inherit_spec, mesh, rules) -> dict:
   """Compiles every stage on abstract inputs and walks the schedule."""
-  from inhernet_jax.inherit import device_bytes, plan_memory, planned_param_count, sharded_stages
+  from benchmarks.memory_plan import device_bytes, plan_memory
+  from inhernet_jax.inherit import planned_param_count
+  from inhernet_jax.inherit_sharded import sharded_stages
 
   start = time.time()
   stages = sharded_stages(abstract, inherit_spec, mesh=mesh, sharding_rules=rules)
@@ -235,10 +238,11 @@ def run_plan(mesh, rules) -> dict:
 
 def run_real(mesh, rules) -> dict:
   """The reduced stack, really inherited on the CPU mesh, measured stage by stage."""
+  from inhernet_jax.inherit_sharded import tracing
   import jax
   import jax.numpy as jnp
   import inhernet_jax as ij
-  from inhernet_jax.inherit import stage_temp_bytes
+  from benchmarks.memory_plan import stage_temp_bytes
 
   shape = Shape(FLAGS.reduced_layers, FLAGS.reduced_width, FLAGS.reduced_mlp, FLAGS.reduced_vocab)
   rank = max(1, FLAGS.rank * shape.width // _full_shape().width)
@@ -250,8 +254,9 @@ def run_real(mesh, rules) -> dict:
 
   def inherit(trace=None):
     start = time.time()
-    out = ij.inherit(teacher_params, inherit_spec, sharding_rules=rules, trace=trace)
-    jax.block_until_ready(out)
+    with tracing(trace) if trace else contextlib.nullcontext():
+      out = ij.inherit(teacher_params, inherit_spec, sharding_rules=rules)
+      jax.block_until_ready(out)
     return out, time.time() - start
 
   _, cold = inherit()  # Compiles (the plan compiled each stage once more on its own).
@@ -388,9 +393,10 @@ def _svd_temp_bytes(shape, rank, heads, dtype, cache={}):
 
 def run_baseline_cpu() -> dict:
   """Reduced stack on one CPU device: our kernel-by-kernel path vs per-layer full SVDs."""
+  from inhernet_jax.inherit_sharded import tracing
   import inhernet_jax as ij
   from inhernet_jax import sharding
-  from inhernet_jax.inherit import stage_temp_bytes
+  from benchmarks.memory_plan import stage_temp_bytes
 
   shape = Shape(FLAGS.reduced_layers, FLAGS.reduced_width, FLAGS.reduced_mlp, FLAGS.reduced_vocab)
   rank = max(1, FLAGS.rank * shape.width // _full_shape().width)
@@ -411,8 +417,9 @@ def run_baseline_cpu() -> dict:
 
   def ours(trace=None):
     start = time.time()
-    out = ij.inherit(teacher_params, inherit_spec, mesh=mesh, trace=trace)
-    jax.block_until_ready(out)
+    with tracing(trace) if trace else contextlib.nullcontext():
+      out = ij.inherit(teacher_params, inherit_spec, mesh=mesh)
+      jax.block_until_ready(out)
     return out, time.time() - start
 
   peaks = []

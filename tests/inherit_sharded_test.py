@@ -175,7 +175,9 @@ def check_extras():
   ref = _flat(ij.inherit(host, aware, calibration=grams))
   out = _flat(ij.inherit(placed, aware, calibration=grams, sharding_rules=None))
   for path, x in out.items():  # L^{-T} U_r: the triangular solve adds some rounding.
-    np.testing.assert_allclose(np.asarray(x), ref[path], rtol=1e-4, atol=TOL, err_msg=f"aware {path}")
+    np.testing.assert_allclose(np.asarray(x), ref[path], rtol=1e-4, atol=3 * TOL, err_msg=f"aware {path}")
+    rel = np.linalg.norm(np.asarray(x, np.float64) - ref[path]) / max(np.linalg.norm(ref[path]), 1e-30)
+    assert rel <= TOL, (path, rel)
 
   make, rules = TREES["conv"]
   host = make()
@@ -197,7 +199,7 @@ def check_extras():
 
 
 def _bytes_per_device(arrays) -> int:
-  from inhernet_jax.inherit_sharded import live_bytes_per_device
+  from benchmarks.memory_plan import live_bytes_per_device
 
   return live_bytes_per_device(arrays)
 
@@ -211,7 +213,8 @@ def check_memory():
   import jax
   import inhernet_jax as ij
   from inhernet_jax import sharding
-  from inhernet_jax.inherit import plan_memory, sharded_stages, stage_temp_bytes
+  from benchmarks.memory_plan import plan_memory, stage_temp_bytes
+  from inhernet_jax.inherit_sharded import sharded_stages, tracing
 
   mesh = sharding.make_mesh({"fsdp": 8})
   host = transformer_params(layers=32, width=64, mlp=256, vocab=128, seed=2)
@@ -226,12 +229,12 @@ def check_memory():
     live = _bytes_per_device(jax.live_arrays()) - other
     measured.append((stage.name, stage.path, live + stage_temp_bytes(stage)))
 
-  ij.inherit(placed, spec, trace=trace)
+  with tracing(trace):
+    ij.inherit(placed, spec)
   planned = plan_memory(sharded_stages(placed, spec), teacher)
-  # The plan lists the stages that ran, in their order (a bucket's round once).
+  # The plan lists exactly the stages that ran, in their order.
   ran, plan = [(name, path) for name, path, _ in measured], [(r["name"], r["path"]) for r in planned]
-  last = max(i for i, (name, _) in enumerate(ran) if name == "step")
-  assert set(plan) == set(ran) and plan[-(len(ran) - last - 1):] == ran[last + 1 :], (plan, ran)
+  assert plan == ran, (plan, ran)
   peak, plan = max(m for *_, m in measured), max(r["peak"] for r in planned)
   return {"teacher_bytes": teacher, "peak_bytes": peak, "ratio": peak / teacher,
           "planned_ratio": plan / teacher, "stages": len(measured)}

@@ -566,3 +566,97 @@ def test_full_variables_dict_rejected():
   params, rest = teacher("cnn")
   with pytest.raises(TypeError, match="variables"):
     ij.inherit({"params": params, **rest}, 2)
+
+
+# ------------------------------------------------------- one plan, every executor
+def _separated(m, n, seed, stack=()):
+  """Kernels whose top singular values are well separated (``0.8^i``): their factors
+  are well defined, so two backends' factors can be compared entry by entry."""
+  rng = np.random.default_rng(seed)
+  k = min(m, n)
+  u = np.linalg.qr(rng.standard_normal((*stack, m, k)))[0]
+  v = np.linalg.qr(rng.standard_normal((*stack, n, k)))[0]
+  return ((u * 0.8 ** np.arange(k)) @ np.swapaxes(v, -1, -2)).astype(np.float32)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def test_host_jit_and_in_jit_paths_give_the_same_factors():
+  """Host NumPy (concrete CPU arrays), a jitted program per group (inside `jax.jit`)
+  and a traced key draw the same start matrices and run the same math."""
+  params = {
+      "big": {"kernel": _separated(300, 160, 0), "bias": np.zeros(160, np.float32)},
+      "stack": {"kernel": _separated(160, 256, 1, stack=(2,))},
+      "conv": {"kernel": _separated(27, 8, 2).reshape(3, 3, 3, 8)},
+  }
+  spec = InherSpec(rank=6, heads=2, rules=((r"stack/kernel", {"stack": 1}),))
+  key = jax.random.key(4)
+  host = traverse_util.flatten_dict(ij.inherit(params, spec, key=key), sep="/")
+  jitted = traverse_util.flatten_dict(
+      jax.jit(lambda p: ij.inherit(p, spec, key=key))(jax.tree.map(jnp.asarray, params)), sep="/")
+  for path, x in host.items():
+    assert _rel(jitted[path], x) <= 1e-5, (path, _rel(jitted[path], x))
+    if "/gate/" in path:
+      np.testing.assert_array_equal(np.asarray(jitted[path]), np.asarray(x))
+  # And the randomized method really ran on the big kernels.
+  assert ij.inherit_report(params, spec)[0]["path"] == "big/kernel"
+  from inhernet_jax import svd
+
+  assert svd.use_randomized(300, 160, 6) and svd.use_randomized(160, 256, 6)
+
+
+def test_start_matrices_do_not_depend_on_batching():
+  """A kernel's factors are the same whether it is decomposed alone or batched with
+  another kernel of the same shape (its start matrices come from its own path)."""
+  a, b = _separated(300, 160, 0), _separated(300, 160, 1)
+  spec = InherSpec(rank=6, method="randomized")
+  alone = ij.inherit({"a": {"kernel": a}}, spec)["a"]
+  both = ij.inherit({"a": {"kernel": a}, "b": {"kernel": b}}, spec)["a"]
+  chex.assert_trees_all_close(alone, both, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_tiny_and_huge_kernels_inherit_as_accurately(scale, method):
+  params = {"big": {"kernel": _separated(300, 160, 0)}}
+  scaled = {"big": {"kernel": (params["big"]["kernel"].astype(np.float64) * scale).astype(np.float32)}}
+  spec = InherSpec(rank=6, method=method)
+  ref = ij.inherit(params, spec)["big"]
+  got = ij.inherit(scaled, spec)["big"]
+  assert _rel(got["down"]["kernel"], ref["down"]["kernel"]) <= 1e-5
+  assert _rel(np.asarray(got["up"]["kernel"], np.float64) / scale, ref["up"]["kernel"]) <= 1e-5
+  (row,) = ij.inherit_report(scaled, spec)
+  assert row["rel_error"] == pytest.approx(ij.inherit_report(params, spec)[0]["rel_error"], rel=1e-4)
+
+
+def test_numerical_failure_names_the_layer(monkeypatch):
+  from inhernet_jax import svd
+
+  def broken(a, rank, *args, **kwargs):
+    u, s, v = svd.exact_svd(a, rank, xp=kwargs.get("xp", jnp))
+    return u * np.nan, s, v
+
+  monkeypatch.setattr(svd, "randomized_svd", broken)
+  params = {"enc": {"big": {"kernel": _separated(300, 160, 0)}}}
+  with pytest.raises(ValueError, match=r"enc/big/kernel.*non-finite"):
+    ij.inherit(params, InherSpec(rank=6, method="randomized"))
+
+
+def test_energy_policy_on_a_stack_meets_the_target_in_every_slice():
+  """One slice needs full rank for 99% energy, the other factorises at rank 1: the
+  stack is kept whole (a factorised stack would keep 22% of the first slice)."""
+  flat = np.random.default_rng(0).standard_normal((12, 10)).astype(np.float32)
+  rank1 = np.outer(np.arange(1, 13), np.arange(1, 11)).astype(np.float32)
+  params = {"blocks": {"fc": {"kernel": np.stack([flat, rank1])}}}
+  rules = ((r"blocks/.*", {"stack": 1}),)
+  (row,) = ij.inherit_report(params, InherSpec(energy=0.99, rules=rules))
+  assert row["action"] == "keep" and "stack slice 0" in row["reason"], row
+  # Both slices low rank: the stack gets the largest rank any slice needs.
+  two = np.zeros((12, 10))
+  two[0, 0] = two[1, 1] = 1.0  # Two equal singular values: rank 2.
+  params = {"blocks": {"fc": {"kernel": np.stack([two, rank1]).astype(np.float32)}}}
+  (row,) = ij.inherit_report(params, InherSpec(energy=0.99, rules=rules))
+  assert row["action"] == "factorize" and row["rank"] == 2, row

@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from inhernet_jax import svd
 from inhernet_jax.layers import InherDense
+from inhernet_jax.plan import canonical_signs
 from inhernet_jax.spec import InherSpec
 
 # float32 SVD: backward error is a small multiple of eps32 * ||A||.
@@ -153,12 +154,13 @@ def test_exact_factors_are_orthonormal(a, data):
     shape=st.sampled_from([(40, 24), (24, 40)]),
     rank=st.integers(1, 4),
     oversample=st.sampled_from([None, 2]),
-    iters=st.sampled_from([2, 24]),
+    power_iters=st.sampled_from([0, 2, 4]),
 )
-def test_randomized_factors_are_orthonormal(seed, shape, rank, oversample, iters):
+def test_randomized_factors_are_orthonormal(seed, shape, rank, oversample, power_iters):
   a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
   u, s, v = svd.truncated_svd(
-      a, rank, jax.random.key(seed % 1000), method="randomized", oversample=oversample, iters=iters
+      a, rank, jax.random.key(seed % 1000), method="randomized", oversample=oversample,
+      power_iters=power_iters,
   )
   chex.assert_shape([u, s, v], [(shape[0], rank), (rank,), (shape[1], rank)])
   assert_orthonormal_columns(u, 1e-4)
@@ -239,13 +241,15 @@ def test_randomized_matches_exact(make, m, n):
   # `auto` is exactly the randomized method here.
   chex.assert_trees_all_equal((u, s, v), svd.truncated_svd(a, rank, method="randomized"))
   ref_u, ref_s, ref_vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
-  np.testing.assert_allclose(np.asarray(s), ref_s[:rank], rtol=1e-3)
   assert_orthonormal_columns(u, 1e-4)
   assert_orthonormal_columns(v, 1e-4)
   err = np.linalg.norm(a - reconstruct(u, s, v))
   best = np.sqrt(np.sum(ref_s[rank:] ** 2))
-  assert err <= best * (1 + 1e-3)
+  assert err <= best * 1.01  # The documented default: within 1% of optimal.
+  # Flat spectra (Gaussian): 4 power iterations leave the top values a few % low.
+  np.testing.assert_allclose(np.asarray(s), ref_s[:rank], rtol=1e-3 if make is _decaying else 0.05)
   if make is _decaying:  # Well separated: the singular vectors themselves match.
+    assert err <= best * (1 + 1e-4)
     np.testing.assert_allclose(np.abs(np.sum(np.asarray(u) * ref_u[:, :rank], 0)), 1.0, atol=1e-3)
     np.testing.assert_allclose(np.abs(np.sum(np.asarray(v) * ref_vt[:rank].T, 0)), 1.0, atol=1e-3)
 
@@ -442,21 +446,73 @@ def test_truncated_svd_rejects_unknown_method():
     [(_decaying, 512, 256), (_gaussian, 256, 512)],
     ids=["decaying-512x256", "gaussian-256x512"],
 )
-def test_host_numpy_stages_match_exact_and_jax_stages(make, m, n):
-  """`inherit` runs the randomized stages in NumPy on the host: same accuracy."""
-  rank, k = 8, 24
+def test_host_numpy_and_jax_randomized_agree(make, m, n):
+  """`inherit` runs `randomized_svd` in NumPy on the host and jitted elsewhere: from
+  the same start matrix, the same factors up to float32 rounding."""
+  rank = 8
   a = make(m, n, seed=7)
-  key = jax.random.key(3)
-  host = svd.finalize(a, svd.subspace(svd.gram(a, xp=np), rank, key, k, xp=np), rank, xp=np)
-  dev = svd.finalize(jnp.asarray(a), svd.subspace(svd.gram(jnp.asarray(a)), rank, key, k), rank)
+  start = np.asarray(svd.start_matrix(jax.random.key(3), (min(m, n), svd.width(m, n, rank))))
+  host = svd.randomized_svd(a, rank, start, xp=np)
+  dev = jax.jit(svd.randomized_svd, static_argnums=(1, 3))(jnp.asarray(a), rank, start, svd.POWER_ITERS)
   assert all(isinstance(x, np.ndarray) for x in host)
-  ref = np_singular_values(a)[:rank]
-  np.testing.assert_allclose(host[1], ref, rtol=1e-3)
-  np.testing.assert_allclose(np.asarray(dev[1]), ref, rtol=1e-3)
+  # Up to the sign of each singular pair (LAPACK builds differ; `inherit` fixes them).
+  host = (*canonical_signs(host[0], host[2], xp=np), host[1])
+  dev = (*canonical_signs(np.asarray(dev[0]), np.asarray(dev[2]), xp=np), dev[1])
+  host, dev = (host[0], host[2], host[1]), (dev[0], dev[2], dev[1])
+  # Separated singular values (decaying): the factors agree. Flat (Gaussian) ones are
+  # ill-conditioned (gaps of ~1%: rounding turns pairs of vectors), so there the
+  # truncation A_r they compute agrees.
+  pairs = zip(host, dev) if make is _decaying else [(reconstruct(*host), reconstruct(*dev))]
+  for h, d in pairs:
+    d = np.asarray(d, np.float64)
+    assert np.linalg.norm(h - d) <= 1e-5 * np.linalg.norm(d), np.linalg.norm(h - d) / np.linalg.norm(d)
   assert_orthonormal_columns(host[0], 1e-4)
   assert_orthonormal_columns(host[2], 1e-4)
   best = np.sqrt(np.sum(np_singular_values(a)[rank:] ** 2))
-  assert np.linalg.norm(a - reconstruct(*host)) <= best * (1 + 1e-3)
+  assert np.linalg.norm(a - reconstruct(*host)) <= best * 1.01
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_tiny_and_huge_entries_keep_relative_accuracy(method, scale):
+  """Decompositions run on ``a / max|a|``: entries near 1e-20 (whose squares underflow
+  float32) or 1e20 (overflow) give the scale-1 factors, singular values scaled."""
+  a = _decaying(256, 128, seed=2)
+  ref = svd.truncated_svd(a, 8, method=method)
+  got = svd.truncated_svd((a.astype(np.float64) * scale).astype(np.float32), 8, method=method)
+  np.testing.assert_allclose(np.asarray(got[1]) / scale, np.asarray(ref[1]), rtol=1e-5)
+  for g, r in ((got[0], ref[0]), (got[2], ref[2])):
+    signs = np.sign(np.sum(np.asarray(g) * np.asarray(r), 0))
+    np.testing.assert_allclose(np.asarray(g) * signs, np.asarray(r), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(svd.singular_values(a * np.float32(scale))) / scale,
+                             np.asarray(svd.singular_values(a)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_whitened_svd_scale_safe(scale):
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((12, 5)).astype(np.float32)
+  x = rng.standard_normal((40, 12))
+  gram = (x.T @ x).astype(np.float32)
+  ref = svd.whitened_svd(a, gram, 3, xp=np)
+  got = svd.whitened_svd(a, (gram.astype(np.float64) * scale).astype(np.float32), 3, xp=np)
+  assert got[3] and ref[3]
+  # The same A_r; its factors and singular values carry the Gram's scale.
+  np.testing.assert_allclose(reconstruct(*got[:3]), reconstruct(*ref[:3]), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got[1] / np.sqrt(scale), ref[1], rtol=1e-4)
+
+
+def test_default_beats_pissa_fast_svd():
+  """The default randomized setting: error <= PiSSA's ``svd_lowrank(q=r, niter=4)`` on
+  the same matrix and <= 1.01x optimal, on flat and decaying spectra."""
+  torch = pytest.importorskip("torch")
+  rank = 32
+  for a in (_gaussian(512, 384, seed=5), random_spectrum_matrix(384, 512, 1 / np.sqrt(np.arange(1, 385)), 6)):
+    best = np_tail_error(a, rank)
+    ours = np.linalg.norm(a - reconstruct(*svd.truncated_svd(a, rank)))
+    u, s, v = torch.svd_lowrank(torch.from_numpy(a), q=rank, niter=4)
+    pissa = np.linalg.norm(a - reconstruct(u.numpy(), s.numpy(), v.numpy()))
+    assert ours <= min(pissa, 1.01 * best), (ours / best, pissa / best)
 
 
 def test_spectral_quantities_of_tiny_and_huge_singular_values():
