@@ -4,7 +4,7 @@
 that model's size), ``--energy`` (per-layer ranks by spectral energy) or ``--budget``
 (per-layer ranks at a parameter budget: an int, a fraction of the teacher, or
 ``student:<zoo model>``; ``--allocation`` greedy or uniform), with ``--heads`` and
-``--preset``. `make_spec` turns them into an exact `InherSpec`.
+``--preset``, and ``--svd`` (the SVD setting). `make_spec` turns them into an exact `InherSpec`.
 """
 
 from absl import app, flags
@@ -24,6 +24,11 @@ ALLOCATION = flags.DEFINE_enum(
     "With --budget: per-layer ranks keeping the most spectral energy, or one uniform rank.")
 HEADS = flags.DEFINE_integer("heads", 3, "Gated expert up-projections H.")
 PRESET = flags.DEFINE_enum("preset", "default", models.PRESETS, "Which layers are inherited.")
+SVD = flags.DEFINE_enum(
+    "svd", "default", ("default", "fast", "exact"),
+    "SVD setting: default (randomized, 4 power iterations: within 1% of the optimal error), "
+    "fast (2 power iterations) or exact (full SVDs).")
+SVD_SETTINGS = {"default": {}, "fast": {"power_iters": 2}, "exact": {"method": "exact"}}
 
 
 def given() -> list[str]:
@@ -32,11 +37,16 @@ def given() -> list[str]:
 
 
 def make_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
-  """The flags' `InherSpec` for a teacher of zoo model ``name`` (whose presets apply).
+  """The flags' `InherSpec` for a teacher of zoo model ``name`` (whose presets apply),
+  with the ``--svd`` setting.
 
   Raises:
     app.UsageError: naming the flag and what was expected.
   """
+  return _rank_spec(teacher_params, name, num_classes).replace(**SVD_SETTINGS[SVD.value])
+
+
+def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
   rules = models.preset(PRESET.value, name)
   heads = HEADS.value
   if BUDGET.value is not None:
