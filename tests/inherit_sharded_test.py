@@ -251,7 +251,7 @@ def _run(check):
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   start = time.time()
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), check], env=env, cwd=root,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, f"{check} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
   # XLA's partitioner warns when it can only reshard by gathering a whole array.
   assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-8000:]
