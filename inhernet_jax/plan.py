@@ -137,6 +137,13 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
       if spec.match(path)[1].get("skip"):
         kernels.append(Kernel(keys, path, v, bias, stack, LayerPlan(False, 0, 0, 0, "skipped by rule")))
         continue
+      if is_array(bias, abstract) and tuple(bias.shape) != (*v.shape[:stack], v.shape[-1]):
+        raise ValueError(
+            f"{path}: kernel of shape {tuple(v.shape)} ({stack} stack axes) has a bias of shape "
+            f"{tuple(bias.shape)}, expected {(*v.shape[:stack], v.shape[-1])}: InherDense / "
+            "InherConv read every axis but the last as inputs (a DenseGeneral with several "
+            "output axes does not fit). Skip it with a rule "
+            f"({re.escape(path)!r}, 'skip'), or declare scan-stacked layer axes with {{'stack': N}}")
       ndim = v.ndim - stack
       if not 2 <= ndim <= MAX_KERNEL_NDIM:
         raise ValueError(

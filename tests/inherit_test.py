@@ -660,3 +660,9 @@ def test_energy_policy_on_a_stack_meets_the_target_in_every_slice():
   params = {"blocks": {"fc": {"kernel": np.stack([two, rank1]).astype(np.float32)}}}
   (row,) = ij.inherit_report(params, InherSpec(energy=0.99, rules=rules))
   assert row["action"] == "factorize" and row["rank"] == 2, row
+
+
+def test_dense_general_kernel_with_multi_axis_bias_names_the_path():
+  params = {"attn": {"qkv": {"kernel": np.ones((8, 3, 4), np.float32), "bias": np.ones((3, 4), np.float32)}}}
+  with pytest.raises(ValueError, match=r"attn/qkv/kernel.*bias of shape \(3, 4\).*skip"):
+    ij.inherit(params, 2)
