@@ -330,13 +330,22 @@ def _run_llama_child(spectrum: str, setting: str) -> dict:
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def bench_llama() -> dict:
-  """The reduced LLaMA shape: ours (each setting) vs PiSSA vs a full SVD loop."""
+def bench_llama(on_row=None) -> dict:
+  """The reduced LLaMA shape: ours (each setting) vs PiSSA vs a full SVD loop.
+
+  ``on_row`` is called with the rows so far after each row (a long run on a busy
+  machine keeps what it measured)."""
   from launch import benchmark_llama as bl
 
   torch = _torch()
   shape, rank = _llama_shape(), FLAGS.llama_rank
   rows, matrices = [], 0
+
+  def add(row):
+    rows.append(row)
+    if on_row:
+      on_row(bl.with_ratios(rows))
+
   for spectrum in FLAGS.spectra:
     teacher = bl.host_teacher(shape, spectrum, FLAGS.seed)
     mats = bl.slices(teacher)
@@ -347,26 +356,25 @@ def bench_llama() -> dict:
       try:
         bl.spec(setting, rank, FLAGS.heads)
       except TypeError as e:  # Today's engine has no power_iters: say so, go on.
-        rows.append({**row, "skipped": f"InherSpec has no {bl.SETTING_KWARGS[setting]} ({e})"})
+        add({**row, "skipped": f"InherSpec has no {bl.SETTING_KWARGS[setting]} ({e})"})
         print(f"llama {spectrum} {row['method']}: skipped ({e})", flush=True)
         continue
       child = _run_llama_child(spectrum, setting)
       row.update({k: child[k] for k in ("cold_s", "warm_s", "compile_s", "warm_compile_s",
                                         "import_and_params_s")})
-      rows.append({**row, **bl.summary(child["errors"], optimal)})
+      add({**row, **bl.summary(child["errors"], optimal)})
       print(f"llama {spectrum} {row['method']}: cold {row['cold_s']:.2f}s, warm "
             f"{row['warm_s']:.2f}s", flush=True)
     weights = [bl.torch_weight(w) for _, w in mats]
     pissa_s, factors = bl.time_pissa(weights, rank, max(FLAGS.llama_repeats, 1))
-    rows.append({"spectrum": spectrum, "method": f"PiSSA svd_lowrank(q=r, niter={bl.PISSA_NITER})",
-                 "cold_s": None, "warm_s": pissa_s,
-                 **bl.summary(bl.torch_errors(mats, [factors[i] for i in range(len(mats))]),
-                              optimal)})
+    add({"spectrum": spectrum, "method": f"PiSSA svd_lowrank(q=r, niter={bl.PISSA_NITER})",
+         "cold_s": None, "warm_s": pissa_s,
+         **bl.summary(bl.torch_errors(mats, [factors[i] for i in range(len(mats))]), optimal)})
     print(f"llama {spectrum} PiSSA: {pissa_s:.2f}s", flush=True)
     if FLAGS.llama_full_svd:
       full_s, factors = bl.time_full_svd(weights, rank, 1)
-      rows.append({"spectrum": spectrum, "method": "torch.linalg.svd loop", "cold_s": None,
-                   "warm_s": full_s, **bl.summary(bl.torch_errors(mats, factors), optimal)})
+      add({"spectrum": spectrum, "method": "torch.linalg.svd loop", "cold_s": None,
+           "warm_s": full_s, **bl.summary(bl.torch_errors(mats, factors), optimal)})
   bl.with_ratios(rows)
   return {"shape": dataclasses.asdict(shape), "rank": rank, "heads": FLAGS.heads,
           "dtype": "bfloat16", "matrices": matrices, "repeats": FLAGS.llama_repeats,
@@ -441,7 +449,7 @@ def main(argv):
       _write(results)
     tables.append(f"ResNet-50 shapes, rank {FLAGS.rank}, H=1:\n\n{resnet_markdown(results['inherit'])}")
   if "llama" in parts:
-    results["llama"] = r = bench_llama()
+    results["llama"] = r = bench_llama(lambda rows: _write({**results, "llama_rows_so_far": rows}))
     _write(results)
     tables.append(f"LLaMA shape {r['shape']}, {r['matrices']} matrices, rank {r['rank']}, "
                   f"H={r['heads']}, bf16, torch threads {r['torch_threads']}:\n\n{r['table']}")
