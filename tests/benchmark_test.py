@@ -143,3 +143,11 @@ def test_device_part_falls_back_to_cpu_tiny(tmp_path):
   assert ours["method"] == "ours default" and ours["compile_s"] >= 0
   assert ours["cold_s"] >= ours["compile_s"]
   assert "| compile |" in stdout
+
+
+def test_optimal_error_from_the_gram_matches_the_svd():
+  torch = pytest.importorskip("torch")
+  mats = bl.slices(bl.host_teacher(TINY, "decaying"))
+  want = bl.optimal_errors(mats, RANK)
+  got = [bl.optimal_error_torch(torch.from_numpy(w.astype(np.float64)), RANK) for _, w in mats]
+  np.testing.assert_allclose(got, want, rtol=1e-9)
