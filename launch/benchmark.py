@@ -66,7 +66,8 @@ flags.DEFINE_integer("llama_rank", 128, "Rank of the reduced LLaMA-shaped part."
 flags.DEFINE_list("llama_shape", ["2", "1024", "2752", "4000"],
                   "layers,width,mlp,vocab of the reduced LLaMA-shaped teacher.")
 flags.DEFINE_list("llama_settings", ["default", "fast", "exact"], "Our settings to time.")
-flags.DEFINE_integer("llama_repeats", 2, "Warm repeats of ours and PiSSA (the best is kept).")
+flags.DEFINE_integer("llama_repeats", 2, "Warm repeats of ours and PiSSA (the best is kept; "
+                     "0: ours cold only, PiSSA once).")
 flags.DEFINE_bool("llama_full_svd", True, "Also time a full torch.linalg.svd loop (once).")
 flags.DEFINE_bool("device", False, "Run the full LLaMA-2-7B-shaped part on one accelerator "
                   "(the CPU when there is none) instead of --parts.")
@@ -364,7 +365,7 @@ def bench_llama(on_row=None) -> dict:
                                         "import_and_params_s")})
       add({**row, **bl.summary(child["errors"], optimal)})
       print(f"llama {spectrum} {row['method']}: cold {row['cold_s']:.2f}s, warm "
-            f"{row['warm_s']:.2f}s", flush=True)
+            f"{bl._s(row['warm_s'])}", flush=True)
     weights = [bl.torch_weight(w) for _, w in mats]
     pissa_s, factors = bl.time_pissa(weights, rank, max(FLAGS.llama_repeats, 1))
     add({"spectrum": spectrum, "method": f"PiSSA svd_lowrank(q=r, niter={bl.PISSA_NITER})",
