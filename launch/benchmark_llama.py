@@ -236,7 +236,7 @@ def _x(x) -> str:
 
 
 def _e(x) -> str:
-  return "n/a" if x is None else f"{x:.5f}"
+  return "n/a" if x is None else f"{x:.6f}"
 
 
 def markdown(rows: list[dict], compile_column: bool = False) -> str:

@@ -90,7 +90,7 @@ def test_ratios_and_table():
   ])
   assert rows[0]["cold_vs_pissa"] == 1.5 and rows[0]["warm_vs_pissa"] == 0.5
   table = bl.markdown(rows, compile_column=True)
-  assert "| gaussian | ours default | 3.00 s | 1.00 s | n/a | 1.50x | 0.50x | 1.00100 |" in table
+  assert "| gaussian | ours default | 3.00 s | 1.00 s | n/a | 1.50x | 0.50x | 1.001000 |" in table
   assert "skipped: no power_iters" in table
 
 
