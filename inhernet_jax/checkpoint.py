@@ -243,6 +243,7 @@ def _set_aside(mngr, step: int) -> None:
 def _restore_step(mngr, step, abstract_state, template, fingerprint, allow, required):
   where = os.path.join(str(mngr.directory), str(step))
   start_over = f"delete {mngr.directory} (or use another workdir) to start this run over"
+  fresh = f"delete {mngr.directory} (or use another workdir)"
   try:
     metadata = mngr.item_metadata(step)["state"]
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -276,7 +277,7 @@ def _restore_step(mngr, step, abstract_state, template, fingerprint, allow, requ
       fields = sorted({l.split(":")[0].strip() for l in lines})
       raise CheckpointError(
           f"checkpoint {where} was written by a different run; these settings differ:\n"
-          + "\n".join(lines) + f"\nTo start this run over, {start_over}. To continue it "
+          + "\n".join(lines) + f"\nTo start this run over, {fresh}. To continue it "
           f"deliberately with the new settings, allow them: allow_resume_changes="
           f"'{','.join(fields)}' (--config.allow_resume_changes=... on the command line; "
           "'epochs' alone extends a finished run)")
