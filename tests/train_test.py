@@ -239,6 +239,18 @@ def _checkpoints(workdir: pathlib.Path) -> int:
       continue
 
 
+def _saving(workdir: pathlib.Path) -> str | None:
+  """An orbax temporary (unfinished) checkpoint directory under ``workdir``, if any."""
+  try:
+    for run in workdir.glob("seed_*/*/checkpoints"):
+      for p in os.scandir(run):
+        if "orbax-checkpoint-tmp" in p.name:
+          return p.path
+  except FileNotFoundError:  # Renamed while listed: the save just finished.
+    pass
+  return None
+
+
 def _final_states(workdir: pathlib.Path) -> dict:
   out = {}
   for ckdir in sorted(workdir.rglob("checkpoints")):
@@ -279,6 +291,16 @@ def test_sigkill_at_any_point_resumes_to_identical_results(tmp_path):
       time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  # And once in the middle of a save: while orbax's temporary directory exists.
+  proc = subprocess.Popen([*_CMD, f"--workdir={killed}"], cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline, caught = time.time() + 300, None
+  while proc.poll() is None and time.time() < deadline and caught is None:
+    caught = _saving(killed)
+    if caught is not None:
+      proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL and caught, "no save was caught in progress"
   assert not (killed / "results.json").exists()
   subprocess.run([*_CMD, f"--workdir={killed}"], cwd=ROOT, env=_env(), check=True,
                  capture_output=True)
