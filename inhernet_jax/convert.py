@@ -52,6 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from inhernet_jax import checkpoint
+from inhernet_jax.convert_checks import (ConversionError, check_depth, check_hf_config,
+                                         check_torch_version, check_weight, shard_files)
 from inhernet_jax.models import imagenet, transformer
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -77,10 +79,6 @@ _ACTIVATIONS = {
 }
 
 log = logging.getLogger(__name__)
-
-
-class ConversionError(ValueError):
-  """Weights that do not fit the model (the message names every offending key)."""
 
 
 # ------------------------------------------------------------------------------ loading
@@ -116,19 +114,6 @@ def _torch():
         "safetensors.torch.save_file(torch.load(path), 'model.safetensors')"
     ) from None
   return torch
-
-
-MIN_TORCH = (2, 6)  # torch.load(weights_only=True) runs no pickled code only from 2.6 on.
-
-
-def _check_torch_version(version: str) -> None:
-  """Refuses torch < 2.6, whose ``weights_only=True`` loader can run code (CVE-2025-32434)."""
-  match = re.match(r"(\d+)\.(\d+)", str(version))
-  if match is None or tuple(map(int, match.groups())) < MIN_TORCH:
-    raise ImportError(
-        f"torch {version} cannot load .pth/.pt/.bin files safely: torch.load(weights_only=True) "
-        f"is only safe from torch {'.'.join(map(str, MIN_TORCH))} (CVE-2025-32434); upgrade "
-        "torch, or convert the file to .safetensors in a trusted environment")
 
 
 def _unwrap(tree: Mapping) -> Mapping:
@@ -167,7 +152,7 @@ def load_state_dict(source, dtype: Any = np.float32) -> dict[str, np.ndarray]:
       tree = safetensors.numpy.load_file(path)
     elif path.endswith(_TORCH_SUFFIXES):
       torch = _torch()
-      _check_torch_version(torch.__version__)
+      check_torch_version(torch.__version__)
       tree = torch.load(path, map_location="cpu", weights_only=True)
     else:
       raise ValueError(
@@ -208,55 +193,6 @@ def read_hf_config(config) -> dict:
     raise TypeError(
         f"config must be a dict, a config.json path or a PretrainedConfig, got {config!r}")
   return dict(config)
-
-
-MAX_LAYERS = 1000  # More than any real encoder: a bigger num_hidden_layers is a broken config.
-_POSITIVE = {
-    "common": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
-    "vit": ("image_size", "patch_size", "num_channels"),
-    "bert": ("vocab_size", "max_position_embeddings"),
-}
-
-
-def check_hf_config(config: Mapping, kind: str) -> None:
-  """Every field the converter reads, type- and range-checked, one error naming it.
-
-  Raises:
-    ConversionError: ``HF config: <field> ...`` (missing, not a positive int, out of range).
-  """
-  def positive(name, value, required=True):
-    if value is None and not required:
-      return
-    if name in ("image_size", "patch_size") and isinstance(value, (list, tuple)) and value:
-      for v in value:
-        positive(name, v)
-      return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ConversionError(f"HF config: {name} must be a positive int, got {value!r}")
-
-  for name in _POSITIVE["common"] + _POSITIVE[kind]:
-    if name not in config and name in _POSITIVE["common"]:
-      raise ConversionError(f"HF config: {name} is missing (the {kind} config.json has it)")
-    positive(name, config.get(name), required=name in _POSITIVE["common"])
-  if config["num_hidden_layers"] > MAX_LAYERS:
-    raise ConversionError(f"HF config: num_hidden_layers={config['num_hidden_layers']} is "
-                          f"beyond any real model (at most {MAX_LAYERS})")
-  if config["hidden_size"] % config["num_attention_heads"]:
-    raise ConversionError(
-        f"HF config: hidden_size={config['hidden_size']} is not divisible by "
-        f"num_attention_heads={config['num_attention_heads']}")
-  type_vocab = config.get("type_vocab_size", 2)
-  if isinstance(type_vocab, bool) or not isinstance(type_vocab, int) or type_vocab < 0:
-    raise ConversionError(f"HF config: type_vocab_size must be an int >= 0, got {type_vocab!r}")
-  id2label = config.get("id2label")
-  if id2label is not None and not isinstance(id2label, Mapping):
-    raise ConversionError(f"HF config: id2label must be an object, got {type(id2label).__name__}")
-  labels = config.get("num_labels", 2)
-  if not id2label and (isinstance(labels, bool) or not isinstance(labels, int) or labels < 1):
-    raise ConversionError(f"HF config: num_labels must be an int >= 1 (classes), got {labels!r}")
-  eps = config.get("layer_norm_eps", 1e-12)
-  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-    raise ConversionError(f"HF config: layer_norm_eps must be a number > 0, got {eps!r}")
 
 
 # ---------------------------------------------------------------------- name mapping
@@ -314,7 +250,7 @@ def _assemble(state_dict: Mapping, leaves: Sequence[_Leaf], ignore, what: str):
   variables, sources, used, missing, hints = {}, {}, set(), [], {}
   for leaf in leaves:
     if leaf.name in state_dict:
-      value = leaf.fn(leaf.name, _check_weight(leaf.name, state_dict[leaf.name]))
+      value = leaf.fn(leaf.name, check_weight(leaf.name, state_dict[leaf.name]))
       used.add(leaf.name)
     elif leaf.default is not None:
       value = leaf.default
@@ -342,18 +278,6 @@ def _assemble(state_dict: Mapping, leaves: Sequence[_Leaf], ignore, what: str):
   if ignored:
     log.info("%s: ignored %d PyTorch tensors: %s", what, len(ignored), _listing(ignored))
   return variables, sources
-
-
-def _check_weight(name: str, a: np.ndarray) -> np.ndarray:
-  """A floating, finite tensor, or an error naming it (an int8 or bool tensor would be
-  cast to float silently, a NaN would spread through every logit)."""
-  dtype = np.dtype(a.dtype)
-  if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
-    raise ConversionError(f"{name}: dtype {dtype}; weights must be floating point")
-  bad = int(a.size - np.count_nonzero(np.isfinite(np.asarray(a, np.float32))))
-  if bad:
-    raise ConversionError(f"{name}: {bad} NaN/Inf value(s) of {a.size}")
-  return a
 
 
 def _listing(items: Sequence[str], limit: int = 20) -> str:
@@ -444,18 +368,6 @@ def _check_type(config: dict, kind: str) -> None:
   check_hf_config(config, kind)
 
 
-def _check_depth(state_dict: Mapping, config: Mapping, kind: str) -> None:
-  """num_hidden_layers must be the layers the weights hold (checked before building
-  one name per layer: a config claiming 10**6 layers fails at once)."""
-  found = {int(m.group(1)) for k in state_dict
-           for m in [re.search(r"(?:^|\.)(?:layer|layers)\.(\d+)\.", k)] if m}
-  depth = config["num_hidden_layers"]
-  if depth > len(found):
-    have = f"layers 0..{max(found)}" if found else "no layers"
-    raise ConversionError(f"HF config: num_hidden_layers={depth}, but the {kind} weights hold "
-                          f"{have} ({len(found)})")
-
-
 def _head_leaves(state_dict, config, width: int, init_head: bool, kind: str):
   if "classifier.weight" in state_dict or not init_head:
     hint = "no classifier: init_head=True (--init_head) adds a zero head of num_labels outputs"
@@ -473,7 +385,7 @@ def _prefix(state_dict, prefix: str) -> str:
 def _hf_vit(state_dict, config, ignore=None, init_head=False, scan=False):
   state_dict, config = load_state_dict(state_dict), read_hf_config(config)
   _check_type(config, "vit")
-  _check_depth(state_dict, config, "vit")
+  check_depth(state_dict, config, "vit")
   _activation(config, "vit")
   p = _prefix(state_dict, "vit.")
   new = any(re.match(rf"{re.escape(p)}layers\.\d+\.", k) for k in state_dict)  # transformers 5
@@ -530,7 +442,7 @@ def hf_vit(state_dict, config, *, ignore=None, init_head: bool = False, scan: bo
 def _hf_bert(state_dict, config, ignore=None, init_head=False, scan=False):
   state_dict, config = load_state_dict(state_dict), read_hf_config(config)
   _check_type(config, "bert")
-  _check_depth(state_dict, config, "bert")
+  check_depth(state_dict, config, "bert")
   _bert_checks(config)
   p = _prefix(state_dict, "bert.")
   gamma = any(k.endswith("LayerNorm.gamma") for k in state_dict)  # The oldest checkpoints.
@@ -686,7 +598,7 @@ def match_variables(converted: Mapping, abstract: Mapping, *,
     name = jax.tree_util.keystr(path, simple=True, separator="/")
     x = np.asarray(x)
     if np.issubdtype(np.dtype(a.dtype), np.floating) or np.dtype(a.dtype).name == "bfloat16":
-      _check_weight(f"{name} ({notes[name]})" if name in notes else name, x)
+      check_weight(f"{name} ({notes[name]})" if name in notes else name, x)
     return np.asarray(x, dtype=a.dtype)
 
   return jax.tree_util.tree_map_with_path(cast, dict(converted), wanted)
@@ -750,36 +662,10 @@ def _hf_files(path) -> tuple[Any, str | None]:
   for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     if os.path.isfile(os.path.join(path, index)):
       merged = {}
-      for shard in _shards(path, index):
+      for shard in shard_files(path, index):
         merged.update(load_state_dict(shard))
       return merged, config
   raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}: " + _HF_HINT)
-
-
-def _shards(directory: str, index: str) -> list[str]:
-  """The shard files of a sharded checkpoint's index, each inside ``directory``."""
-  where = os.path.join(directory, index)
-  with open(where) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{where}: not valid JSON ({e})") from None
-  weight_map = data.get("weight_map") if isinstance(data, dict) else None
-  if not isinstance(weight_map, dict) or not weight_map:
-    raise ConversionError(f"{where}: weight_map is missing or not a non-empty object "
-                          "(tensor name -> shard file)")
-  root = os.path.realpath(directory)
-  out = []
-  for name, shard in sorted(weight_map.items(), key=lambda kv: str(kv[1])):
-    if not isinstance(shard, str) or not shard:
-      raise ConversionError(f"{where}: weight_map[{name!r}] must be a file name, got {shard!r}")
-    full = os.path.realpath(os.path.join(root, shard))
-    if os.path.commonpath([root, full]) != root or full == root:
-      raise ConversionError(f"{where}: weight_map[{name!r}] = {shard!r} points outside the "
-                            f"model directory {root}; refusing to read it")
-    if full not in out:
-      out.append(full)
-  return out
 
 
 def from_hf(path, kind: str | None = None, *, config=None, ignore=None,
