@@ -41,6 +41,8 @@ from inhernet_jax.inherit import inherit
 from inhernet_jax.spec import InherSpec
 
 KINDS = ("student", "inhernet")
+# Method fields the trainer fingerprints itself (or that do not define the run).
+_TRAINER_FIELDS = ("label", "optimizer", "loss", "loss_kwargs", "hint")
 
 
 def _dict(node) -> dict:
@@ -125,7 +127,10 @@ def _teacher(config, pipeline, workdir: str, seed: int):
   run = _train(
       config, model, variables, pipeline, _with_optimizer(config, tc.get("optimizer")),
       os.path.join(workdir, "teacher"), seed=seed, epochs=tc.epochs, desc="teacher",
-      fingerprint={"teacher_config": _dict(tc)},
+      # The trainer fingerprints epochs and the optimizer itself (allow_resume_changes
+      # names them as it does).
+      fingerprint={"teacher_config": {k: v for k, v in _dict(tc).items()
+                                      if k not in ("epochs", "optimizer")}},
   )
   trained = {"params": run.state.params}
   if run.state.batch_stats:
@@ -326,7 +331,7 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
         loss_kwargs=loss_kwargs, teacher=(t_model, t_vars) if loss != "ce" else None,
         hint=hint, desc=f"seed {seed} {key}",
         # What defines this run beyond the trainer's own fields (its label does not).
-        fingerprint={"method": {k: v for k, v in md.items() if k != "label"}},
+        fingerprint={"method": {k: v for k, v in md.items() if k not in _TRAINER_FIELDS}},
     )
     if md["kind"] == "inhernet":
       extra["metric_at_init"] = run.history["test_metric"][0]
