@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import time
@@ -34,7 +35,7 @@ from inhernet_jax import sharding as sharding_lib
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import train as train_lib
 from inhernet_jax import budget as budget_lib
-from inhernet_jax import calibration
+from inhernet_jax import calibration, integrity
 from inhernet_jax import lock as lock_lib
 from inhernet_jax import validate
 from inhernet_jax.inherit import inherit
@@ -300,6 +301,7 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
 
   student_params: dict[str, int] = {}
   grams_cache: dict[int, dict] = {}
+  teacher_id = functools.cache(lambda: integrity.digest(integrity.checksum(t_vars)))
   for key, md in expand_methods(config):
     loss, loss_kwargs = md.get("loss", "ce"), _dict(md.get("loss_kwargs"))
     hint = None
@@ -330,8 +332,10 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
         os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,
         loss_kwargs=loss_kwargs, teacher=(t_model, t_vars) if loss != "ce" else None,
         hint=hint, desc=f"seed {seed} {key}",
-        # What defines this run beyond the trainer's own fields (its label does not).
-        fingerprint={"method": {k: v for k, v in md.items() if k not in _TRAINER_FIELDS}},
+        # What defines this run beyond the trainer's own fields (its label does not), and
+        # the teacher an inherited network starts from (also without a KD teacher).
+        fingerprint={"method": {k: v for k, v in md.items() if k not in _TRAINER_FIELDS},
+                     **({"teacher": teacher_id()} if md["kind"] == "inhernet" else {})},
     )
     if md["kind"] == "inhernet":
       extra["metric_at_init"] = run.history["test_metric"][0]

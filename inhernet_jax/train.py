@@ -301,9 +301,10 @@ def train_and_evaluate(
       batches over its ``data`` and ``fsdp`` axes; the results do not depend on it.
     sharding_rules: path rules (`sharding.resolve_rules`: None, a `sharding.RULE_SETS`
       name, or ``((regex, action), ...)``).
-    fingerprint: more run-defining fields (the experiment's method definition) for the
-      fingerprint checked on resume; the trainer adds its own (optimizer, epochs, seed,
-      loss, model, teacher weights' checksum, data provenance, batch size).
+    fingerprint: more run-defining fields (the experiment's method definition; the
+      teacher an InherNet was inherited from, ``teacher``) for the fingerprint checked on
+      resume; the trainer adds its own (optimizer, epochs, seed, loss, model, the KD
+      teacher's weights by checksum, data provenance, batch size).
 
   Returns:
     A `Run`: the final state, the per-epoch history (epoch 0 is the evaluation before
@@ -372,14 +373,15 @@ def train_and_evaluate(
                sharding_lib.describe_shardings(params, param_sh))
   gates_on = _has_gates(params)
 
-  run_fingerprint = integrity.fingerprint(
-      run=fingerprint or {}, epochs=epochs, seed=seed, loss=loss, loss_kwargs=loss_kwargs,
+  own = dict(
+      epochs=epochs, seed=seed, loss=loss, loss_kwargs=loss_kwargs,
       hint=dataclasses.asdict(hint) if hint else None, optimizer=config.optimizer,
       compute_dtype=str(compute_dtype), batch_size=pipeline.batch_size,
       steps_per_epoch=steps_per_epoch, data=dict(getattr(pipeline, "info", {}) or {}),
       model=integrity._plain(model), model_class=type(model).__name__,
       # The teacher by content: another teacher (retrained, other epochs) is another run.
       teacher=None if t_vars is None else integrity.digest(integrity.checksum(t_vars)))
+  run_fingerprint = integrity.fingerprint(**{**own, **(fingerprint or {})})
   allow = tuple(a.strip() for a in str(config.get("allow_resume_changes", "") or "").split(",")
                 if a.strip())
   # One writer per run directory (process 0 speaks for a multi-process job).
