@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -62,8 +63,7 @@ def _position(shape) -> jax.Array:
   return index
 
 
-@jax.jit
-def _sums(leaves):
+def _sums_impl(leaves):
   out = []
   for x in leaves:
     bits = _bits(x)
@@ -72,6 +72,20 @@ def _sums(leaves):
         jnp.sum(bits * ((position * jnp.uint32(m)) | jnp.uint32(1)), dtype=jnp.uint32)
         for m in _MULTIPLIERS]))
   return out
+
+
+@functools.lru_cache(maxsize=64)
+def _sums_fn(out_sharding):
+  # Replicated scalars: every process can read them (arrays may span processes).
+  return jax.jit(_sums_impl, out_shardings=out_sharding)
+
+
+def _replicated(leaves):
+  for x in leaves:
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return None
 
 
 def _name(path) -> str:
@@ -86,8 +100,8 @@ def checksum(tree) -> dict[str, str]:
   """
   flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
           if hasattr(x, "dtype") and hasattr(x, "shape")]
-  sums = jax.device_get(_sums([jnp.asarray(x) if isinstance(x, np.ndarray) else x
-                               for _, x in flat])) if flat else []
+  leaves = [jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x for _, x in flat]
+  sums = jax.device_get(_sums_fn(_replicated(leaves))(leaves)) if flat else []
   return {_name(p): f"{x.dtype} {tuple(x.shape)} {int(s[0]):08x}{int(s[1]):08x}"
           for (p, x), s in zip(flat, sums)}
 
