@@ -146,8 +146,9 @@ def _check_method(p: _Problems, config, name: str, md: Mapping, students: list[s
     p.check(md.get("model") in models.NAMES,
             f"{where}.model: unknown model {md.get('model')!r}; known: {', '.join(models.NAMES)}")
     return
-  rank = p.call(f"{where}.rank", parse_rank, md.get("rank"), f"{where}.rank")
-  if isinstance(rank, str):
+  swept = bool((_dict(config.get("sweep")).get("ranks") or ())) and md.get("sweep", True)
+  rank = None if swept else p.call(f"{where}.rank", parse_rank, md.get("rank"), f"{where}.rank")
+  if isinstance(rank, str):  # (A sweep's ranks replace the method's own.)
     other = rank.split(":", 1)[1]
     p.check(other in students, f"{where}.rank {rank!r}: {other!r} is not a student method run "
                                f"before it (students before it: {students})")

@@ -50,6 +50,15 @@ def test_every_bad_field_is_named(edit, match):
     validate.check_config(config)
 
 
+def test_a_sweep_replaces_the_methods_own_rank():
+  config = _local()
+  config.methods = "inherit"  # Its rank 'params:student' names no earlier student ...
+  with pytest.raises(validate.ConfigError, match="not a student method run before it"):
+    validate.check_config(config)
+  config.sweep = ml_collections.ConfigDict({"ranks": (2, 4), "heads": (1, 2)})
+  validate.check_config(config)  # ... but the sweep's ranks replace it.
+
+
 def test_all_problems_in_one_error():
   config = _local()
   config.epochs, config.batch_size = -1, 0
