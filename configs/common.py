@@ -56,6 +56,11 @@ def base(config: ml_collections.ConfigDict | None = None) -> ml_collections.Conf
   c.checkpoint_every_steps = 200   # Plus one at every epoch end.
   c.keep_checkpoints = 2
   c.async_checkpoints = True
+  # A run resumes only from a checkpoint of the same run (same fingerprint: optimizer,
+  # epochs, model, teacher, data...). Comma-separated fields that may differ, e.g.
+  # "epochs" to extend a finished run deliberately; "*": any.
+  c.allow_resume_changes = ""
+  c.allow_unfinished_teacher = False  # teacher.checkpoint of a run that did not finish.
   c.log_every_steps = 0            # absl logging of step metrics (0: epochs only).
   c.progress = True                # tqdm progress bars.
   c.scratch_method = "student"     # "Epochs to reach" is measured against this run.

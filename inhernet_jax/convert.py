@@ -52,6 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from inhernet_jax import checkpoint
+from inhernet_jax.convert_checks import (ConversionError, check_depth, check_hf_config,
+                                         check_torch_version, check_weight, shard_files)
 from inhernet_jax.models import imagenet, transformer
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -77,10 +79,6 @@ _ACTIVATIONS = {
 }
 
 log = logging.getLogger(__name__)
-
-
-class ConversionError(ValueError):
-  """Weights that do not fit the model (the message names every offending key)."""
 
 
 # ------------------------------------------------------------------------------ loading
@@ -153,7 +151,9 @@ def load_state_dict(source, dtype: Any = np.float32) -> dict[str, np.ndarray]:
 
       tree = safetensors.numpy.load_file(path)
     elif path.endswith(_TORCH_SUFFIXES):
-      tree = _torch().load(path, map_location="cpu", weights_only=True)
+      torch = _torch()
+      check_torch_version(torch.__version__)
+      tree = torch.load(path, map_location="cpu", weights_only=True)
     else:
       raise ValueError(
           f"{path}: unknown weights format; expected .safetensors or one of {_TORCH_SUFFIXES}")
@@ -179,7 +179,14 @@ def read_hf_config(config) -> dict:
           f"no Hugging Face config at {path}: it is the config.json next to the weights "
           "on the Hub, or written by model.save_pretrained(DIR)")
     with open(path) as f:
-      return json.load(f)
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+      raise ConversionError(f"{path}: a HF config must be a JSON object, got a "
+                            f"{type(data).__name__}")
+    return data
   if hasattr(config, "to_dict"):  # A transformers PretrainedConfig.
     return config.to_dict()
   if not isinstance(config, Mapping):
@@ -243,7 +250,7 @@ def _assemble(state_dict: Mapping, leaves: Sequence[_Leaf], ignore, what: str):
   variables, sources, used, missing, hints = {}, {}, set(), [], {}
   for leaf in leaves:
     if leaf.name in state_dict:
-      value = leaf.fn(leaf.name, state_dict[leaf.name])
+      value = leaf.fn(leaf.name, check_weight(leaf.name, state_dict[leaf.name]))
       used.add(leaf.name)
     elif leaf.default is not None:
       value = leaf.default
@@ -343,7 +350,7 @@ def torchvision_resnet(state_dict, depth: int | str, *, ignore=None) -> dict:
 # ---------------------------------------------------------------------- transformers
 def _num_labels(config: dict) -> int:
   id2label = config.get("id2label")
-  return len(id2label) if id2label else int(config.get("num_labels", 2))
+  return len(id2label) if id2label else config.get("num_labels", 2)
 
 
 def _activation(config: dict, kind: str) -> Callable:
@@ -358,6 +365,7 @@ def _check_type(config: dict, kind: str) -> None:
   model_type = config.get("model_type")
   if model_type is not None and model_type != kind:
     raise ConversionError(f"config.json has model_type {model_type!r}, expected {kind!r}")
+  check_hf_config(config, kind)
 
 
 def _head_leaves(state_dict, config, width: int, init_head: bool, kind: str):
@@ -377,6 +385,7 @@ def _prefix(state_dict, prefix: str) -> str:
 def _hf_vit(state_dict, config, ignore=None, init_head=False, scan=False):
   state_dict, config = load_state_dict(state_dict), read_hf_config(config)
   _check_type(config, "vit")
+  check_depth(state_dict, config, "vit")
   _activation(config, "vit")
   p = _prefix(state_dict, "vit.")
   new = any(re.match(rf"{re.escape(p)}layers\.\d+\.", k) for k in state_dict)  # transformers 5
@@ -433,6 +442,7 @@ def hf_vit(state_dict, config, *, ignore=None, init_head: bool = False, scan: bo
 def _hf_bert(state_dict, config, ignore=None, init_head=False, scan=False):
   state_dict, config = load_state_dict(state_dict), read_hf_config(config)
   _check_type(config, "bert")
+  check_depth(state_dict, config, "bert")
   _bert_checks(config)
   p = _prefix(state_dict, "bert.")
   gamma = any(k.endswith("LayerNorm.gamma") for k in state_dict)  # The oldest checkpoints.
@@ -582,7 +592,16 @@ def match_variables(converted: Mapping, abstract: Mapping, *,
                                 notes=dict(sources or {}))
   if differences:
     raise ConversionError(f"the converted weights do not match the model:\n{differences}")
-  return jax.tree.map(lambda x, a: np.asarray(x, dtype=a.dtype), dict(converted), wanted)
+  notes = dict(sources or {})
+
+  def cast(path, x, a):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    x = np.asarray(x)
+    if np.issubdtype(np.dtype(a.dtype), np.floating) or np.dtype(a.dtype).name == "bfloat16":
+      check_weight(f"{name} ({notes[name]})" if name in notes else name, x)
+    return np.asarray(x, dtype=a.dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, dict(converted), wanted)
 
 
 def abstract_variables(model: nn.Module, example: jax.ShapeDtypeStruct) -> dict:
@@ -642,11 +661,9 @@ def _hf_files(path) -> tuple[Any, str | None]:
       return os.path.join(path, name), config
   for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     if os.path.isfile(os.path.join(path, index)):
-      with open(os.path.join(path, index)) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
       merged = {}
-      for shard in shards:
-        merged.update(load_state_dict(os.path.join(path, shard)))
+      for shard in shard_files(path, index):
+        merged.update(load_state_dict(shard))
       return merged, config
   raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}: " + _HF_HINT)
 
@@ -690,6 +707,7 @@ __all__ = [
     "hf_example_input",
     "hf_model",
     "hf_vit",
+    "check_hf_config",
     "load_state_dict",
     "match_variables",
     "read_hf_config",

@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 import time
@@ -33,11 +35,15 @@ from inhernet_jax import sharding as sharding_lib
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import train as train_lib
 from inhernet_jax import budget as budget_lib
-from inhernet_jax import calibration
+from inhernet_jax import calibration, integrity
+from inhernet_jax import lock as lock_lib
+from inhernet_jax import validate
 from inhernet_jax.inherit import inherit
 from inhernet_jax.spec import InherSpec
 
 KINDS = ("student", "inhernet")
+# Method fields the trainer fingerprints itself (or that do not define the run).
+_TRAINER_FIELDS = ("label", "optimizer", "loss", "loss_kwargs", "hint")
 
 
 def _dict(node) -> dict:
@@ -111,11 +117,21 @@ def _teacher(config, pipeline, workdir: str, seed: int):
   model = _create(tc.model, task, tc.get("kwargs"))
   variables = _init(model, _key(seed, "teacher"), task, config)
   if tc.get("checkpoint"):
+    status = ckpt_lib.run_status(tc.checkpoint)
+    if status["finished"] is False and not config.get("allow_unfinished_teacher", False):
+      raise ckpt_lib.CheckpointError(
+          f"config.teacher.checkpoint {tc.checkpoint} is unfinished: its latest checkpoint is "
+          f"step {status['step']} of {status['total_steps']}; finish that run, or set "
+          "config.allow_unfinished_teacher=True to use it as it is")
     loaded = ckpt_lib.load_variables(tc.checkpoint, variables)
     return model, loaded, None
   run = _train(
       config, model, variables, pipeline, _with_optimizer(config, tc.get("optimizer")),
       os.path.join(workdir, "teacher"), seed=seed, epochs=tc.epochs, desc="teacher",
+      # The trainer fingerprints epochs and the optimizer itself (allow_resume_changes
+      # names them as it does).
+      fingerprint={"teacher_config": {k: v for k, v in _dict(tc).items()
+                                      if k not in ("epochs", "optimizer")}},
   )
   trained = {"params": run.state.params}
   if run.state.batch_stats:
@@ -195,8 +211,11 @@ def expand_methods(config) -> list[tuple[str, dict]]:
   for name in method_names(config):
     md = _dict(config.method_defs[name])
     _check_method(name, md)
+    if md["kind"] == "inhernet":  # "8" from the command line (a string field) is rank 8.
+      md["rank"] = validate.parse_rank(md["rank"], f"config.method_defs.{name}.rank")
     if md["kind"] == "inhernet" and (ranks or heads) and md.get("sweep", True):
       for r in ranks or (md["rank"],):
+        r = validate.parse_rank(r, "config.sweep.ranks")
         for h in heads or (md.get("heads", 1),):
           base = re.sub(r"\s*H=\d+", "", md.get("label", name))  # The sweep sets H.
           out.append((f"{name}_r{r}_h{h}", {**md, "rank": r, "heads": h,
@@ -282,6 +301,7 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
 
   student_params: dict[str, int] = {}
   grams_cache: dict[int, dict] = {}
+  teacher_id = functools.cache(lambda: integrity.digest(integrity.checksum(t_vars)))
   for key, md in expand_methods(config):
     loss, loss_kwargs = md.get("loss", "ce"), _dict(md.get("loss_kwargs"))
     hint = None
@@ -312,6 +332,10 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
         os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,
         loss_kwargs=loss_kwargs, teacher=(t_model, t_vars) if loss != "ce" else None,
         hint=hint, desc=f"seed {seed} {key}",
+        # What defines this run beyond the trainer's own fields (its label does not), and
+        # the teacher an inherited network starts from (also without a KD teacher).
+        fingerprint={"method": {k: v for k, v in md.items() if k not in _TRAINER_FIELDS},
+                     **({"teacher": teacher_id()} if md["kind"] == "inhernet" else {})},
     )
     if md["kind"] == "inhernet":
       extra["metric_at_init"] = run.history["test_metric"][0]
@@ -331,7 +355,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Returns:
     ``{"runs": [...], "summary": [...], "table": markdown, "files": {...}}``.
+
+  Raises:
+    validate.ConfigError: the config cannot run (checked before anything trains).
+    lock.WorkdirBusy: another process is running in ``workdir``.
+    checkpoint.CheckpointError: a run's checkpoint belongs to another run (its
+      differing settings are listed) or is damaged beyond its previous step.
   """
+  validate.check_config(config)
+  # One writer per workdir (process 0 speaks for a multi-process job).
+  with lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   seeds = [config.seed + i for i in range(int(config.seeds))]
   if not seeds:

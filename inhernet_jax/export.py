@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from inhernet_jax import spec as spec_lib
 from inhernet_jax.spec import InherSpec
 
 FORMAT = "inhernet_jax.export"
@@ -42,6 +43,59 @@ VERSION = 1
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
 _KEYS = ("format", "version", "spec", "metadata")
+MAX_RULES = 100_000  # A spec.json with more rules than any model has kernels is refused.
+# JSON types of the InherSpec fields read from files ("number": int or float, not bool);
+# fields not listed are left to InherSpec's own checks.
+_FIELD_TYPES = {
+    "rank": ("null", "number"), "heads": ("int",), "rules": ("list",),
+    "energy": ("null", "number"), "param_ratio": ("null", "number"), "method": ("str",),
+    "skip_if_no_saving": ("bool",), "data_aware": ("bool",), "damping": ("number",),
+}
+_ACTION_TYPES = {"skip": ("bool",), "data_aware": ("bool",), "heads": ("int",),
+                 "stack": ("int",), "rank": ("number",), "fraction": ("number",),
+                 "energy": ("number",), "param_ratio": ("number",)}
+
+
+def _json_type(value) -> str:
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "bool"
+  if isinstance(value, int):
+    return "int"
+  if isinstance(value, float):
+    return "float"
+  return {str: "str", list: "list", dict: "dict"}.get(type(value), type(value).__name__)
+
+
+def _check_type(value, allowed: tuple[str, ...], where: str) -> None:
+  kind = _json_type(value)
+  ok = kind in allowed or (kind in ("int", "float") and "number" in allowed)
+  if not ok:
+    shown = json.dumps(value) if kind in ("null", "bool", "int", "float", "str") else kind
+    raise TypeError(f"{where}: expected {' or '.join(allowed)}, got {kind} {shown}")
+
+
+def _check_json_spec(data: Mapping) -> None:
+  """JSON types of a spec read from a file (``true`` is not 1, ``"8"`` not 8), and its
+  rules safe to match (`spec.check_untrusted_rule`)."""
+  for name, allowed in _FIELD_TYPES.items():
+    if name in data:
+      _check_type(data[name], allowed, f"spec.{name}")
+  rules = data.get("rules", [])
+  if len(rules) > MAX_RULES:
+    raise ValueError(f"spec.rules: {len(rules)} rules; at most {MAX_RULES} are accepted")
+  for i, rule in enumerate(rules):
+    where = f"spec.rules[{i}]"
+    if not (isinstance(rule, list) and len(rule) == 2):
+      raise TypeError(f"{where}: expected a [regex, action] pair, got {json.dumps(rule)[:80]}")
+    pattern, action = rule
+    spec_lib.check_untrusted_rule(pattern, where)
+    _check_type(action, ("str", "number", "dict"), f"{where} action")
+    if isinstance(action, dict):
+      for key, value in action.items():
+        if key in _ACTION_TYPES:
+          _check_type(value, _ACTION_TYPES[key], f"{where}.{key}")
 
 
 # ---------------------------------------------------------------------------- spec
@@ -87,11 +141,16 @@ def spec_to_json(spec: InherSpec) -> dict:
 def spec_from_json(data: Mapping) -> InherSpec:
   """The `InherSpec` of `spec_to_json`'s output (equal to the original, hashable).
 
+  Rules are matched in linear time and must be RE2 syntax (`spec.check_untrusted_rule`):
+  this is the way specs come in from files.
+
   Raises:
-    ValueError: a field `InherSpec` does not have (named).
+    ValueError: a field `InherSpec` does not have (named), an unsafe rule.
+    TypeError: a field of the wrong JSON type (named).
   """
   if not isinstance(data, Mapping):
     raise TypeError(f"a spec must be a JSON object, got {type(data).__name__}")
+  _check_json_spec(data)
   known = {f.name for f in dataclasses.fields(InherSpec)}
   unknown = sorted(set(data) - known)
   if unknown:
@@ -105,6 +164,8 @@ def _spec_text(spec: InherSpec | None, metadata: Mapping | None) -> str:
   data = {"format": FORMAT, "version": VERSION,
           "spec": None if spec is None else spec_to_json(spec),
           "metadata": _jsonable(dict(metadata or {}), "metadata")}
+  if data["spec"] is not None:  # Never write a file that `load_spec` would refuse.
+    _check_json_spec(data["spec"])
   # One rule per line (a resolved spec has one per layer): placeholders, then each rule.
   rules = data["spec"]["rules"] if data["spec"] else []
   if rules:
@@ -138,8 +199,13 @@ def load_spec(path: str | os.PathLike) -> tuple[InherSpec | None, dict]:
       raise ValueError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(data, dict) or data.get("format") != FORMAT:
     raise ValueError(f"{path}: not an inhernet_jax export spec (expected \"format\": {FORMAT!r})")
-  if data.get("version") != VERSION:
-    raise ValueError(f"{path}: version {data.get('version')!r}, this inhernet_jax reads {VERSION}")
+  version = data.get("version")
+  if type(version) is not int:  # JSON true is not version 1.
+    raise ValueError(f"{path}: \"version\" must be an integer, got {json.dumps(version)}")
+  if version != VERSION:
+    raise ValueError(f"{path}: version {version!r}, this inhernet_jax reads {VERSION}")
+  if not isinstance(data.get("metadata") or {}, dict):
+    raise ValueError(f"{path}: \"metadata\" must be an object, got {json.dumps(data['metadata'])[:80]}")
   unknown = sorted(set(data) - set(_KEYS))
   if unknown:
     raise ValueError(f"{path}: unknown keys {unknown}; known: {list(_KEYS)}")
@@ -170,6 +236,23 @@ def flatten(variables: Mapping) -> dict[str, np.ndarray]:
 
   visit(variables, ())
   return out
+
+
+def check_weights(flat: Mapping[str, np.ndarray], where: str) -> None:
+  """Every array floating-point and finite, or an error naming the first bad tensor.
+
+  Raises:
+    TypeError: an integer or boolean tensor (it would be cast silently).
+    ValueError: NaN or Inf values (counted).
+  """
+  for key, array in flat.items():
+    dtype = np.dtype(array.dtype)
+    if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
+      raise TypeError(f"{where}: {key} has dtype {dtype}; weights must be floating point "
+                      "(an integer or boolean tensor would be cast silently)")
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(np.asarray(array, np.float32))))
+    if bad:
+      raise ValueError(f"{where}: {key} has {bad} NaN/Inf value(s) of {np.size(array)}")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
@@ -208,6 +291,7 @@ def save(directory: str | os.PathLike, variables: Mapping, spec: InherSpec | Non
     if os.path.exists(path) and not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose another directory")
   flat = flatten(variables)
+  check_weights(flat, "variables")
   text = _spec_text(spec, metadata)  # Everything checked before anything is written.
   os.makedirs(directory, exist_ok=True)
   import safetensors.numpy
@@ -222,7 +306,8 @@ def load(directory: str | os.PathLike) -> tuple[dict, InherSpec | None]:
 
   Raises:
     FileNotFoundError: the directory lacks model.safetensors or spec.json (named).
-    ValueError: a spec.json of another format or with unknown fields.
+    ValueError: a spec.json of another format or with unknown fields; NaN/Inf weights.
+    TypeError: a non-floating weight (named).
   """
   directory = os.fspath(directory)
   weights = os.path.join(directory, WEIGHTS)
@@ -231,7 +316,9 @@ def load(directory: str | os.PathLike) -> tuple[dict, InherSpec | None]:
     raise FileNotFoundError(f"no {WEIGHTS} at {weights}")
   import safetensors.numpy
 
-  return unflatten(safetensors.numpy.load_file(weights)), spec
+  flat = safetensors.numpy.load_file(weights)
+  check_weights(flat, weights)
+  return unflatten(flat), spec
 
 
 def _atomic_write(path, write, mode: str) -> None:
@@ -248,5 +335,5 @@ def _atomic_write(path, write, mode: str) -> None:
     raise
 
 
-__all__ = ["FORMAT", "SPEC", "VERSION", "WEIGHTS", "flatten", "load", "load_spec", "save",
+__all__ = ["FORMAT", "SPEC", "VERSION", "WEIGHTS", "check_weights", "flatten", "load", "load_spec", "save",
            "save_spec", "spec_from_json", "spec_to_json", "unflatten"]

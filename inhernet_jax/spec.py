@@ -4,9 +4,14 @@ One immutable, hashable object shared by `inherit` (the pytree transform) and th
 (`InherDense`, `InherConv`), so that ``model.clone(spec=s).init(...)`` and
 ``inherit(teacher_params, s)`` agree on every layer's plan.
 
-Per-path rules are data, matched with ``re.fullmatch`` against a kernel's path
+Per-path rules are data, matched with `fullmatch` against a kernel's path
 (``"Block_0/Conv_1/kernel"``); the first matching rule wins (big_vision's
-``tree_map_with_regex`` convention). An action is one of:
+``tree_map_with_regex`` convention). Matching runs on RE2 (google-re2: linear time, no
+catastrophic backtracking) for every pattern RE2 accepts, and on Python's ``re`` only for
+in-code patterns that need it (lookarounds, backreferences). Rules read from files
+(``spec.json``) must pass `check_untrusted_rule`: RE2 syntax, at most
+`MAX_UNTRUSTED_RULE_CHARS` characters, so a hostile rule such as ``(.*)*Z`` costs
+microseconds, not hours. An action is one of:
 
 * ``"skip"``: keep the teacher layer as it is;
 * an ``int``: a fixed rank; a ``float`` in (0, 1]: a fraction of the layer's full rank;
@@ -33,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -41,6 +47,16 @@ from typing import Any
 from flax import struct
 
 from inhernet_jax import svd
+
+try:  # Linear-time matching; rules from files need it (see `check_untrusted_rule`).
+  import re2
+except ImportError:  # pragma: no cover - pinned in requirements.txt.
+  re2 = None
+
+MAX_UNTRUSTED_RULE_CHARS = 4096
+# A plain literal (what `re.escape` writes, e.g. resolved specs' per-path rules): safe in
+# any engine, so accepted from files even without RE2.
+_LITERAL = re.compile(r"(?:\\[^A-Za-z0-9]|[^\\()\[\]{}*+?|^$.])*")
 
 _ACTION_KEYS = ("skip", "rank", "fraction", "energy", "param_ratio", "heads", "stack", "data_aware")
 _POLICIES = ("rank", "fraction", "energy", "param_ratio")
@@ -127,6 +143,59 @@ def normalize_action(action: Any, where: str) -> tuple[tuple[str, Any], ...]:
   if sum(k in items for k in _POLICIES) > 1:
     raise ValueError(f"{where}: give at most one of {_POLICIES}, got {sorted(items)}")
   return tuple(sorted(items.items()))
+
+
+def _re2_options():
+  options = re2.Options()
+  options.log_errors = False  # A pattern RE2 refuses falls back to `re` (in-code rules).
+  return options
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(pattern: str):
+  """RE2 when it accepts ``pattern``, else Python's ``re`` (lookarounds, backreferences)."""
+  if re2 is not None:
+    try:
+      return re2.compile(pattern, options=_re2_options())
+    except re2.error:
+      pass
+  return re.compile(pattern)
+
+
+def fullmatch(pattern: str, path: str) -> bool:
+  """Whether rule ``pattern`` fully matches ``path`` (linear time for RE2 patterns)."""
+  return _compiled(pattern).fullmatch(path) is not None
+
+
+def check_untrusted_rule(pattern: Any, where: str) -> str:
+  """A rule pattern read from a file, refused unless it is safe to match.
+
+  Safe: a string of at most `MAX_UNTRUSTED_RULE_CHARS` characters that RE2 compiles
+  (matched in time linear in the path; no backreferences or lookarounds), or, without
+  RE2 installed, a plain literal (``re.escape``'s output).
+
+  Raises:
+    TypeError: not a string. ValueError: too long, or not RE2 syntax (named).
+  """
+  if not isinstance(pattern, str):
+    raise TypeError(f"{where}: a rule pattern must be a string, got {type(pattern).__name__} "
+                    f"{pattern!r}")
+  if len(pattern) > MAX_UNTRUSTED_RULE_CHARS:
+    raise ValueError(f"{where}: rule pattern of {len(pattern)} characters; at most "
+                     f"{MAX_UNTRUSTED_RULE_CHARS} are accepted from a file")
+  if re2 is None:
+    if not _LITERAL.fullmatch(pattern):
+      raise ValueError(f"{where}: rule {pattern!r} is a regex; regexes from files need the "
+                       "linear-time engine google-re2 (pip install google-re2), only plain "
+                       "(re.escape'd) paths are accepted without it")
+    return pattern
+  try:
+    re2.compile(pattern, options=_re2_options())
+  except re2.error as e:
+    raise ValueError(f"{where}: rule {pattern!r} is not accepted from a file: rules from "
+                     f"files must be RE2 syntax (no backreferences or lookarounds), matched "
+                     f"in linear time ({e})") from None
+  return pattern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +315,7 @@ class InherSpec:
   def match(self, path: str) -> tuple[int | None, dict[str, Any]]:
     """Index and action of the first rule that fully matches ``path`` (or None, {})."""
     for i, (pattern, action) in enumerate(self.rules):
-      if re.fullmatch(pattern, path):
+      if fullmatch(pattern, path):
         return i, dict(action)
     return None, {}
 

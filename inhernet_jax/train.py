@@ -35,7 +35,8 @@ from absl import logging
 from flax.training import train_state
 
 from inhernet_jax import checkpoint as ckpt_lib
-from inhernet_jax import layers
+from inhernet_jax import integrity, layers
+from inhernet_jax import lock as lock_lib
 from inhernet_jax import losses as losses_lib
 from inhernet_jax import optim
 from inhernet_jax import sharding as sharding_lib
@@ -273,6 +274,7 @@ def train_and_evaluate(
     desc: str = "train",
     mesh: jax.sharding.Mesh | None = None,
     sharding_rules=None,
+    fingerprint: dict | None = None,
 ) -> Run:
   """Trains ``model`` from ``variables`` for ``epochs``; resumes from ``workdir``.
 
@@ -282,7 +284,9 @@ def train_and_evaluate(
     pipeline: an `inhernet_jax.data` pipeline (``train_batch(step)``, ``eval_batches()``).
     config: the experiment config; reads ``optimizer`` (see `optim.make_optimizer`),
       ``compute_dtype``, ``checkpoint_every_steps``, ``keep_checkpoints``,
-      ``async_checkpoints``, ``log_every_steps``, ``progress``.
+      ``async_checkpoints``, ``log_every_steps``, ``progress``, and
+      ``allow_resume_changes`` (comma-separated fingerprint fields a resumed checkpoint
+      may differ in, e.g. ``"epochs"`` to extend a finished run; ``"*"``: any).
     workdir: this run's directory (checkpoints under ``workdir/checkpoints``).
     seed: dropout keys derive from it (the data order is the pipeline's).
     epochs: epochs to train.
@@ -297,13 +301,19 @@ def train_and_evaluate(
       batches over its ``data`` and ``fsdp`` axes; the results do not depend on it.
     sharding_rules: path rules (`sharding.resolve_rules`: None, a `sharding.RULE_SETS`
       name, or ``((regex, action), ...)``).
+    fingerprint: more run-defining fields (the experiment's method definition; the
+      teacher an InherNet was inherited from, ``teacher``) for the fingerprint checked on
+      resume; the trainer adds its own (optimizer, epochs, seed, loss, model, the KD
+      teacher's weights by checksum, data provenance, batch size).
 
   Returns:
     A `Run`: the final state, the per-epoch history (epoch 0 is the evaluation before
     training), the wall time summed over restarts, and the final gate statistics.
 
   Raises:
-    checkpoint.CheckpointError: ``workdir`` holds a checkpoint of a different run.
+    checkpoint.CheckpointError: ``workdir`` holds a checkpoint of a different run (the
+      differing fingerprint fields are listed), or only damaged ones.
+    lock.WorkdirBusy: another process is training in ``workdir``.
     ValueError: the batch size is not divisible by the mesh's data-parallel devices, or a
       sharding rule does not fit a parameter (the message names it).
   """
@@ -363,6 +373,37 @@ def train_and_evaluate(
                sharding_lib.describe_shardings(params, param_sh))
   gates_on = _has_gates(params)
 
+  own = dict(
+      epochs=epochs, seed=seed, loss=loss, loss_kwargs=loss_kwargs,
+      hint=dataclasses.asdict(hint) if hint else None, optimizer=config.optimizer,
+      compute_dtype=str(compute_dtype), batch_size=pipeline.batch_size,
+      steps_per_epoch=steps_per_epoch, data=dict(getattr(pipeline, "info", {}) or {}),
+      model=integrity._plain(model), model_class=type(model).__name__,
+      # The teacher by content: another teacher (retrained, other epochs) is another run.
+      teacher=None if t_vars is None else integrity.digest(integrity.checksum(t_vars)))
+  run_fingerprint = integrity.fingerprint(**{**own, **(fingerprint or {})})
+  allow = tuple(a.strip() for a in str(config.get("allow_resume_changes", "") or "").split(",")
+                if a.strip())
+  # One writer per run directory (process 0 speaks for a multi-process job).
+  workdir_lock = lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if workdir_lock is not None:
+    workdir_lock.acquire()
+  try:
+    return _train_loop(
+        model=model, pipeline=pipeline, config=config, workdir=workdir, seed=seed,
+        epochs=epochs, loss_fn=loss_fn, kind=kind, schedule=schedule, t_model=t_model,
+        t_vars=t_vars, hint=hint, desc=desc, compute_dtype=compute_dtype,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh, state=state,
+        state_sh=state_sh, gates_on=gates_on, run_fingerprint=run_fingerprint, allow=allow)
+  finally:
+    if workdir_lock is not None:
+      workdir_lock.release()
+
+
+def _train_loop(*, model, pipeline, config, workdir, seed, epochs, loss_fn, kind, schedule,
+                t_model, t_vars, hint, desc, compute_dtype, steps_per_epoch, total_steps, mesh,
+                state, state_sh, gates_on, run_fingerprint, allow) -> Run:
+  """`train_and_evaluate` past its set-up, with the workdir locked."""
   mngr = ckpt_lib.manager(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.get("keep_checkpoints", 2),
@@ -370,7 +411,9 @@ def train_and_evaluate(
   )
   history, sums, wall = _empty_history(), {"loss": 0.0, "metric": 0.0, "count": 0.0}, 0.0
   start_step, resumed_from = 0, None
-  restored = ckpt_lib.restore_latest(mngr, state)
+  restored = ckpt_lib.restore_latest(mngr, state, fingerprint=run_fingerprint,
+                                     allow_changes=allow,
+                                     required_meta=("history", "sums", "wall_s"))
   if restored is not None:
     resumed_from, state, meta = restored
     history, sums, wall = meta["history"], meta["sums"], meta["wall_s"]
@@ -391,7 +434,9 @@ def train_and_evaluate(
   gates = None
 
   def save(step):
-    ckpt_lib.save(mngr, step, state, {"history": history, "sums": sums, "wall_s": wall})
+    ckpt_lib.save(mngr, step, state, {"history": history, "sums": sums, "wall_s": wall,
+                                      "total_steps": total_steps,
+                                      "fingerprint": run_fingerprint})
 
   t0 = time.perf_counter()
   if not history["epoch"]:  # Epoch 0: the starting point (InherNet's metric at init).

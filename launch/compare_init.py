@@ -30,6 +30,7 @@ from inhernet_jax import accounting, budget, calibration, experiment, models
 from inhernet_jax import train as train_lib
 from inhernet_jax.inherit import inherit
 from inhernet_jax.spec import InherSpec
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (teacher inside).")
@@ -59,7 +60,7 @@ def _mean_error(teacher_params, params, grams) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  config = cli.load_config(_CONFIG)  # A missing config file: one line, not a traceback.
   seed = config.seed
   pipeline = experiment._pipeline(config, seed, experiment.mesh_from_config(config))
   t_model, t_vars, _ = experiment._teacher(

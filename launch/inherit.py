@@ -28,12 +28,14 @@ from inhernet_jax import accounting, models
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import data, export
 from inhernet_jax.inherit import format_report, inherit
-from launch import spec_flags
+from launch import cli, spec_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config naming the teacher.")
 _TEACHER = flags.DEFINE_string("teacher", None, "Teacher run directory or checkpoint directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not hold a checkpoint yet).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classifier size (default: the dataset's).")
+_ALLOW_UNFINISHED = flags.DEFINE_bool(
+    "allow_unfinished", False, "Inherit from a teacher run that has not finished (its latest step).")
 flags.mark_flags_as_required(["config", "teacher", "out"])
 
 
@@ -44,7 +46,12 @@ def main(argv):
   if len(given) != 1:
     raise app.UsageError(
         f"give exactly one of --rank, --energy and --budget (got {', '.join(given) or 'none'})")
-  config = _CONFIG.value
+  config = cli.load_config(_CONFIG)
+  with cli.errors():
+    _inherit(config)
+
+
+def _inherit(config):
   out = os.path.abspath(_OUT.value)
   if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
     raise app.UsageError(f"--out={out} already holds a checkpoint; choose another directory")
@@ -54,6 +61,17 @@ def main(argv):
   shape = (1, *data.input_shape(config.data))
   dtype = jnp.int32 if config.data.name == "chars" else jnp.float32
   abstract = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros(shape, dtype), train=False))
+  status = ckpt_lib.run_status(_TEACHER.value)
+  if status["finished"] is False and not _ALLOW_UNFINISHED.value:
+    raise app.UsageError(
+        f"--teacher={_TEACHER.value} is unfinished: its latest checkpoint is step "
+        f"{status['step']} of {status['total_steps']}; let it finish, or pass "
+        "--allow_unfinished to inherit from that step")
+  if status["finished"] is None:
+    print(f"note: {status['directory']} does not record its run's length (step {status['step']}); "
+          "cannot tell whether that run finished")
+  elif not status["finished"]:
+    print(f"note: inheriting from step {status['step']} of {status['total_steps']} (unfinished)")
   variables = ckpt_lib.load_variables(_TEACHER.value, abstract)
   spec = spec_flags.make_spec(variables["params"], name, num_classes)
   params, rows = inherit(variables["params"], spec, return_report=True)
@@ -64,7 +82,8 @@ def main(argv):
   jax.tree.map(lambda a, b: None, {k: expect[k] for k in got}, got)  # Same tree or raise.
   os.makedirs(out, exist_ok=True)
   mngr = ckpt_lib.manager(os.path.join(out, "checkpoints"), async_save=False)
-  ckpt_lib.save(mngr, 0, got, {"teacher": os.path.abspath(_TEACHER.value), "model": name})
+  ckpt_lib.save(mngr, 0, got, {"teacher": os.path.abspath(_TEACHER.value), "model": name,
+                               "teacher_step": status["step"]})
   mngr.wait_until_finished()
   mngr.close()
   export.save_spec(os.path.join(out, "spec.json"), spec, metadata={

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from inhernet_jax import distributed, experiment
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -41,13 +42,15 @@ def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = cli.load_config(_CONFIG)
   # Before anything touches a device.
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          mode=_DISTRIBUTED.value)
   if not distributed.is_primary():  # One process logs; every process computes.
     logging.set_verbosity(logging.WARNING)
-  logging.info("config:\n%s", _CONFIG.value)
-  results = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info("config:\n%s", config)
+  with cli.errors():  # A bad config, another run's checkpoint, a busy workdir: one line.
+    results = experiment.train_and_evaluate(config, _WORKDIR.value)
   if not distributed.is_primary():
     return
   print(results["table"])

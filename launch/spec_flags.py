@@ -49,6 +49,8 @@ def make_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
 def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
   rules = models.preset(PRESET.value, name)
   heads = HEADS.value
+  if heads < 1:  # Checked first: an InherSpec error would blame whichever flag came with it.
+    raise app.UsageError(f"--heads={heads}: expected an int >= 1 (gated expert up-projections)")
   if BUDGET.value is not None:
     try:
       target = budget.parameter_budget(teacher_params, BUDGET.value, num_classes=num_classes)
@@ -59,7 +61,12 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
     print(f"budget {target:,} parameters, {ALLOCATION.value} allocation")
     return spec
   if ENERGY.value is not None:
-    return resolve(teacher_params, InherSpec(energy=ENERGY.value, heads=heads, rules=rules))
+    try:
+      spec = InherSpec(energy=ENERGY.value, heads=heads, rules=rules)
+    except (TypeError, ValueError) as e:
+      raise app.UsageError(f"--energy={ENERGY.value}: expected a fraction in (0, 1] of each "
+                           f"layer's spectral energy ({e})") from None
+    return resolve(teacher_params, spec)
   rank = RANK.value
   if rank.startswith("params:"):
     other = rank.split(":", 1)[1]

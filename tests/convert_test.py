@@ -1,192 +1,70 @@
-"""Tests for `inhernet_jax.convert` and `launch/convert.py`: PyTorch weights -> Flax.
+"""Torch-free tests for `inhernet_jax.convert` and `launch/convert.py`: names, errors and
+the validation of untrusted files (weights, HF configs, sharded indexes).
 
-Parity: our converted model's logits against the PyTorch model's on the same input,
-PyTorch in float64 (the weights are float32 values, so the only difference is our
-float32 arithmetic). ResNets: a from-scratch PyTorch reference with torchvision's
-architecture and state-dict names (torchvision is not installed in CI; the real one is
-tested when it is), at width 4 on 32x32 images. HF ViT and BERT: tiny random models
-from `transformers`, saved with ``save_pretrained``. Every norm, bias and BatchNorm
-running statistic is random (their defaults, 0 / 1, hide transposition and naming bugs).
+They run everywhere: state dicts are NumPy arrays (``.safetensors`` written with
+``safetensors.numpy``), built from our own model's variables in torchvision's layout.
+The parity tests against PyTorch are in `convert_parity_test.py`.
 """
 
 import json
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from absl import app, flags
 from absl.testing import flagsaver
 
-from inhernet_jax import InherSpec, convert, export, inherit, models
+from inhernet_jax import InherSpec, convert, export, models
+from inhernet_jax.models import imagenet
 
-torch = pytest.importorskip("torch")
-torch.set_num_threads(1)
-nn = torch.nn
-
-RTOL, ATOL = 1e-4, 1e-6  # Observed: ~1e-7 of the largest logit.
-WIDTH, CLASSES, SIZE = 4, 5, 32
-LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
+WIDTH, CLASSES = 4, 5
+_TO_TORCH = {convert._conv: lambda a: a.transpose(3, 2, 0, 1),
+             convert._linear: lambda a: a.T, convert._vector: lambda a: a}
 
 
-# ------------------------------------------------------------ reference (torchvision)
-class BasicBlock(nn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.relu = nn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class Bottleneck(nn.Module):
-  """ResNet v1.5: the stride is on the 3x3 conv."""
-
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.relu = nn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    return self.relu(self.bn3(self.conv3(out)) + identity)
-
-
-class ResNet(nn.Module):
-  """torchvision.models.ResNet with a free width (torchvision's is 64)."""
-
-  def __init__(self, block, layers, num_classes, width=64):
-    super().__init__()
-    self.inplanes = width
-    self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    self.relu = nn.ReLU()
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
-    for i, n in enumerate(layers):
-      setattr(self, f"layer{i + 1}", self._make_layer(block, width * 2**i, n, 1 if i == 0 else 2))
-    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
-
-  def _make_layer(self, block, planes, blocks, stride):
-    downsample = None
-    if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = nn.Sequential(
-          nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-          nn.BatchNorm2d(planes * block.expansion))
-    layers = [block(self.inplanes, planes, stride, downsample)]
-    self.inplanes = planes * block.expansion
-    layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-    return nn.Sequential(*layers)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _randomize(net, norm_types=(nn.BatchNorm2d, nn.LayerNorm)):
-  """Non-trivial norm affines, BatchNorm running stats and biases."""
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, norm_types):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0, 0.2)
-      if isinstance(m, nn.BatchNorm2d):
-        m.running_mean.normal_(0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-      if isinstance(m, nn.Linear) and m.bias is not None:
-        m.bias.normal_(0, 0.2)
-  return net.eval()
-
-
-def _nhwc(x):
-  return jnp.asarray(x.numpy().transpose(0, 2, 3, 1), jnp.float32)
-
-
-def _logits(net, *args, **kwargs):
-  """The float64 PyTorch reference."""
-  with torch.no_grad():
-    out = net.double()(*args, **kwargs)
-  net.float()
-  return (out.logits if hasattr(out, "logits") else out).numpy()
-
-
-def _assert_parity(got, want):
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=RTOL, atol=ATOL)
-  assert np.abs(want).max() > 0.05  # Not a vacuous comparison of near-zeros.
-
-
-def _assert_same_tree(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+def _numpy_resnet18(seed=0):
+  """(our variables, torchvision-named NumPy state dict) of a random width-4 ResNet-18."""
+  model = imagenet.MODELS["resnet18"](num_classes=CLASSES, num_filters=WIDTH)
+  abstract = convert.abstract_variables(model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+  state, ours = {}, {}
+  for leaf in convert._resnet_leaves("resnet18"):
+    node = abstract
+    for key in leaf.path:
+      node = node[key]
+    value = rng.uniform(0.5, 1.5, node.shape).astype(np.float32)  # Positive: valid variances.
+    state[leaf.name] = np.ascontiguousarray(_TO_TORCH[leaf.fn](value))
+    ours["/".join(leaf.path)] = value
+  state["bn1.num_batches_tracked"] = np.array(3, np.int64)  # Ignored by default.
+  return ours, state
 
 
 @pytest.fixture(scope="module")
-def resnets(tmp_path_factory):
-  """depth -> (net, .pth path, .safetensors path, input, float64 logits)."""
-  import safetensors.torch
-
-  root = tmp_path_factory.mktemp("resnets")
-  out = {}
-  for depth, (block, layers) in LAYOUTS.items():
-    torch.manual_seed(depth)
-    block = BasicBlock if block == "basic" else Bottleneck
-    net = _randomize(ResNet(block, layers, CLASSES, WIDTH))
-    pth, st = root / f"resnet{depth}.pth", root / f"resnet{depth}.safetensors"
-    torch.save(net.state_dict(), pth)
-    safetensors.torch.save_file(net.state_dict(), st)
-    x = torch.randn(2, 3, SIZE, SIZE)
-    out[depth] = (net, pth, st, x, _logits(net, x.double()))
-  return out
+def resnet18(tmp_path_factory):
+  ours, state = _numpy_resnet18()
+  path = tmp_path_factory.mktemp("resnet") / "resnet18.safetensors"
+  safetensors.numpy.save_file(state, str(path))
+  return ours, state, path
 
 
-# ---------------------------------------------------------------------------- ResNet
-@pytest.mark.parametrize("depth", sorted(LAYOUTS))
-def test_resnet_parity(resnets, depth):
-  net, pth, st, x, want = resnets[depth]
-  model, variables = convert.from_torchvision(pth, f"resnet{depth}")
-  assert (model.num_classes, model.num_filters, model.spec) == (CLASSES, WIDTH, None)
-  _assert_parity(model.apply(variables, _nhwc(x), train=False), want)
-  # The .safetensors file gives the same variables, bit for bit.
-  _assert_same_tree(convert.from_torchvision(st, depth)[1], variables)
-  np.testing.assert_array_equal(variables["batch_stats"]["layer1_0"]["bn1"]["var"],
-                                net.layer1[0].bn1.running_var.numpy())
+def test_torchvision_layout_round_trip(resnet18):
+  ours, _, path = resnet18
+  model, variables = convert.from_torchvision(path, "resnet18")
+  assert (model.num_classes, model.num_filters) == (CLASSES, WIDTH)
+  flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x
+          for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  assert flat.keys() == ours.keys()
+  for key, value in ours.items():
+    np.testing.assert_array_equal(flat[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_real_torchvision_resnet(arch):
-  torchvision = pytest.importorskip("torchvision")
-  torch.manual_seed(0)
-  net = _randomize(getattr(torchvision.models, arch)(weights=None, num_classes=CLASSES))
-  x = torch.randn(1, 3, 64, 64)
-  model, variables = convert.from_torchvision(net.state_dict(), arch)
-  _assert_parity(model.apply(variables, _nhwc(x), train=False), _logits(net, x.double()))
-
-
-def test_missing_unexpected_and_mismatched_tensors_are_named(resnets):
-  state = convert.load_state_dict(resnets[18][1])
+def test_missing_unexpected_and_mismatched_tensors_are_named(resnet18):
+  _, state, _ = resnet18
   before = {k: v.copy() for k, v in state.items()}
-
   broken = {k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}
   with pytest.raises(convert.ConversionError, match=r"missing in state_dict: layer1\.0\.conv1\."):
     convert.torchvision_resnet(broken, 18)
@@ -207,6 +85,24 @@ def test_missing_unexpected_and_mismatched_tensors_are_named(resnets):
   jax.tree.map(np.testing.assert_array_equal, state, before)
 
 
+@pytest.mark.parametrize("name, value, match", [
+    ("layer1.0.conv1.weight", lambda a: a.astype(np.int8), "layer1.0.conv1.weight: dtype int8"),
+    ("fc.weight", lambda a: a > 1.0, "fc.weight: dtype bool"),
+    ("bn1.running_var", lambda a: np.where(np.arange(a.size) == 1, np.nan, a).astype(np.float32),
+     r"bn1.running_var: 1 NaN/Inf value\(s\) of 4"),
+    ("fc.bias", lambda a: np.full_like(a, np.inf), r"fc.bias: 5 NaN/Inf"),
+])
+def test_non_float_and_non_finite_weights_are_refused_by_name(resnet18, tmp_path, name, value,
+                                                              match):
+  _, state, _ = resnet18
+  bad = {**state, name: value(state[name])}
+  with pytest.raises(convert.ConversionError, match=match):
+    convert.from_torchvision(bad, "resnet18")
+  safetensors.numpy.save_file(bad, str(tmp_path / "bad.safetensors"))  # From a file too.
+  with pytest.raises(convert.ConversionError, match=match):
+    convert.from_torchvision(tmp_path / "bad.safetensors", "resnet18")
+
+
 def test_match_variables_lists_every_difference():
   abstract = {"params": {"a": {"kernel": jax.ShapeDtypeStruct((2, 3), jnp.float32)},
                          "b": {"bias": jax.ShapeDtypeStruct((3,), jnp.float32)}},
@@ -222,160 +118,104 @@ def test_match_variables_lists_every_difference():
   matched = convert.match_variables(ok, abstract)
   assert matched["params"]["a"]["kernel"].dtype == np.float32  # The model's dtype.
   assert ok["params"]["a"]["kernel"].dtype == np.float64  # Not mutated.
+  with pytest.raises(convert.ConversionError, match=r"params/a/kernel \(a.weight\): dtype int8"):
+    convert.match_variables({"params": {"a": {"kernel": np.zeros((2, 3), np.int8)},
+                                        "b": {"bias": np.zeros(3)}}}, abstract,
+                            sources={"params/a/kernel": "a.weight"})
 
 
-def test_load_state_dict_wrappers_dtypes_and_missing_torch(tmp_path, monkeypatch):
-  path = tmp_path / "ckpt.pt"
-  weights = {"module.w": torch.arange(4, dtype=torch.float64),
-             "module.h": torch.tensor([1.5, -2.25], dtype=torch.bfloat16),
-             "module.n": torch.tensor(7)}
-  torch.save({"epoch": 3, "state_dict": weights}, path)
-  flat = convert.load_state_dict(path)
-  assert sorted(flat) == ["h", "n", "w"]
-  assert (flat["w"].dtype, flat["h"].dtype, flat["n"].dtype) == (np.float32, np.float32, np.int64)
-  kept = convert.load_state_dict(path, dtype=None)
-  assert kept["w"].dtype == np.float64 and kept["h"].dtype.name == "bfloat16"
-  np.testing.assert_array_equal(kept["h"].astype(np.float32), [1.5, -2.25])
-  with pytest.raises(FileNotFoundError, match="nothing.pth"):
-    convert.from_torchvision(tmp_path / "nothing.pth", "resnet50")
-  with pytest.raises(FileNotFoundError, match="IMAGENET1K_V2"):
-    convert.from_torchvision(tmp_path / "nothing.pth", "resnet50")
-  monkeypatch.setitem(sys.modules, "torch", None)  # As if torch were not installed.
-  with pytest.raises(ImportError, match="pip install torch.*safetensors"):
+def test_torch_older_than_2_6_is_refused(tmp_path, monkeypatch):
+  path = tmp_path / "w.pth"
+  path.write_bytes(b"not read")
+  fake = types.SimpleNamespace(__version__="2.5.1+cpu", load=lambda *a, **k: pytest.fail("loaded"))
+  monkeypatch.setitem(sys.modules, "torch", fake)
+  with pytest.raises(ImportError, match=r"torch 2.5.1\+cpu cannot load .* safely.*2\.6"):
     convert.load_state_dict(path)
+  fake.__version__, fake.load = "2.6.0", lambda *a, **k: {"w": np.ones(2, np.float32)}
+  assert convert.load_state_dict(path)["w"].tolist() == [1.0, 1.0]
 
 
-# ------------------------------------------------------------------- Hugging Face
-def _v4_vit_name(key: str) -> str:
-  """transformers-5 ViT names -> the transformers-4 names of the Hub's files."""
-  for new, old in ((r"layers.", "encoder.layer."), ("attention.q_proj", "attention.attention.query"),
-                   ("attention.k_proj", "attention.attention.key"),
-                   ("attention.v_proj", "attention.attention.value"),
-                   ("attention.o_proj", "attention.output.dense"),
-                   ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
-    key = key.replace(new, old)
-  return key
+# ----------------------------------------------------------------- HF configs
+_VIT = {"model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 16, "image_size": 8, "patch_size": 4, "num_labels": 3}
 
 
-@pytest.fixture(scope="module")
-def hf_vit(tmp_path_factory):
-  transformers = pytest.importorskip("transformers")
-  config = transformers.ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, num_labels=CLASSES)
-  torch.manual_seed(1)
-  net = _randomize(transformers.ViTForImageClassification(config))
-  path = tmp_path_factory.mktemp("hf") / "vit"
-  net.save_pretrained(path)
-  x = torch.randn(2, 3, SIZE, SIZE)
-  return net, path, x, _logits(net, pixel_values=x.double())
+def _vit_dir(tmp_path, config=None, *, index=None, layers=1):
+  """A tiny HF ViT directory (NumPy weights, transformers-4 names)."""
+  rng = np.random.default_rng(0)
+  state = {"vit.embeddings.cls_token": rng.normal(size=(1, 1, 8)),
+           "vit.embeddings.position_embeddings": rng.normal(size=(1, 5, 8)),
+           "vit.embeddings.patch_embeddings.projection.weight": rng.normal(size=(8, 3, 4, 4)),
+           "vit.embeddings.patch_embeddings.projection.bias": rng.normal(size=(8,)),
+           "vit.layernorm.weight": np.ones(8), "vit.layernorm.bias": np.zeros(8),
+           "classifier.weight": rng.normal(size=(3, 8)), "classifier.bias": np.zeros(3)}
+  for i in range(layers):
+    layer = f"vit.encoder.layer.{i}"
+    for name, shape in (("attention.attention.query", (8, 8)), ("attention.attention.key", (8, 8)),
+                        ("attention.attention.value", (8, 8)),
+                        ("attention.output.dense", (8, 8)), ("intermediate.dense", (16, 8)),
+                        ("output.dense", (8, 16))):
+      state[f"{layer}.{name}.weight"] = rng.normal(size=shape)
+      state[f"{layer}.{name}.bias"] = rng.normal(size=shape[:1])
+    for norm in ("layernorm_before", "layernorm_after"):
+      state[f"{layer}.{norm}.weight"], state[f"{layer}.{norm}.bias"] = np.ones(8), np.zeros(8)
+  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  tmp_path.mkdir(parents=True, exist_ok=True)
+  if index is None:
+    safetensors.numpy.save_file(state, str(tmp_path / "model.safetensors"))
+  else:
+    safetensors.numpy.save_file(state, str(tmp_path / "part-1.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+  text = config if isinstance(config, str) else json.dumps(_VIT if config is None else config)
+  (tmp_path / "config.json").write_text(text)
+  return tmp_path
 
 
-@pytest.fixture(scope="module")
-def hf_bert(tmp_path_factory):
-  transformers = pytest.importorskip("transformers")
-  config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=64,
-                                   max_position_embeddings=24, num_labels=3,
-                                   initializer_range=0.2)
-  torch.manual_seed(2)
-  net = _randomize(transformers.BertForSequenceClassification(config))
-  path = tmp_path_factory.mktemp("hf") / "bert"
-  net.save_pretrained(path)
-  ids = torch.randint(0, 100, (2, 12))
-  types = torch.randint(0, 2, (2, 12))
-  mask = torch.ones(2, 12, dtype=torch.long)
-  mask[1, 7:] = 0  # The second sequence is padded.
-  inputs = dict(input_ids=ids, token_type_ids=types, attention_mask=mask)
-  return net, path, inputs, _logits(net, **inputs)
+def test_a_valid_tiny_vit_directory_converts(tmp_path):
+  model, variables = convert.from_hf(_vit_dir(tmp_path))
+  assert model.depth == 1 and variables["params"]["head"]["kernel"].shape == (8, 3)
 
 
-def test_hf_vit_parity_and_key_schemes(hf_vit, tmp_path):
-  net, path, x, want = hf_vit
-  model, variables = convert.from_hf(path)
-  assert (model.pool_type, model.norm_eps, model.num_classes) == ("tok", 1e-12, CLASSES)
-  _assert_parity(model.apply(variables, _nhwc(x), train=False), want)
-  state = net.state_dict()
-  assert any(".q_proj." in k for k in state)  # transformers 5 names here.
-  # The Hub's transformers-4 names convert to the same variables.
-  old = {_v4_vit_name(k): v for k, v in state.items()}
-  assert "vit.encoder.layer.1.attention.attention.query.weight" in old
-  config = json.loads((path / "config.json").read_text())
-  _assert_same_tree(convert.hf_vit(old, config), variables)
-  # ViTModel: no "vit." prefix, a pooler (ignored by default) and no classifier.
-  base = {k[len("vit."):]: v for k, v in old.items() if k.startswith("vit.")}
-  base |= {"pooler.dense.weight": torch.zeros(32, 32), "pooler.dense.bias": torch.zeros(32)}
-  with pytest.raises(convert.ConversionError, match=r"missing in state_dict: classifier\.weight"):
-    convert.hf_vit(base, config)
-  headless = convert.hf_vit(base, config, init_head=True)
-  assert not headless["params"]["head"]["kernel"].any()
-  assert headless["params"]["head"]["kernel"].shape == (32, CLASSES)
-  with pytest.raises(convert.ConversionError, match=r"unexpected in state_dict.*pooler\.dense\."):
-    convert.hf_vit(base, config, init_head=True, ignore=())
-  # The nn.scan layout: the same arrays stacked on a layer axis.
-  scanned = convert.hf_vit(path / "model.safetensors", config, scan=True)["params"]["blocks"]
-  np.testing.assert_array_equal(scanned["attn"]["query"]["kernel"][1],
-                                variables["params"]["block_1"]["attn"]["query"]["kernel"])
-  convert.match_variables({"params": {**{k: v for k, v in variables["params"].items()
-                                         if not k.startswith("block_")}, "blocks": scanned}},
-                          convert.abstract_variables(convert.hf_model(config, scan=True),
-                                                     convert.hf_example_input(config)))
+@pytest.mark.parametrize("config, match", [
+    ("[1, 2]", "a HF config must be a JSON object, got a list"),
+    ("{not json", "not valid JSON"),
+    ({k: v for k, v in _VIT.items() if k != "hidden_size"}, "hidden_size is missing"),
+    ({**_VIT, "hidden_size": "8"}, "hidden_size must be a positive int, got '8'"),
+    ({**_VIT, "num_attention_heads": 0}, "num_attention_heads must be a positive int, got 0"),
+    ({**_VIT, "num_attention_heads": 3}, "hidden_size=8 is not divisible by num_attention_heads=3"),
+    ({**_VIT, "num_labels": 0}, "num_labels must be an int >= 1"),
+    ({**_VIT, "id2label": [1]}, "id2label must be an object"),
+    ({**_VIT, "patch_size": True}, "patch_size must be a positive int"),
+    ({**_VIT, "layer_norm_eps": -1}, "layer_norm_eps must be a number > 0"),
+    ({**_VIT, "num_hidden_layers": 10**6}, "num_hidden_layers=1000000 is beyond any real model"),
+    ({**_VIT, "num_hidden_layers": 500}, r"num_hidden_layers=500, but the vit weights hold "
+                                         r"layers 0..0 \(1\)"),
+])
+def test_malformed_hf_configs_are_one_clear_error(tmp_path, config, match):
+  import time
+
+  t0 = time.perf_counter()
+  with pytest.raises(convert.ConversionError, match=match):
+    convert.from_hf(_vit_dir(tmp_path, config))
+  assert time.perf_counter() - t0 < 10  # num_hidden_layers=10**6 took 59 s.
 
 
-def test_hf_bert_parity_with_mask_and_token_types(hf_bert):
-  net, path, inputs, want = hf_bert
-  model, variables = convert.from_hf(path, "bert")
-  args = {k: jnp.asarray(v.numpy()) for k, v in inputs.items()}
-  got = model.apply(variables, args["input_ids"], train=False, token_types=args["token_type_ids"],
-                    mask=args["attention_mask"])
-  _assert_parity(got, want)
-  unmasked = model.apply(variables, args["input_ids"], train=False,
-                         token_types=args["token_type_ids"])
-  assert np.abs(np.asarray(unmasked)[1] - want[1]).max() > 1e-3  # The mask mattered.
+@pytest.mark.parametrize("index, match", [
+    ({"metadata": {}}, "weight_map is missing"),
+    ({"weight_map": []}, "weight_map is missing or not a non-empty object"),
+    ({"weight_map": {"a": 3}}, r"weight_map\['a'\] must be a file name"),
+    ({"weight_map": {"a": "../outside.safetensors"}}, "points outside the model directory"),
+    ({"weight_map": {"a": "/etc/passwd"}}, "points outside the model directory"),
+])
+def test_sharded_index_is_checked_and_stays_inside_the_directory(tmp_path, index, match):
+  (tmp_path / "outside.safetensors").write_bytes(b"")
+  with pytest.raises(convert.ConversionError, match=match):
+    convert.from_hf(_vit_dir(tmp_path / "model", index=index))
 
 
-def test_hf_bert_old_names_pretraining_heads_and_errors(hf_bert):
-  transformers = pytest.importorskip("transformers")
-  net, path, _, _ = hf_bert
-  config = json.loads((path / "config.json").read_text())
-  variables = convert.from_hf(path)[1]
-  # The oldest checkpoints: LayerNorm gamma / beta, and a position_ids buffer.
-  old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
-                                                                  "LayerNorm.beta"): v
-         for k, v in net.state_dict().items()}
-  old["bert.embeddings.position_ids"] = torch.arange(24)[None]
-  _assert_same_tree(convert.hf_bert(old, config), variables)
-  # BertForPreTraining: the MLM / NSP heads are ignored by default, and there is no classifier.
-  pretraining = transformers.BertForPreTraining(transformers.BertConfig(**{
-      k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}))
-  state = pretraining.state_dict()
-  with pytest.raises(convert.ConversionError, match=r"missing in state_dict: classifier\.weight"):
-    convert.hf_bert(state, config)
-  assert convert.hf_bert(state, config, init_head=True)["params"]["head"]["bias"].shape == (3,)
-  with pytest.raises(convert.ConversionError, match=r"unexpected in state_dict.*cls\.predictions"):
-    convert.hf_bert(state, config, init_head=True, ignore=())
-  with pytest.raises(convert.ConversionError, match="hidden_act 'relu'"):
-    convert.hf_bert(state, {**config, "hidden_act": "relu"})
-  with pytest.raises(convert.ConversionError, match="model_type 'bert', expected 'vit'"):
-    convert.from_hf(path, "vit")
-
-
-def test_converted_teacher_inherits(hf_vit):
-  """Full rank: the inherited network computes the teacher; rank 4: the student's tree."""
-  _, path, x, want = hf_vit
-  model, variables = convert.from_hf(path)
-  rules = models.preset("default", "vit_b16")
-  full = InherSpec(rank=1.0, heads=2, skip_if_no_saving=False, rules=rules)
-  student = model.clone(spec=full)
-  params = inherit(variables["params"], full)
-  got = student.apply({"params": params}, _nhwc(x), train=False)
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-3, atol=1e-4)
-  spec = InherSpec(rank=4, heads=3, rules=rules)
-  params = inherit(variables["params"], spec)
-  config = json.loads((path / "config.json").read_text())
-  abstract = convert.abstract_variables(model.clone(spec=spec), convert.hf_example_input(config))
-  convert.match_variables({"params": params}, abstract)
-  assert params["block_0"]["attn"]["query"]["down"]["kernel"].shape == (32, 4)
+def test_sharded_index_inside_the_directory_loads(tmp_path):
+  model, _ = convert.from_hf(_vit_dir(tmp_path, index={"weight_map": {"x": "part-1.safetensors"}}))
+  assert model.depth == 1
 
 
 # ------------------------------------------------------------------- launch/convert
@@ -388,9 +228,10 @@ def parsed_flags():
   return launch_convert
 
 
-def test_launch_convert_inherits_and_exports(parsed_flags, resnets, tmp_path, capsys):
+def test_launch_convert_inherits_and_exports(parsed_flags, resnet18, tmp_path, capsys):
+  _, _, weights = resnet18
   out = tmp_path / "out"
-  with flagsaver.flagsaver(torchvision="resnet18", weights=str(resnets[18][1]), rank="0.5",
+  with flagsaver.flagsaver(torchvision="resnet18", weights=str(weights), rank="0.5",
                            heads=2, out=str(out)):
     parsed_flags.main(["convert"])
   variables, spec = export.load(out)
@@ -403,14 +244,14 @@ def test_launch_convert_inherits_and_exports(parsed_flags, resnets, tmp_path, ca
   assert variables["params"]["layer1_0"]["conv1"]["up"]["kernel"].shape == (2, 2, WIDTH)
   assert variables["batch_stats"]["layer1_0"]["bn1"]["mean"].shape == (WIDTH,)
   # Only converting: the teacher with a null spec.
-  weights = str(resnets[18][1])
-  with flagsaver.flagsaver(torchvision="resnet18", weights=weights, out=str(tmp_path / "t")):
+  with flagsaver.flagsaver(torchvision="resnet18", weights=str(weights), out=str(tmp_path / "t")):
     parsed_flags.main(["convert"])
   teacher, spec = export.load(tmp_path / "t")
   assert spec is None
-  _assert_same_tree(teacher, convert.from_torchvision(resnets[18][1], 18)[1])
+  jax.tree.map(np.testing.assert_array_equal, teacher,
+               convert.from_torchvision(weights, 18)[1])
   # Refusals: an existing export, a missing weights file (with how to get it).
-  with flagsaver.flagsaver(torchvision="resnet18", weights=str(resnets[18][1]), out=str(out)):
+  with flagsaver.flagsaver(torchvision="resnet18", weights=str(weights), out=str(out)):
     with pytest.raises(app.UsageError, match="already holds an export"):
       parsed_flags.main(["convert"])
   with flagsaver.flagsaver(torchvision="resnet50", weights=str(tmp_path / "no.pth"),

@@ -130,3 +130,29 @@ def test_digits_data_aware_and_budget_matched_methods(tmp_path):
   assert greedy["init"] == "svd" and greedy["rank"] is None and greedy["params"] <= student
   for r in (aware, greedy):
     assert r["metric_at_init"] == r["history"]["test_metric"][0]
+
+
+@pytest.mark.slow
+def test_a_changed_experiment_does_not_resume_silently(tmp_path):
+  """teacher.epochs changed: refused at the teacher's checkpoint; allowed deliberately."""
+  from inhernet_jax import checkpoint
+
+  config = _config("digits", "local")
+  config.methods, config.epochs, config.teacher.epochs = "inherit", 1, 1
+  config.method_defs.inherit.rank = "4"
+  first = experiment.train_and_evaluate(config, str(tmp_path))
+  config.teacher.epochs = 2
+  with pytest.raises(checkpoint.CheckpointError, match="epochs: checkpoint 1, now 2") as e:
+    experiment.train_and_evaluate(config, str(tmp_path))
+  assert "teacher" in str(e.value)
+  # Extended deliberately, the teacher trains one more epoch; the InherNet run, now
+  # inherited from another teacher, is refused in turn ...
+  config.allow_resume_changes = "epochs"
+  with pytest.raises(checkpoint.CheckpointError, match=r"seed_0/inherit/.*\n  teacher: checkpoint"):
+    experiment.train_and_evaluate(config, str(tmp_path))
+  # ... unless that is allowed too.
+  config.allow_resume_changes = "epochs,teacher"
+  second = experiment.train_and_evaluate(config, str(tmp_path))
+  runs = {r["method"]: r for r in second["runs"]}
+  assert runs["teacher"]["history"]["epoch"] == [0, 1, 2]
+  assert first["runs"][0]["history"]["epoch"] == [0, 1]

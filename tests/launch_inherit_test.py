@@ -171,3 +171,47 @@ def test_rank_or_energy_is_required(teachers, tmp_path):
   # (The usage text absl prints mentions both flags anyway: match the message itself.)
   assert "give exactly one of --rank, --energy and --budget" in proc.stderr
   assert not (tmp_path / "out").exists()
+
+
+def _one_line_error(proc, *fragments):
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  line = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(line) == 1, proc.stderr[-2000:]
+  for f in fragments:
+    assert f in line[0], line[0]
+
+
+@pytest.mark.parametrize("flag, fragments", [
+    ("--energy=1.5", ("--energy=1.5", "(0, 1]")),
+    ("--heads=0", ("--heads=0", "int >= 1")),
+])
+def test_bad_spec_flags_are_one_line_naming_the_flag(teachers, tmp_path, flag, fragments):
+  args = [flag] if flag.startswith("--energy") else ["--rank=4", flag]
+  proc = launch("--config=configs/digits.py:local", f"--teacher={teachers['local'][0]}",
+                *args, f"--out={tmp_path / 'out'}")
+  _one_line_error(proc, *fragments)
+  assert "--rank" not in proc.stderr.split("error: ")[1]  # Not blamed on --rank.
+  assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file_is_one_line(teachers, tmp_path):
+  proc = launch("--config=configs/nope.py", f"--teacher={teachers['local'][0]}", "--rank=4",
+                f"--out={tmp_path / 'out'}")
+  _one_line_error(proc, "--config=configs/nope.py", "no such config file")
+
+
+def test_unfinished_teacher_is_refused_unless_asked(tmp_path):
+  model = models.create("cnn", num_classes=10, widths=LOCAL)
+  params = model.init(jax.random.key(0), X, train=False)["params"]
+  state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+  mngr = checkpoint.manager(tmp_path / "teacher" / "checkpoints", async_save=False)
+  checkpoint.save(mngr, 40, state, {"history": {}, "total_steps": 69})
+  mngr.close()
+  args = ("--config=configs/digits.py:local", f"--teacher={tmp_path / 'teacher'}", "--rank=4")
+  proc = launch(*args, f"--out={tmp_path / 'out'}")
+  _one_line_error(proc, "unfinished", "step 40 of 69", "--allow_unfinished")
+  assert not (tmp_path / "out").exists()
+  proc = launch(*args, "--allow_unfinished", f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "step 40 of 69" in proc.stdout

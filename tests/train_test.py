@@ -113,11 +113,109 @@ def test_incompatible_or_corrupt_checkpoint_is_a_clear_error(teacher, digits, tm
   with pytest.raises(ckpt_lib.CheckpointError, match="does not match") as e:
     train.train_and_evaluate(other, o_vars, digits, _config(), tmp_path, seed=0, epochs=1)
   assert str(tmp_path) in str(e.value) and "shape mismatch" in str(e.value)
-  latest = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  for f in (tmp_path / "checkpoints" / str(latest)).rglob("*"):
-    if f.is_file() and f.name != "commit_success.txt":
-      f.write_bytes(b"\x00garbage")
-  with pytest.raises(ckpt_lib.CheckpointError, match=str(tmp_path)):
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  for step in steps:  # Every step damaged: an error, nothing moved or deleted.
+    for f in (tmp_path / "checkpoints" / str(step)).rglob("*"):
+      if f.is_file() and f.name != "commit_success.txt":
+        f.write_bytes(b"\x00garbage")
+  with pytest.raises(ckpt_lib.CheckpointError, match="every checkpoint .* is damaged"):
+    train.train_and_evaluate(model, dict(t_vars), digits, _config(), tmp_path, seed=0, epochs=1)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == steps
+
+
+def _flip_bit(step_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+  """Flips one bit in the middle of the largest file of a step (the tensors' data)."""
+  files = [f for f in step_dir.rglob("*") if f.is_file()]
+  target = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2 + seed] ^= 1 << 3
+  target.write_bytes(bytes(data))
+  return target
+
+
+def test_a_flipped_bit_falls_back_to_the_previous_good_step(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  config = _config(checkpoint_every_steps=0)
+  train.train_and_evaluate(model, dict(t_vars), digits, config, tmp_path, seed=0, epochs=2)
+  ckdir = tmp_path / "checkpoints"
+  steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+  assert len(steps) == 2
+  _flip_bit(ckdir / str(steps[-1]) / "state")
+  run = train.train_and_evaluate(model, dict(t_vars), digits, config, tmp_path, seed=0, epochs=2)
+  assert run.resumed_from == steps[0]  # The previous good step, then trained again.
+  assert (tmp_path / "checkpoints.corrupt" / str(steps[-1])).is_dir()  # Kept aside.
+  reference = train.train_and_evaluate(model, dict(t_vars), digits, config, tmp_path / "ref",
+                                       seed=0, epochs=2)
+  jax.tree.map(np.testing.assert_array_equal, run.state.params, reference.state.params)
+
+
+def test_checksum_catches_every_single_bit_flip():
+  from inhernet_jax import integrity
+
+  x = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((5,), np.int32)}
+  base = integrity.checksum(x)
+  for leaf, size in (("a", 12 * 32), ("b", 5 * 32)):
+    for bit in range(0, size, 7):
+      y = {k: v.copy() for k, v in x.items()}
+      flat = y[leaf].view(np.uint32).reshape(-1)
+      flat[bit // 32] ^= np.uint32(1 << (bit % 32))
+      assert integrity.mismatched(base, integrity.checksum(y)) == [leaf]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"config": _config(optimizer={"name": "adam", "learning_rate": 1e-2,
+                                   "schedule": "constant"})}, "optimizer.learning_rate"),
+    ({"epochs": 1}, "epochs"),
+    ({"loss": "kd", "loss_kwargs": {"alpha": 0.5, "temperature": 2.0}}, "loss"),
+])
+def test_a_changed_run_does_not_resume_silently(teacher, digits, tmp_path, change, field):
+  model, t_vars, _ = teacher
+  student = models.create("cnn", num_classes=10, widths=(4, 8, 16))
+  s_vars = student.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+  train.train_and_evaluate(student, s_vars, digits, _config(), tmp_path, seed=0, epochs=2)
+  kwargs = {"config": _config(), "seed": 0, "epochs": 2, **change}
+  if kwargs.get("loss") == "kd":
+    kwargs["teacher"] = (model, t_vars)
+  with pytest.raises(ckpt_lib.CheckpointError, match="different run") as e:
+    train.train_and_evaluate(student, s_vars, digits, kwargs.pop("config"), tmp_path, **kwargs)
+  assert field in str(e.value) and "allow_resume_changes" in str(e.value)
+  assert "Traceback" not in str(e.value)
+
+
+def test_another_teacher_or_deliberately_extended_epochs(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  student = models.create("cnn", num_classes=10, widths=(4, 8, 16))
+  s_vars = student.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+  kd = dict(loss="kd", loss_kwargs={"alpha": 0.5, "temperature": 2.0})
+  train.train_and_evaluate(student, s_vars, digits, _config(), tmp_path, seed=0, epochs=1,
+                           teacher=(model, t_vars), **kd)
+  other = jax.tree.map(lambda x: x * 1.01, t_vars)  # A retrained teacher, same shapes.
+  with pytest.raises(ckpt_lib.CheckpointError, match="teacher: checkpoint"):
+    train.train_and_evaluate(student, s_vars, digits, _config(), tmp_path, seed=0, epochs=1,
+                             teacher=(model, other), **kd)
+  with pytest.raises(ckpt_lib.CheckpointError, match="epochs: checkpoint 1, now 2"):
+    train.train_and_evaluate(student, s_vars, digits, _config(), tmp_path, seed=0, epochs=2,
+                             teacher=(model, t_vars), **kd)
+  run = train.train_and_evaluate(student, s_vars, digits, _config(allow_resume_changes="epochs"),
+                                 tmp_path, seed=0, epochs=2, teacher=(model, t_vars), **kd)
+  assert run.resumed_from == digits.steps_per_epoch and run.history["epoch"] == [0, 1, 2]
+
+
+def test_keep_checkpoints_zero_is_refused(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  with pytest.raises(ValueError, match="keep_checkpoints.*>= 1"):
+    train.train_and_evaluate(model, dict(t_vars), digits, _config(keep_checkpoints=0), tmp_path,
+                             seed=0, epochs=1)
+
+
+def test_meta_without_history_is_a_clear_error(teacher, digits, tmp_path):
+  model, t_vars, _ = teacher
+  state = {"params": t_vars["params"]}
+  mngr = ckpt_lib.manager(tmp_path / "checkpoints", async_save=False)
+  ckpt_lib.save(mngr, 0, state, {"teacher": "x"})
+  mngr.close()
+  with pytest.raises(ckpt_lib.CheckpointError, match="no 'history'"):
     train.train_and_evaluate(model, dict(t_vars), digits, _config(), tmp_path, seed=0, epochs=1)
 
 
@@ -139,6 +237,18 @@ def _checkpoints(workdir: pathlib.Path) -> int:
       return sum(1 for p in workdir.glob("seed_*/*/checkpoints/*") if p.name.isdigit())
     except FileNotFoundError:  # A directory vanished while being listed: look again.
       continue
+
+
+def _saving(workdir: pathlib.Path) -> str | None:
+  """An orbax temporary (unfinished) checkpoint directory under ``workdir``, if any."""
+  try:
+    for run in workdir.glob("seed_*/*/checkpoints"):
+      for p in os.scandir(run):
+        if "orbax-checkpoint-tmp" in p.name:
+          return p.path
+  except FileNotFoundError:  # Renamed while listed: the save just finished.
+    pass
+  return None
 
 
 def _final_states(workdir: pathlib.Path) -> dict:
@@ -181,6 +291,16 @@ def test_sigkill_at_any_point_resumes_to_identical_results(tmp_path):
       time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  # And once in the middle of a save: while orbax's temporary directory exists.
+  proc = subprocess.Popen([*_CMD, f"--workdir={killed}"], cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline, caught = time.time() + 300, None
+  while proc.poll() is None and time.time() < deadline and caught is None:
+    caught = _saving(killed)
+    if caught is not None:
+      proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL and caught, "no save was caught in progress"
   assert not (killed / "results.json").exists()
   subprocess.run([*_CMD, f"--workdir={killed}"], cwd=ROOT, env=_env(), check=True,
                  capture_output=True)
