@@ -90,7 +90,8 @@ Record = Any  # One source element: a dict of arrays/scalars (images) or an int 
 KINDS = ("classification", "lm")
 # Fields a data config may set; anything else is a typo and is rejected.
 FIELDS = ("name", "data_dir", "seq_len", "augment", "image_size", "test_fraction",
-          "split_seed", "eval_windows", "train_windows", "pad", "flip")
+          "split_seed", "eval_windows", "train_windows", "pad", "flip",
+          "train_examples")
 
 class DatasetNotPreparedError(FileNotFoundError):
   """A TFDS dataset is not prepared (as ArrayRecord) in the data directory."""
@@ -177,7 +178,8 @@ def get(config: Any, *, batch_size: int, seed: int, eval_batch_size: int | None 
       training split; digits and chars have none), ``image_size`` (imagenet2012,
       default 224), ``test_fraction`` (digits, default 0.2), ``split_seed``
       (digits, default 0), ``pad`` and ``flip`` (fashion_mnist's augmentation: default
-      2 and True).
+      2 and True) and ``train_examples`` (fashion_mnist: train on the first N
+      training images only, for quick CPU runs; default all).
     batch_size: the global training batch size; a multiple of ``process_count``.
     seed: a non-negative int; the data order and augmentation depend on it alone.
     eval_batch_size: the global evaluation batch size (default ``batch_size``); a

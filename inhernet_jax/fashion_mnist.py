@@ -16,7 +16,8 @@ Neither: `data.DatasetNotPreparedError` naming both. The pipeline's ``info`` (wr
 
 Training images are augmented as the data config says (``augment``, default True):
 zero-pad ``pad`` pixels (default 2), random 28x28 crop, and a horizontal flip with
-probability 1/2 when ``flip`` (default True). Pixels are normalised with the training
+probability 1/2 when ``flip`` (default True). ``train_examples`` keeps only the first N
+training images (quick CPU runs; the test set is always complete). Pixels are normalised with the training
 set's mean and std (`MEAN`, `STD`).
 
 Example::
@@ -76,6 +77,34 @@ def read_idx(path: str) -> np.ndarray:
     raise ValueError(f"{path}: header says {dims} {dtype} ({expected} bytes of data) but the "
                      f"file holds {len(raw) - offset} bytes after the header")
   return np.frombuffer(raw, dtype, offset=offset).reshape(dims)
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+  """Writes a uint8 array as an IDX file (gzipped when ``path`` ends in ``.gz``): small
+  stand-ins for the real files in tests and examples."""
+  array = np.ascontiguousarray(array, np.uint8)
+  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(header + array.tobytes())
+
+
+def write_fake(directory: str, train: int = 20, test: int = 7, *, seed: int = 0,
+               gz: bool = True) -> dict:
+  """Four IDX files of random images and labels in ``directory`` (created if needed).
+
+  Returns:
+    ``{"train": (images, labels), "test": (images, labels)}``, images ``(N, 28, 28)``.
+  """
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  sets = {split: (rng.integers(0, 256, (n, *SHAPE[:2])).astype(np.uint8),
+                  rng.integers(0, NUM_CLASSES, n).astype(np.uint8))
+          for split, n in (("train", train), ("test", test))}
+  for (split, kind), stem in FILES.items():
+    write_idx(os.path.join(directory, stem + (".gz" if gz else "")),
+              sets[split][kind == "labels"])
+  return sets
 
 
 def idx_files(directory: str) -> dict[tuple[str, str], str] | None:
@@ -167,6 +196,9 @@ def spec(fields: dict):
   if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
     raise TypeError(f"data config: data_dir must be a path, got {data_dir!r}")
   train_source, eval_source, info = _sources(data_dir)
+  limit = data_lib._get_int(fields, "train_examples", None, low=1)
+  if limit is not None and limit < len(train_source):
+    train_source = _First(train_source, limit)
 
   def example(image, label):
     return {"input": normalize(image, MEAN, STD), "label": np.int32(label)}
@@ -184,9 +216,24 @@ def spec(fields: dict):
                        input_shape=SHAPE, input_dtype="float32",
                        train_size=len(train_source), eval_size=len(eval_source))
   info = {"name": TFDS_NAME, **info, "augment": augment, "pad": pad, "flip": bool(flip),
-          "train_size": task.train_size, "eval_size": task.eval_size}
+          "train_examples": limit, "train_size": task.train_size, "eval_size": task.eval_size}
   return data_lib._Spec(task=task, train_source=train_source, eval_source=eval_source,
                         train_fn=train_fn, eval_fn=eval_fn, info=info)
+
+
+class _First:
+  """The first ``length`` records of a random-access source."""
+
+  def __init__(self, source, length: int):
+    self._source, self._length = source, length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._length:
+      raise IndexError(index)
+    return self._source[index]
 
 
 def augment_image(image: np.ndarray, rng: np.random.Generator, *, pad: int, flip: bool
