@@ -38,7 +38,10 @@ from inhernet_jax.inherit import inherit
 from inhernet_jax.spec import InherSpec
 
 KINDS = ("student", "inhernet")
-RECALIBRATION_BATCHES = 32  # Training batches for BatchNorm re-estimation (``recalibrate``).
+# InherNet methods re-estimate BatchNorm statistics unless ``recalibrate: False``
+# (README, "BatchNorm re-estimation"), on this many training batches.
+RECALIBRATE = True
+RECALIBRATION_BATCHES = 32
 
 
 def _dict(node) -> dict:
@@ -160,7 +163,9 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   ranks at the budget ``rank`` names, `budget.allocate`; over the output-energy spectra
   when ``data_aware``). ``data_aware`` truncates every layer for its output error on
   ``calibration_batches`` training batches. (``recalibrate``, applied in `run_seed`,
-  re-estimates the inherited network's BatchNorm statistics: `_recalibrate`.)
+  re-estimates the inherited network's BatchNorm statistics: `_recalibrate`;
+  ``init_key``, default the method's key, names the key of its random gate init:
+  methods that share it start from the same gates.)
   """
   heads = int(md.get("heads", 1))
   rules = models.preset(md.get("preset", "default"), config.teacher.model)
@@ -255,8 +260,12 @@ def _record(key: str, md: dict, model, variables, run, *, seed: int, task, flops
 def _recalibrate(md: dict, name: str, model, variables, pipeline) -> tuple[dict, int]:
   """``(variables, batches used)``: BatchNorm statistics re-estimated on the first
   ``recalibration_batches`` (default 32) training batches of this seed's data order
-  when ``md["recalibrate"]`` (`batch_stats.recalibrate_batch_stats`), else as given."""
-  if not md.get("recalibrate", False) or "batch_stats" not in variables:
+  (`batch_stats.recalibrate_batch_stats`) unless ``md["recalibrate"]`` is False.
+
+  On by default: it lifts the metric at init (BatchNorm CNNs start near chance without
+  it) and cannot change fine-tuning, whose gradients use batch statistics only.
+  """
+  if not md.get("recalibrate", RECALIBRATE) or "batch_stats" not in variables:
     return variables, 0
   count = int(md.get("recalibration_batches", RECALIBRATION_BATCHES))
   if count < 1:
@@ -315,10 +324,10 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
       model = t_model.clone(spec=spec)
       if md.get("init", "svd") == "svd":
         variables = dict(t_vars, params=inherit(
-            t_params, spec, key=_key(seed, key), calibration=grams,
+            t_params, spec, key=_key(seed, md.get("init_key") or key), calibration=grams,
             sharding_rules=config.get("sharding_rules")))
       else:  # The paper's "without SVD init" ablation: same network, random init.
-        variables = _init(model, _key(seed, key), task, config)
+        variables = _init(model, _key(seed, md.get("init_key") or key), task, config)
       init = md.get("init", "svd")
       if init == "svd" and spec.data_aware:
         init = "data_aware"  # Its own panel of the rank x heads plot.

@@ -174,3 +174,21 @@ def test_batch_stats_without_any_batch_norm_call_is_an_error():
   mv = dict(model.init(jax.random.key(0), jnp.zeros((1, 5))), batch_stats=v["batch_stats"])
   with pytest.raises(ValueError, match="no nn.BatchNorm ran"):
     recalibrate_batch_stats(model, mv, [np.ones((2, 5), np.float32)])
+
+
+def test_training_gradients_do_not_depend_on_the_running_statistics(resnet):
+  """Why re-estimation cannot change fine-tuning: in training mode BatchNorm normalises
+  with batch statistics, so the loss and gradients are the same whatever the stored
+  statistics; only evaluation sees them, until the momentum update forgets them."""
+  teacher, v = resnet
+  x = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  fresh = recalibrate_batch_stats(teacher, v, [x])
+
+  def loss(params, stats):
+    out, _ = teacher.apply({"params": params, "batch_stats": stats}, x, train=True,
+                           mutable=["batch_stats"])
+    return jnp.sum(out**2)
+
+  ga = jax.grad(loss)(v["params"], v["batch_stats"])
+  gb = jax.grad(loss)(v["params"], fresh["batch_stats"])
+  jax.tree.map(np.testing.assert_array_equal, ga, gb)

@@ -245,11 +245,13 @@ def test_fashion_mnist_bn_compares_batch_norm_re_estimation():
                  "inherit_aware_plain": (True, False), "inherit_aware": (True, True)}
   assert c.data.train_examples == 12000 and "train_examples" not in get("fashion_mnist").data
   assert get("fashion_mnist", "bn,train_examples=0").data.get("train_examples") is None
-  # Every InherNet method of the default re-estimates, except the random-init ablation.
-  d = get("fashion_mnist")
-  for m in experiment.method_names(d):
-    if d.method_defs[m].kind == "inhernet":
-      assert d.method_defs[m].get("recalibrate", False) == (m != "inherit_random"), m
+  # The pairs share their gate init: they differ only in the BatchNorm statistics.
+  assert c.method_defs.inherit_plain.init_key == "inherit"
+  assert c.method_defs.inherit_aware_plain.init_key == "inherit_aware"
+  # Re-estimation is the default (experiment.RECALIBRATE); only the *_plain twins opt out.
+  for m, md in get("fashion_mnist").method_defs.items():
+    if md.kind == "inhernet":
+      assert md.get("recalibrate", experiment.RECALIBRATE) == (not m.endswith("_plain")), m
 
 
 def test_mesh_and_rules_are_config_fields():

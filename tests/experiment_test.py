@@ -147,7 +147,12 @@ def test_recalibrate_field_re_estimates_on_the_seeds_first_training_batches(tmp_
   want = calibration.recalibrate_batch_stats(model, v, [pipe.train_batch(0), pipe.train_batch(1)])
   assert count == 2
   jax.tree.map(np.testing.assert_array_equal, out["batch_stats"], want["batch_stats"])
-  assert experiment._recalibrate({}, "inherit", model, v, pipe) == (v, 0)  # Off unless asked.
+  assert experiment._recalibrate({"recalibrate": False}, "inherit", model, v, pipe) == (v, 0)
+  default, count = experiment._recalibrate({}, "inherit", model, v, pipe)  # On by default.
+  assert count == experiment.RECALIBRATION_BATCHES == 32
+  assert not np.allclose(default["batch_stats"]["bn_init"]["var"], 1)
+  no_bn = {"params": v["params"]}  # Nothing to re-estimate.
+  assert experiment._recalibrate({}, "inherit", model, no_bn, pipe) == (no_bn, 0)
   with pytest.raises(ValueError, match="method_defs.inherit.recalibration_batches must be >= 1"):
     experiment._recalibrate({"recalibrate": True, "recalibration_batches": 0}, "inherit",
                             model, v, pipe)
