@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 
 from inhernet_jax import calibration, models
 from inhernet_jax.batch_stats import recalibrate_batch_stats
@@ -23,14 +23,18 @@ EPS = 1e-5
 
 
 class Net(nn.Module):
-  """Dense -> BN -> ReLU -> Dense -> BN: every statistic is easy to recompute."""
+  """Dense -> BN -> ReLU -> Dense -> BN: every statistic is easy to recompute.
+
+  ``use_fast_variance=False``: the two-pass variance, so that float32 cancellation in
+  ``E[x^2] - E[x]^2`` (Flax's default) does not blur the comparison with float64.
+  """
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    h = nn.Dense(4, name="fc1")(x)
-    h = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="bn1")(h))
-    h = nn.Dense(3, name="fc2")(h)
-    return nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="bn2")(h)
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, epsilon=EPS,
+                                   use_fast_variance=False, name=name)
+    h = nn.relu(bn("bn1")(nn.Dense(4, name="fc1")(x)))
+    return bn("bn2")(nn.Dense(3, name="fc2")(h))
 
 
 def _perturbed_vars(seed):
@@ -61,6 +65,7 @@ def _reference(v, batches, unbiased):
 
 @given(seed=st.integers(0, 2**16), count=st.integers(1, 3), size=st.sampled_from([3, 6]),
        unbiased=st.booleans(), scale=st.floats(0.1, 10.0))
+@example(seed=1, count=1, size=3, unbiased=False, scale=0.25)  # Once off by 4e-4 (fast var).
 def test_statistics_equal_those_of_the_pre_normalisation_activations(seed, count, size,
                                                                      unbiased, scale):
   v = _perturbed_vars(seed)
