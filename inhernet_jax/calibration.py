@@ -14,6 +14,8 @@ into the ``"intermediates"`` collection, so scan-stacked layers (`nn.scan` with
 along their layer axis, like their kernels. Paths are the kernels' ``"/"``-joined param
 paths, as `inherit` names them. `output_error` and `inherited_output_errors` measure the
 relative output error from a Gram alone (trace form, no activations).
+`recalibrate_batch_stats` (from `inhernet_jax.batch_stats`) re-estimates an inherited
+network's BatchNorm statistics on calibration batches.
 
 Example::
 
@@ -38,6 +40,7 @@ from flax import traverse_util
 from flax.linen.linear import canonicalize_padding
 
 from inhernet_jax import svd
+from inhernet_jax.batch_stats import recalibrate_batch_stats  # noqa: F401  (re-exported)
 from inhernet_jax.inherit import _collect, _gram_of, _note_whitening, _on_host
 from inhernet_jax.spec import InherSpec, as_spec
 

@@ -1,4 +1,4 @@
-"""Input pipelines: one interface for digits, chars, CIFAR-10/100 and ImageNet.
+"""Input pipelines: one interface for digits, chars, Fashion-MNIST, CIFAR-10/100 and ImageNet.
 
 `get` returns a `Pipeline` whatever the dataset, so a trainer never asks which it got:
 
@@ -23,6 +23,9 @@ Datasets (``config.name``):
   (`CHARS_FILES`), ASCII ids (any other character becomes id 0); the last 10% of each
   file is validation. Training windows start anywhere; evaluation windows tile the
   validation text. `corpus_info` identifies the text (it differs between Pythons).
+* ``fashion_mnist`` -- Zalando's 28x28 grey clothing images from their IDX files (the
+  Debian package ``dataset-fashion-mnist``) or TFDS; pad + random crop and an optional
+  flip (``pad``, ``flip``). See `inhernet_jax.fashion_mnist`.
 * ``cifar10``, ``cifar100``, ``imagenet2012`` -- TFDS random-access (ArrayRecord)
   sources read without TensorFlow, augmented in NumPy (CIFAR: zero-pad 4, random
   crop, flip; ImageNet: random-resized crop, flip; evaluation: ImageNet's resize and
@@ -87,7 +90,8 @@ Record = Any  # One source element: a dict of arrays/scalars (images) or an int 
 KINDS = ("classification", "lm")
 # Fields a data config may set; anything else is a typo and is rejected.
 FIELDS = ("name", "data_dir", "seq_len", "augment", "image_size", "test_fraction",
-          "split_seed", "eval_windows", "train_windows")
+          "split_seed", "eval_windows", "train_windows", "pad", "flip",
+          "train_examples")
 
 class DatasetNotPreparedError(FileNotFoundError):
   """A TFDS dataset is not prepared (as ArrayRecord) in the data directory."""
@@ -172,8 +176,10 @@ def get(config: Any, *, batch_size: int, seed: int, eval_batch_size: int | None 
       windows, default all), ``train_windows`` (chars: cap on training windows per
       epoch, default about one pass over the train text), ``augment`` (default True for the image datasets'
       training split; digits and chars have none), ``image_size`` (imagenet2012,
-      default 224), ``test_fraction`` (digits, default 0.2) and ``split_seed``
-      (digits, default 0).
+      default 224), ``test_fraction`` (digits, default 0.2), ``split_seed``
+      (digits, default 0), ``pad`` and ``flip`` (fashion_mnist's augmentation: default
+      2 and True) and ``train_examples`` (fashion_mnist: train on the first N
+      training images only, for quick CPU runs; default all).
     batch_size: the global training batch size; a multiple of ``process_count``.
     seed: a non-negative int; the data order and augmentation depend on it alone.
     eval_batch_size: the global evaluation batch size (default ``batch_size``); a
@@ -336,7 +342,7 @@ def _get_augment(fields: dict, name: str, supported: bool) -> bool:
     raise TypeError(f"data config: augment must be a bool, got {value!r}")
   if value and not supported:
     raise ValueError(f"data config: augment=True is not supported for {name} "
-                     f"(only cifar10, cifar100 and imagenet2012 augment)")
+                     f"(only fashion_mnist, cifar10, cifar100 and imagenet2012 augment)")
   return bool(value)
 
 
@@ -530,15 +536,23 @@ def _tfds_spec(name: str, fields: dict) -> _Spec:
                train_fn=train_fn, eval_fn=eval_fn, info=info)
 
 
+def _fashion_mnist_spec(fields: dict) -> _Spec:
+  from inhernet_jax import fashion_mnist  # It builds on this module's pieces.
+
+  return fashion_mnist.spec(fields)
+
+
 _BUILDERS: dict[str, Callable[[dict], _Spec]] = {
     "digits": _digits_spec,
+    "fashion_mnist": _fashion_mnist_spec,
     "chars": _chars_spec,
     **{name: functools.partial(_tfds_spec, name) for name in _TFDS},
 }
 NAMES = tuple(_BUILDERS)
 
 # Static facts, for tools that need a model's shape without loading the data.
-_NUM_CLASSES = {"digits": 10, "chars": CHARS_VOCAB, "cifar10": 10, "cifar100": 100,
+_NUM_CLASSES = {"digits": 10, "fashion_mnist": 10, "chars": CHARS_VOCAB, "cifar10": 10,
+                "cifar100": 100,
                 "imagenet2012": 1000}
 
 
@@ -553,6 +567,8 @@ def input_shape(config: Any) -> tuple[int, ...]:
   name = fields["name"]
   if name == "digits":
     return (8, 8, 1)
+  if name == "fashion_mnist":
+    return (28, 28, 1)
   if name == "chars":
     return (_get_int(fields, "seq_len", 128, low=1),)
   if name.startswith("cifar"):

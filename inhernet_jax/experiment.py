@@ -44,6 +44,10 @@ from inhernet_jax.spec import InherSpec
 KINDS = ("student", "inhernet")
 # Method fields the trainer fingerprints itself (or that do not define the run).
 _TRAINER_FIELDS = ("label", "optimizer", "loss", "loss_kwargs", "hint")
+# InherNet methods re-estimate BatchNorm statistics unless ``recalibrate: False``
+# (README, "BatchNorm re-estimation"), on this many training batches.
+RECALIBRATE = True
+RECALIBRATION_BATCHES = 32
 
 
 def _dict(node) -> dict:
@@ -174,7 +178,10 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   ``allocation``: ``"uniform"`` (one rank, `_resolve_rank`) or ``"greedy"`` (per-layer
   ranks at the budget ``rank`` names, `budget.allocate`; over the output-energy spectra
   when ``data_aware``). ``data_aware`` truncates every layer for its output error on
-  ``calibration_batches`` training batches.
+  ``calibration_batches`` training batches. (``recalibrate``, applied in `run_seed`,
+  re-estimates the inherited network's BatchNorm statistics: `_recalibrate`;
+  ``init_key``, default the method's key, names the key of its random gate init:
+  methods that share it start from the same gates.)
   """
   heads = int(md.get("heads", 1))
   rules = models.preset(md.get("preset", "default"), config.teacher.model)
@@ -265,7 +272,25 @@ def _record(key: str, md: dict, model, variables, run, *, seed: int, task, flops
       "metric_at_init": extra.get("metric_at_init"), "final_metric": h["test_metric"][-1],
       "best_metric": max(finals) if higher else min(finals), "epochs_to_scratch": None,
       "wall_s": run.wall_s, "history": h, "gates": run.gates,
+      "calibration_batches": extra.get("calibration_batches"),
   }
+
+
+def _recalibrate(md: dict, name: str, model, variables, pipeline) -> tuple[dict, int]:
+  """``(variables, batches used)``: BatchNorm statistics re-estimated on the first
+  ``recalibration_batches`` (default 32) training batches of this seed's data order
+  (`batch_stats.recalibrate_batch_stats`) unless ``md["recalibrate"]`` is False.
+
+  On by default: it lifts the metric at init (BatchNorm CNNs start near chance without
+  it) and cannot change fine-tuning, whose gradients use batch statistics only.
+  """
+  if not md.get("recalibrate", RECALIBRATE) or "batch_stats" not in variables:
+    return variables, 0
+  count = int(md.get("recalibration_batches", RECALIBRATION_BATCHES))
+  if count < 1:
+    raise ValueError(f"config.method_defs.{name}.recalibration_batches must be >= 1, got {count}")
+  batches = (pipeline.train_batch(step) for step in range(count))
+  return calibration.recalibrate_batch_stats(model, variables, batches), count
 
 
 def _teacher_record(config, model, variables, run, *, seed: int, task, flops: dict) -> dict:
@@ -319,14 +344,18 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
       model = t_model.clone(spec=spec)
       if md.get("init", "svd") == "svd":
         variables = dict(t_vars, params=inherit(
-            t_params, spec, key=_key(seed, key), calibration=grams,
+            t_params, spec, key=_key(seed, md.get("init_key") or key), calibration=grams,
             sharding_rules=config.get("sharding_rules")))
       else:  # The paper's "without SVD init" ablation: same network, random init.
-        variables = _init(model, _key(seed, key), task, config)
+        variables = _init(model, _key(seed, md.get("init_key") or key), task, config)
       init = md.get("init", "svd")
       if init == "svd" and spec.data_aware:
         init = "data_aware"  # Its own panel of the rank x heads plot.
-      extra = {"rank": rank, "heads": spec.heads, "init": init}
+      variables, count = _recalibrate(md, key, model, variables, pipeline)
+      extra = {"rank": rank, "heads": spec.heads, "init": init,
+               "calibration_batches": {
+                   "data_aware": int(md.get("calibration_batches", 8)) if spec.data_aware else 0,
+                   "batch_stats": count}}
     run = _train(
         config, model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
         os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,
@@ -339,8 +368,11 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
     )
     if md["kind"] == "inhernet":
       extra["metric_at_init"] = run.history["test_metric"][0]
-    records.append(_record(key, md, model, {"params": run.state.params}, run, seed=seed,
-                           task=task, flops=flops, **extra))
+    final = {"params": run.state.params}
+    if run.state.batch_stats:  # The FLOP count runs the model: BatchNorm needs its stats.
+      final["batch_stats"] = run.state.batch_stats
+    records.append(_record(key, md, model, final, run, seed=seed, task=task, flops=flops,
+                           **extra))
 
   scratch = next((r for r in records if r["method"] == config.get("scratch_method", "student")), None)
   if scratch is not None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from inhernet_jax import svd
 from inhernet_jax.layers import gate_kernel_init
-from inhernet_jax.spec import InherSpec, LayerPlan
+from inhernet_jax.spec import InherSpec, LayerPlan, fullmatch
 
 MAX_KERNEL_NDIM = 5  # Dense (2) and 1D/2D/3D convs.
 
@@ -159,7 +159,7 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
 
   visit(params, ())
   for i, (pattern, _) in enumerate(spec.rules):
-    if not any(re.fullmatch(pattern, k.path) for k in kernels):
+    if not any(fullmatch(pattern, k.path) for k in kernels):
       warnings.warn(f"InherSpec.rules[{i}] ({pattern!r}) matches no kernel", stacklevel=3)
   return kernels
 

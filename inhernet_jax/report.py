@@ -288,6 +288,7 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
         "higher_is_better": bool(first.get("higher_is_better", True)),
         "n_seeds": len(group),
         "seeds": [_jsonable(r.get("seed")) for r in group],
+        "calibration_batches": _jsonable(first.get("calibration_batches")),
     }
     for key in _STAT_KEYS:
       mean, std, _ = _mean_std(r.get(key) for r in group)

@@ -29,7 +29,8 @@ METHOD_FIELDS = {
     "common": ("kind", "label", "loss", "loss_kwargs", "hint", "optimizer"),
     "student": ("model", "kwargs"),
     "inhernet": ("rank", "heads", "preset", "init", "data_aware", "calibration_batches",
-                 "allocation", "objective", "svd", "sweep"),
+                 "allocation", "objective", "svd", "sweep", "recalibrate",
+                 "recalibration_batches", "init_key"),
 }
 ALLOCATIONS = ("uniform", "greedy")
 INITS = ("svd", "random")

@@ -11,11 +11,17 @@ first if absent, exactly as `launch.main` does), prints and writes ``compare_ini
    method): `budget.uniform` and `budget.allocate` over the weights' spectra and over
    the data-aware output spectra (`calibration.whitened_spectra`), parameters and metric.
 
+For a teacher with BatchNorm every metric is also given with the inherited network's
+BatchNorm statistics re-estimated on ``--recalibration_batches`` training batches
+(`calibration.recalibrate_batch_stats`): plain and data-aware, each with and without.
+
 Nothing is fine-tuned here; the ``beyond`` config variants fine-tune the same methods
 (`configs/digits.py:variant=beyond`).
 
   python -m launch.compare_init --config=configs/digits.py:divisor=4 --workdir=workdir/digits
   python -m launch.compare_init --config=configs/chars.py --workdir=workdir/chars --ranks=8,16
+  python -m launch.compare_init --config=configs/fashion_mnist.py:bn --workdir=workdir/fmnist_bn \
+      --ranks=4,8,16 --recalibration_batches=32
 """
 
 import json
@@ -36,6 +42,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config
 _WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (teacher inside).")
 _RANKS = flags.DEFINE_list("ranks", ["4", "8"], "Uniform ranks of the data-aware comparison.")
 _BATCHES = flags.DEFINE_integer("calibration_batches", 8, "Training batches for the Grams.")
+_RECAL = flags.DEFINE_integer(
+    "recalibration_batches", 32, "Training batches for the BatchNorm re-estimation of every "
+    "row (also reported without it); 0: none. Only for networks with BatchNorm.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -75,13 +84,28 @@ def main(argv):
   held = calibration.input_grams(t_model, t_vars, _held_out(pipeline), apply_kwargs={"train": False})
   result = {"config": config.get("name"), "teacher_metric": _metric(t_model, t_vars, pipeline),
             "metric": train_lib.metric_name(pipeline.task.kind), "equal_rank": [], "budget": []}
+  recalibrate = _RECAL.value > 0 and bool(t_vars.get("batch_stats"))
+
+  def recalibrated(model, variables):
+    """Its BatchNorm statistics re-estimated on this seed's first training batches."""
+    batches = (pipeline.train_batch(s) for s in range(_RECAL.value))
+    return calibration.recalibrate_batch_stats(model, variables, batches)
+
+  if recalibrate:
+    result["recalibration_batches"] = _RECAL.value
+    result["teacher_metric_recalibrated"] = _metric(t_model, recalibrated(t_model, t_vars),
+                                                    pipeline)
 
   def row(spec, **extra):
     params = inherit(t_params, spec, calibration=calib if spec.data_aware else None)
     variables = dict(t_vars, params=params)
-    return {**extra, "params": accounting.param_count(params),
-            "output_error": _mean_error(t_params, params, held),
-            "metric": _metric(t_model.clone(spec=spec), variables, pipeline)}
+    model = t_model.clone(spec=spec)
+    out = {**extra, "params": accounting.param_count(params),
+           "output_error": _mean_error(t_params, params, held),
+           "metric": _metric(model, variables, pipeline)}
+    if recalibrate:
+      out["metric_recalibrated"] = _metric(model, recalibrated(model, variables), pipeline)
+    return out
 
   for rank in (int(r) for r in _RANKS.value):
     spec = InherSpec(rank=rank, heads=heads, rules=rules)
@@ -109,17 +133,27 @@ def main(argv):
 
 def _print(result) -> None:
   m = result["metric"]
-  print(f"{result['config']}: teacher {m} {result['teacher_metric']:.4f}")
-  print(f"| rank | truncation | held-out output error | {m} before fine-tuning |")
-  print("|---:|---|---:|---:|")
+  recal = "recalibration_batches" in result
+  teacher = f"{result['config']}: teacher {m} {result['teacher_metric']:.4f}"
+  if recal:
+    teacher += (f" ({result['teacher_metric_recalibrated']:.4f} with its BatchNorm statistics "
+                f"re-estimated on {result['recalibration_batches']} training batches)")
+  print(teacher)
+  extra = f" | {m} with BN re-estimated |" if recal else " |"
+
+  def cells(r):
+    return f" {r['metric']:.4f} |" + (f" {r['metric_recalibrated']:.4f} |" if recal else "")
+
+  print(f"| rank | truncation | held-out output error | {m} before fine-tuning{extra}")
+  print("|---:|---|---:|---:|" + ("---:|" if recal else ""))
   for r in result["equal_rank"]:
     print(f"| {r['rank']} | {'data-aware' if r['data_aware'] else 'plain'} | "
-          f"{r['output_error']:.3f} | {r['metric']:.4f} |")
+          f"{r['output_error']:.3f} |{cells(r)}")
   print(f"\n| allocation at {result['budget'][0]['budget']:,} params | params | "
-        f"held-out output error | {m} before fine-tuning |")
-  print("|---|---:|---:|---:|")
+        f"held-out output error | {m} before fine-tuning{extra}")
+  print("|---|---:|---:|---:|" + ("---:|" if recal else ""))
   for r in result["budget"]:
-    print(f"| {r['allocation']} | {r['params']:,} | {r['output_error']:.3f} | {r['metric']:.4f} |")
+    print(f"| {r['allocation']} | {r['params']:,} | {r['output_error']:.3f} |{cells(r)}")
 
 
 if __name__ == "__main__":

@@ -8,23 +8,28 @@ r"""PyTorch weights -> Flax teacher -> inherited network, in one command.
   python -m launch.convert --torchvision=resnet50 --weights=resnet50.pth \
       --budget=student:resnet18 --out=...     # per-layer ranks at ResNet-18's size
   python -m launch.convert --torchvision=resnet18 --weights=resnet18.pth --out=...  # only converts
+  python -m launch.convert --torchvision=resnet50 --weights=resnet50.pth --rank=0.25 \
+      --config=configs/imagenet.py --recalibration_batches=64 --out=...  # BN re-estimated
 
 Writes ``OUT/model.safetensors`` + ``OUT/spec.json`` (`inhernet_jax.export`: the inherited
 variables and their spec, or the converted teacher with a null spec when neither
 ``--rank``, ``--energy`` nor ``--budget`` is given; `launch.spec_flags`) and, when inheriting, ``OUT/report.md`` with the
 per-layer report it also prints. Nothing is downloaded: a missing weights file is an
-error that says how to get it.
+error that says how to get it. With ``--config`` (its data config: ImageNet for the
+torchvision ResNets) the inherited network's BatchNorm statistics are re-estimated on
+its training batches, the path every inherited network takes (`launch.recalibrate_flags`).
 """
 
 import os
 
 import jax
 from absl import app, flags
+from ml_collections import config_flags
 
 from inhernet_jax import accounting, convert, export
 from inhernet_jax.inherit import format_report, inherit
 from inhernet_jax.models import imagenet
-from launch import spec_flags
+from launch import recalibrate_flags, spec_flags
 
 _TORCHVISION = flags.DEFINE_enum("torchvision", None, list(imagenet.MODELS),
                                  "A torchvision ResNet's weights (--weights: .pth or .safetensors).")
@@ -36,6 +41,9 @@ _INIT_HEAD = flags.DEFINE_bool("init_head", False, "HF checkpoints without a cla
 _IGNORE = flags.DEFINE_multi_string(
     "ignore", None, "Regex of PyTorch names to drop (repeatable; default: convert.DEFAULT_IGNORE).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not hold an export yet).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "An experiment config whose data give the BatchNorm re-estimation's "
+    "calibration batches (`launch.recalibrate_flags`; e.g. configs/imagenet.py).")
 flags.mark_flags_as_required(["weights", "out"])
 
 # Zoo names whose presets fit the converted models.
@@ -95,11 +103,16 @@ def main(argv):
   example = (convert.hf_example_input(meta["hf_config"], kind) if source == "hf"
              else jax.ShapeDtypeStruct((1, 224, 224, 3), "float32"))
   inherited = convert.match_variables(inherited, convert.abstract_variables(student, example))
+  inherited, recalibrated = recalibrate_flags.maybe_recalibrate(student, inherited, _CONFIG.value)
+  if recalibrated:
+    meta["batch_stats"] = recalibrated
   export.save(out, inherited, spec, metadata=meta)
   text = format_report(rows)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(f"# {source} {kind} inherited\n\nweights: {meta['weights']}\n\n```\n{text}\n```\n")
   print(text)
+  if recalibrated:
+    print(recalibrated)
   after = accounting.param_count(params)
   print(f"teacher {teacher_count:,} parameters -> inherited {after:,} "
         f"({after / teacher_count:.1%}); written to {out}")

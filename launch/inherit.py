@@ -6,6 +6,7 @@ r"""Inherits a teacher checkpoint from the command line: inherited checkpoint + 
       --teacher=RUN_DIR --rank=params:resnet20 --out=...     # at resnet20's size
   python -m launch.inherit ... --energy=0.9                  # per-layer ranks by energy
   python -m launch.inherit ... --budget=student:resnet20     # per-layer ranks at its size
+  python -m launch.inherit ... --norecalibrate               # keep the teacher's BN statistics
 
 The teacher's architecture comes from the config (``config.teacher``), the checkpoint
 from ``--teacher`` (a run directory of `launch.main` or an orbax CheckpointManager
@@ -14,6 +15,8 @@ teacher's ``batch_stats``, loadable with `inhernet_jax.checkpoint.load_variables
 ``OUT/spec.json`` (the exact per-layer spec, to rebuild the model, with the model's name
 and classes as metadata: `inhernet_jax.export.load_spec`) and
 ``OUT/report.md`` / ``report.json`` (per layer: rank, heads, energy kept, error, params).
+A network with BatchNorm gets its statistics re-estimated on training batches of the
+config's data (`launch.recalibrate_flags`: ``--recalibrate``, ``--recalibration_batches``).
 """
 
 import json
@@ -28,7 +31,7 @@ from inhernet_jax import accounting, models
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import data, export
 from inhernet_jax.inherit import format_report, inherit
-from launch import cli, spec_flags
+from launch import cli, recalibrate_flags, spec_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config naming the teacher.")
 _TEACHER = flags.DEFINE_string("teacher", None, "Teacher run directory or checkpoint directory.")
@@ -80,6 +83,8 @@ def _inherit(config):
   expect = jax.eval_shape(lambda: student.init(jax.random.key(0), jnp.zeros(shape, dtype), train=False))
   got = {"params": params, **({"batch_stats": variables["batch_stats"]} if "batch_stats" in variables else {})}
   jax.tree.map(lambda a, b: None, {k: expect[k] for k in got}, got)  # Same tree or raise.
+  got, recalibrated = recalibrate_flags.maybe_recalibrate(student, got, config)
+  stats_note = recalibrated or ("the teacher's" if "batch_stats" in got else "none")
   os.makedirs(out, exist_ok=True)
   mngr = ckpt_lib.manager(os.path.join(out, "checkpoints"), async_save=False)
   ckpt_lib.save(mngr, 0, got, {"teacher": os.path.abspath(_TEACHER.value), "model": name,
@@ -87,13 +92,17 @@ def _inherit(config):
   mngr.wait_until_finished()
   mngr.close()
   export.save_spec(os.path.join(out, "spec.json"), spec, metadata={
-      "model": name, "num_classes": num_classes, "teacher": os.path.abspath(_TEACHER.value)})
+      "model": name, "num_classes": num_classes, "teacher": os.path.abspath(_TEACHER.value),
+      **({"batch_stats": stats_note} if "batch_stats" in got else {})})
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(rows, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
   text = format_report(rows)
   with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(f"# {name} inherited\n\nteacher: {_TEACHER.value}\n\n```\n{text}\n```\n")
+    f.write(f"# {name} inherited\n\nteacher: {_TEACHER.value}\n\n"
+            f"batch_stats: {stats_note}\n\n```\n{text}\n```\n")
   print(text)
+  if recalibrated:
+    print(recalibrated)
   before, after = accounting.param_count(variables["params"]), accounting.param_count(params)
   print(f"teacher {before:,} parameters -> inherited {after:,} ({after / before:.1%}); written to {out}")
 

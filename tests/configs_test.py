@@ -31,11 +31,12 @@ VARIANTS = [
     ("digits", None), ("digits", "local"), ("digits", "sweep"), ("chars", None),
     ("chars", "local"), ("imagenet", None), ("vit", None), ("vit", "model=2,batch=512"),
     *[("cifar100", f"pair={pair}") for pair in CIFAR.PAIRS],
+    ("fashion_mnist", None), ("fashion_mnist", "bn"), ("fashion_mnist", "local"),
 ]
 ALL_METHODS = ["student", "student_kd", "student_dkd", "student_fitnet", "inherit", "inherit_kd",
                "inherit_random"]
 # Training set sizes of the TFDS datasets (nothing is loaded).
-TRAIN_SIZE = {"cifar100": 50_000, "imagenet2012": 1_281_167}
+TRAIN_SIZE = {"cifar100": 50_000, "imagenet2012": 1_281_167, "fashion_mnist": 60_000}
 RESNET18_PARAMS = 11_689_512  # torchvision's resnet18.
 
 
@@ -208,6 +209,7 @@ def _inherit_at_student_size(name, arg):
 
 @pytest.mark.parametrize("name,arg", [
     ("digits", None), ("digits", "local"), ("chars", None), ("chars", "local"),
+    ("fashion_mnist", None), ("fashion_mnist", "local"),
 ])
 def test_inherit_is_no_larger_than_the_student(name, arg):
   teacher, student, inherited, rank, bigger = _inherit_at_student_size(name, arg)
@@ -233,6 +235,25 @@ def test_vit_inherit_at_vit_s_size():
   assert inherited <= student < bigger
 
 
+def test_fashion_mnist_bn_compares_batch_norm_re_estimation():
+  c = get("fashion_mnist", "bn")
+  methods = experiment.method_names(c)
+  assert methods == ["student", "inherit_plain", "inherit", "inherit_aware_plain", "inherit_aware"]
+  got = {m: (bool(c.method_defs[m].get("data_aware", False)),
+             bool(c.method_defs[m].get("recalibrate", False))) for m in methods[1:]}
+  assert got == {"inherit_plain": (False, False), "inherit": (False, True),
+                 "inherit_aware_plain": (True, False), "inherit_aware": (True, True)}
+  assert c.data.train_examples == 12000 and "train_examples" not in get("fashion_mnist").data
+  assert get("fashion_mnist", "bn,train_examples=0").data.get("train_examples") is None
+  # The pairs share their gate init: they differ only in the BatchNorm statistics.
+  assert c.method_defs.inherit_plain.init_key == "inherit"
+  assert c.method_defs.inherit_aware_plain.init_key == "inherit_aware"
+  # Re-estimation is the default (experiment.RECALIBRATE); only the *_plain twins opt out.
+  for m, md in get("fashion_mnist").method_defs.items():
+    if md.kind == "inhernet":
+      assert md.get("recalibrate", experiment.RECALIBRATE) == (not m.endswith("_plain")), m
+
+
 def test_mesh_and_rules_are_config_fields():
   c = get("vit", "model=2")
   assert c.mesh.to_dict() == {"data": -1, "fsdp": 1, "model": 2}
@@ -244,7 +265,7 @@ def test_mesh_and_rules_are_config_fields():
 @pytest.mark.parametrize("name,arg", VARIANTS)
 def test_optimizer_builds_and_updates(name, arg):
   c = get(name, arg)
-  train_size = TRAIN_SIZE.get(c.data.name)
+  train_size = c.data.get("train_examples") or TRAIN_SIZE.get(c.data.name)
   if train_size is None:
     steps_per_epoch = data.get(c.data, batch_size=c.batch_size, seed=0).steps_per_epoch
   else:
