@@ -277,18 +277,21 @@ def kernel_key(key, k: Kernel) -> jax.Array:
   return jax.random.fold_in(base, zlib.crc32(k.path.encode()) & 0x7FFFFFFF)
 
 
-def start(key, k: Kernel, width: int, first: int = 0, count: int | None = None):
-  """Stack slices ``first : first + count`` of kernel ``k``'s randomized start matrices
-  ``(count, min(m, n), width)`` (`svd.start_matrix` of `kernel_key`)."""
-  count = int(np.prod(k.stack_shape)) if count is None else count
-  return svd.start_matrix(kernel_key(key, k), (count, min(k.m, k.n), width), first)
+def start(key, k: Kernel, width: int, *, host: bool = False):
+  """Kernel ``k``'s randomized start matrices ``(slices, min(m, n), width)``
+  (`svd.start_matrix` of `kernel_key`; NumPy with ``host``)."""
+  shape = (int(np.prod(k.stack_shape)), min(k.m, k.n), width)
+  if host:
+    with jax.ensure_compile_time_eval():  # A concrete key inside a jit trace.
+      return svd.start_matrix(kernel_key(key, k), shape, host=True)
+  return svd.start_matrix(kernel_key(key, k), shape)
 
 
 def starts(group: Group, key, *, host: bool):
   """A randomized group's start matrices ``(slices, min(m, n), width)``."""
-  parts = [start(key, k, group.width) for k in group.kernels]
+  parts = [start(key, k, group.width, host=host) for k in group.kernels]
   if host:
-    return np.concatenate([np.asarray(p) for p in parts])
+    return np.concatenate(parts)
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
