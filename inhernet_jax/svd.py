@@ -144,19 +144,47 @@ def normalize(a: jax.Array, *, xp=jnp):
   return a / scale[..., None, None], scale
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
-def start_matrix(key: jax.Array, shape: tuple[int, ...], first=0) -> jax.Array:
+NORMAL_CHUNK = 1 << 16  # Start matrices are drawn in chunks of this many normals.
+
+
+def start_matrix(key: jax.Array, shape: tuple[int, ...], first=0, *, host: bool = False):
   """The randomized method's standard normal start, ``shape = (*batch, min(m, n), k)``.
 
-  Drawn with `jax.random` (counter-based: the same numbers on every backend), one key
-  per matrix of the batch (``fold_in(key, i)``), so a matrix's start does not depend
-  on which others are batched with it; ``first`` offsets the matrix index (a slice of
-  a bigger batch).
+  Matrix ``i`` of the batch is drawn from ``fold_in(key, first + i)`` (its own key: its
+  start does not depend on what it is batched with; ``first`` places a slice of a
+  bigger batch), in chunks of `NORMAL_CHUNK` normals from ``fold_in(that key, j)``
+  (`jax.random`: counter-based, the same numbers on every backend). ``host=True``
+  (a concrete key) draws chunk by chunk with one small program compiled once per
+  process, returning NumPy; otherwise one traceable computation (jit, accelerators,
+  the sharded stages) gives the same numbers.
   """
   batch = int(np.prod(shape[:-2]))
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch))
-  draw = jax.vmap(lambda k: jax.random.normal(k, shape[-2:], compute_dtype()))(keys)
-  return draw.reshape(shape)
+  per = shape[-2] * shape[-1]
+  chunks = -(-per // NORMAL_CHUNK)
+  if host:
+    out = np.empty((batch, chunks * NORMAL_CHUNK), compute_dtype())
+    for i in range(batch):
+      for j in range(chunks):
+        out[i, j * NORMAL_CHUNK : (j + 1) * NORMAL_CHUNK] = _normal_chunk(key, first + i, j)
+    return out[:, :per].reshape(shape)
+  return _start_traced(key, shape, first)
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _start_traced(key, shape, first):
+  batch = int(np.prod(shape[:-2]))
+  per = shape[-2] * shape[-1]
+  chunks = -(-per // NORMAL_CHUNK)
+  chunk = lambda i: jax.vmap(lambda j: _normal_chunk(key, i, j))(jnp.arange(chunks))  # noqa: E731
+  draw = jax.vmap(chunk)(first + jnp.arange(batch))
+  return draw.reshape(batch, -1)[:, :per].reshape(shape)
+
+
+@jax.jit
+def _normal_chunk(key, i, j):
+  """Chunk ``j`` of matrix ``i``'s normals (one program for every shape)."""
+  key = jax.random.fold_in(jax.random.fold_in(key, i), j)
+  return jax.random.normal(key, (NORMAL_CHUNK,), compute_dtype())
 
 
 # The randomized method (Halko, Martinsson & Tropp 2011, Alg. 4.4 with a fixed number

@@ -462,10 +462,12 @@ def test_host_numpy_and_jax_randomized_agree(make, m, n):
   # Separated singular values (decaying): the factors agree. Flat (Gaussian) ones are
   # ill-conditioned (gaps of ~1%: rounding turns pairs of vectors), so there the
   # truncation A_r they compute agrees.
+  # (With sigma_r / sigma_{r+1} ~ 1.01 the truncation itself moves with rounding: 5e-5.)
   pairs = zip(host, dev) if make is _decaying else [(reconstruct(*host), reconstruct(*dev))]
+  tol = 1e-5 if make is _decaying else 5e-5
   for h, d in pairs:
     d = np.asarray(d, np.float64)
-    assert np.linalg.norm(h - d) <= 1e-5 * np.linalg.norm(d), np.linalg.norm(h - d) / np.linalg.norm(d)
+    assert np.linalg.norm(h - d) <= tol * np.linalg.norm(d), np.linalg.norm(h - d) / np.linalg.norm(d)
   assert_orthonormal_columns(host[0], 1e-4)
   assert_orthonormal_columns(host[2], 1e-4)
   best = np.sqrt(np.sum(np_singular_values(a)[rank:] ** 2))
