@@ -144,7 +144,7 @@ def normalize(a: jax.Array, *, xp=jnp):
   return a / scale[..., None, None], scale
 
 
-NORMAL_CHUNK = 1 << 16  # Start matrices are drawn in chunks of this many normals.
+NORMAL_CHUNK = 4096  # Start matrices are drawn in chunks of this many normals.
 
 
 def start_matrix(key: jax.Array, shape: tuple[int, ...], first=0, *, host: bool = False):
