@@ -334,3 +334,42 @@ def test_converted_teacher_inherits(hf_vit):
   abstract = convert.abstract_variables(model.clone(spec=spec), convert.hf_example_input(config))
   convert.match_variables({"params": params}, abstract)
   assert params["block_0"]["attn"]["query"]["down"]["kernel"].shape == (32, 4)
+
+
+# ------------------------------------------------------ BatchNorm re-estimation (PyTorch)
+def test_batch_norm_re_estimation_is_pytorch_momentum_none(resnets, tmp_path):
+  """`recalibrate_batch_stats` on a converted teacher equals PyTorch's cumulative
+  average (``momentum=None``, training mode) on the same batches, and an inherited
+  network converted from PyTorch takes the same path."""
+  import copy
+
+  from inhernet_jax.calibration import recalibrate_batch_stats
+
+  net, pth = resnets[18][:2]
+  model, variables = convert.from_torchvision(pth, 18)
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(3, SIZE, SIZE, 3)).astype(np.float32) for _ in range(3)]
+  ref = copy.deepcopy(net).double()
+  for m in ref.modules():
+    if isinstance(m, nn.BatchNorm2d):
+      m.momentum = None
+      m.reset_running_stats()
+  ref.train()
+  with torch.no_grad():
+    for x in xs:
+      ref(torch.from_numpy(x.transpose(0, 3, 1, 2)).double())
+  torch.save(ref.float().state_dict(), tmp_path / "recalibrated.pth")
+  want = convert.from_torchvision(tmp_path / "recalibrated.pth", 18)[1]["batch_stats"]
+  got = recalibrate_batch_stats(model, variables, xs)
+  assert jax.tree.structure(got["batch_stats"]) == jax.tree.structure(want)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-5),
+               got["batch_stats"], want)
+  # The inherited network: every statistic re-estimated, params untouched.
+  spec = InherSpec(rank=0.5, heads=2, rules=models.preset("default", "resnet18"))
+  student = model.clone(spec=spec)
+  inherited = dict(variables, params=inherit(variables["params"], spec))
+  out = recalibrate_batch_stats(student, inherited, xs)
+  assert out["params"] is inherited["params"]
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), out["batch_stats"],
+                         variables["batch_stats"])
+  assert all(jax.tree.leaves(changed))
