@@ -48,6 +48,7 @@ import numpy as np
 from flax.core import FrozenDict
 from jax.sharding import Mesh
 
+from inhernet_jax import host as host_lib
 from inhernet_jax import plan as plan_lib
 from inhernet_jax import sharding as sharding_lib
 from inhernet_jax import inherit_sharded, svd
@@ -65,35 +66,41 @@ _on_host = plan_lib.on_host
 
 
 def _decompose(kernels: list[Kernel], spec: InherSpec, key) -> None:
-  """The local executor: runs the plan's `plan.groups` one batched call each.
+  """The local executor: runs the plan's `plan.groups`.
 
-  NumPy when every kernel is a concrete array in host memory (on CPU, compiling one
-  XLA program per shape costs more than the work itself), one jitted program per
-  group otherwise (accelerators, or inside a jit): the same `plan.decompose_group`,
-  from the same start matrices. A numerical failure names the group's kernels.
+  NumPy when every kernel is a concrete array in host memory (`host.run`: on CPU,
+  compiling one XLA program per shape costs more than the work itself), one jitted
+  program per group otherwise (accelerators, or inside a jit): the same
+  `plan.truncate` of every slice, from the same start matrices. A numerical failure
+  names the kernel.
   """
   todo = [k for k in kernels if k.plan.factorize]
-  host = bool(todo) and all(plan_lib.on_host(k.kernel) for k in todo)
-  for group in plan_lib.groups(kernels, spec):
-    ks = group.kernels
-    arrays = tuple(np.asarray(k.kernel) if host else k.kernel for k in ks)
-    grams = counts = None
-    if group.method == "whitened":
-      grams = tuple(np.asarray(k.gram[0]) if host else k.gram[0] for k in ks)
-      counts = tuple(np.asarray(k.gram[1], np.float64) if host else jnp.asarray(k.gram[1]) for k in ks)
-    start = plan_lib.starts(group, key, host=host) if group.method == "randomized" else None
-    run = plan_lib.decompose_group if host else plan_lib.decompose_group_jit
-    try:
-      results, ok = run(arrays, plan_lib.biases(ks, host), grams, counts, start,
-                        group_meta=plan_lib.meta(ks), method=group.method, m=group.m, n=group.n,
-                        rank=group.rank, power_iters=group.power_iters, damping=float(spec.damping),
-                        xp=np if host else jnp)
-    except (np.linalg.LinAlgError, FloatingPointError, ValueError) as e:
-      raise ValueError(f"inherit: the {group.method} SVD of {group.paths} failed: {e}") from e
+  groups = plan_lib.groups(kernels, spec)
+  if bool(todo) and all(plan_lib.on_host(k.kernel) for k in todo):
+    outs = host_lib.run(groups, key, float(spec.damping))
+  else:
+    outs = [_decompose_jit(group, spec, key) for group in groups]
+  for group, (results, ok) in zip(groups, outs):
     _check_finite(group, results)
     if ok is not None:
-      plan_lib.note_whitening(ks, ok, spec.damping)
-    plan_lib.store(ks, key, results)
+      plan_lib.note_whitening(group.kernels, ok, spec.damping)
+    plan_lib.store(group.kernels, key, results)
+
+
+def _decompose_jit(group, spec: InherSpec, key):
+  ks = group.kernels
+  grams = counts = None
+  if group.method == "whitened":
+    grams = tuple(k.gram[0] for k in ks)
+    counts = tuple(jnp.asarray(k.gram[1]) for k in ks)
+  bits = plan_lib.starts(group, key) if group.method == "randomized" else None
+  try:
+    return plan_lib.decompose_group_jit(
+        tuple(k.kernel for k in ks), plan_lib.biases(ks, False), grams, counts, bits,
+        group_meta=plan_lib.meta(ks), method=group.method, m=group.m, n=group.n, rank=group.rank,
+        power_iters=group.power_iters, damping=float(spec.damping), xp=jnp, width=group.width)
+  except (np.linalg.LinAlgError, FloatingPointError, ValueError) as e:
+    raise ValueError(f"inherit: the {group.method} SVD of {group.paths} failed: {e}") from e
 
 
 def _check_finite(group, results) -> None:

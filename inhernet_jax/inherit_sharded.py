@@ -68,14 +68,15 @@ class Stage(NamedTuple):
   Attributes:
     path: the '/'-joined path of the kernel it works on.
     name: the `plan.Group` method of one layer group's truncated SVD and params
-      (``"exact"``, ``"randomized"``: its start matrices drawn on the device, or
+      (``"exact"``, ``"randomized"``: its packed start matrices unpacked on the mesh, or
       ``"whitened"``), ``"assemble"`` (a kernel's params from its groups'), ``"gate"``
       (the gate, drawn on the host and placed).
     fn: the jitted function (``fn.lower(*args).compile()`` works on abstract args), or
       for host stages a function of no arguments that returns the placed arrays.
     inputs: labels of the arguments: ``"kernel:PATH"``, ``"bias:PATH"`` (the teacher's),
-      ``"index:G"`` (a group index), ``"gram:PATH"`` (a data-aware kernel's per-row
-      input Grams), ``"part:PATH#G"`` (a group's params).
+      ``"index:G"`` (a group index), ``"start:PATH"`` (a randomized kernel's packed start
+      matrices, `plan.start`), ``"gram:PATH"`` (a data-aware kernel's per-row input
+      Grams), ``"part:PATH#G"`` (a group's params).
     output: label of the result (``"params:PATH"``, ``"gate:PATH"``, ...).
     frees: labels whose arrays are dropped after this stage.
     args: the arguments (abstract in `sharded_stages`, concrete when traced).
@@ -197,12 +198,12 @@ def _matrices(kernel, index, in_shape, n, layout, via):
   return _constrain(group.reshape(-1, int(np.prod(in_shape)), n), layout.matrices)
 
 
-def _group_stage(kernel, bias, gram, key, index, *, meta, layout, via, parts, keep_factors, method,
+def _group_stage(kernel, bias, gram, bits, index, *, meta, layout, via, parts, keep_factors, method,
                  width, power_iters, damping):
   """One layer group's params (``down/kernel``, ``up/kernel``, [``up/bias``]), then
   (``keep_factors``) its ``u, s, v`` and (data-aware) whether each slice's Cholesky
   succeeded: `plan.decompose_group` on the group's ``D`` slices, its randomized start
-  matrices drawn here (`plan.start`'s numbers for slices ``index * D ...``)."""
+  matrices unpacked here (`plan.start`'s packed bits ``(B, bytes)``)."""
   stack, in_shape, n, rank, heads, dtype = meta
   a = _matrices(kernel, index, in_shape, n, layout, via)
   count, m = a.shape[0], a.shape[1]
@@ -212,9 +213,8 @@ def _group_stage(kernel, bias, gram, key, index, *, meta, layout, via, parts, ke
   counts = None if gram is None else (jnp.ones((count,), svd.compute_dtype()),)
   start = None
   if method == "randomized":
-    key = jax.random.wrap_key_data(key)
-    start = svd.start_matrix(key, (count, min(m, n), width), index * count)
-    start = _constrain(start, layout.basis)
+    bits = _group(bits, index, layout.groups, (svd.packed_bytes(min(m, n), width),))
+    start = _constrain(svd.signs(bits, min(m, n), width), layout.basis)
   [(factors, params)], ok = plan_lib.decompose_group(
       (a,), (bias,), grams, counts, start, group_meta=group_meta, method=method, m=m, n=n,
       rank=rank, power_iters=power_iters, damping=damping, xp=jnp)
@@ -339,7 +339,7 @@ def _sharded_schedule(kernels, spec: InherSpec, mesh: Mesh, rules, keep_factors:
       gram = f"gram:{p}" if k.plan.data_aware else "none"
       for g in range(layout.groups):
         schedule.append(Stage(p, group.method, fn,
-                              (f"kernel:{p}", f"bias:{p}", gram, f"key:{p}", f"index:{g}"), parts[g]))
+                              (f"kernel:{p}", f"bias:{p}", gram, f"start:{p}", f"index:{g}"), parts[g]))
       out = tuple(NamedSharding(mesh, rule(k, name, shape)) for name, shape in param_shapes(k).items())
       out += extra(k)
       assemble = _jit(_assemble_stage, out, stack_shape=k.stack_shape, count=len(param_shapes(k)))
@@ -373,20 +373,24 @@ def _call(stage: Stage, env: dict) -> Any:
   return out
 
 
-def _teacher_env(kernels, key, mesh: Mesh, abstract: bool = False) -> dict:
-  """The stages' inputs: kernels and biases, their keys' data, data-aware kernels'
-  per-row input Grams ``(B, m, m)`` (replicated; abstract when planning without them)."""
+def _teacher_env(kernels, key, mesh: Mesh, abstract: bool = False, widths=None) -> dict:
+  """The stages' inputs: kernels and biases, randomized kernels' packed start matrices
+  ``(B, bytes)`` (``widths``: their subspace columns), data-aware kernels' per-row input
+  Grams ``(B, m, m)`` (replicated; abstract when planning without them)."""
   replicated = NamedSharding(mesh, P())
   env = {"none": None, "seed": key}
   for k in kernels:
     if not k.plan.factorize:
       continue
     env[f"kernel:{k.path}"], env[f"bias:{k.path}"] = k.kernel, k.bias
-    if abstract:
-      env[f"key:{k.path}"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)
+    width = (widths or {}).get(k.path)
+    if not width:
+      env[f"start:{k.path}"] = None
+    elif abstract:
+      shape = (int(np.prod(k.stack_shape)), svd.packed_bytes(min(k.m, k.n), width))
+      env[f"start:{k.path}"] = jax.ShapeDtypeStruct(shape, np.uint8, sharding=replicated)
     else:
-      data = jax.random.key_data(plan_lib.kernel_key(key, k))
-      env[f"key:{k.path}"] = jax.device_put(np.asarray(data), replicated)
+      env[f"start:{k.path}"] = jax.device_put(plan_lib.start(key, k, width), replicated)
     if k.plan.data_aware:
       shape = (int(np.prod(k.stack_shape)), k.m, k.m)
       if k.gram is None:
@@ -398,13 +402,19 @@ def _teacher_env(kernels, key, mesh: Mesh, abstract: bool = False) -> dict:
   return env
 
 
+def _widths(kernels, spec) -> dict[str, int]:
+  """Subspace columns of each randomized kernel."""
+  return {k.path: g.width for g in plan_lib.groups(kernels, spec) if g.method == "randomized"
+          for k in g.kernels}
+
+
 def decompose(kernels, spec, key, mesh, rules, keep_factors=True) -> None:
   """Runs the plan on ``mesh`` (see the module docstring): kernel by kernel."""
   if isinstance(key, jax.core.Tracer):
     raise ValueError("inherit(mesh=...) needs a concrete key (it runs outside jit)")
   schedule, most = _sharded_schedule(kernels, spec, mesh, rules, keep_factors)
   replicated = NamedSharding(mesh, P())
-  env = _teacher_env(kernels, key, mesh)
+  env = _teacher_env(kernels, key, mesh, widths=_widths(kernels, spec))
   # Group indices as arrays on the mesh, placed once: a host scalar would be copied to
   # every device on every call (and XLA:CPU's collectives can stall behind such copies).
   env.update(jax.device_put({f"index:{g}": np.int32(g) for g in range(most)}, replicated))
@@ -458,7 +468,7 @@ def sharded_stages(
   plan_lib.plan_all(kernels, spec, lambda k: singular_values(k, mesh))
   schedule, most = _sharded_schedule(kernels, spec, mesh, rules, keep_factors)
   replicated = NamedSharding(mesh, P())
-  env = _teacher_env(kernels, key, mesh, abstract=True)
+  env = _teacher_env(kernels, key, mesh, abstract=True, widths=_widths(kernels, spec))
   env.update({f"index:{g}": jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
               for g in range(most)})
   out = []

@@ -4,9 +4,9 @@ Computed once from a teacher's params and an `InherSpec`, before any decompositi
 every kernel leaf (`Kernel`: its path, matrix view ``m x n``, stack axes, bias), its
 `LayerPlan` (rank, heads, or why it is kept), and the batches the executors run
 (`groups`: kernels of one matrix shape, rank and method, each with its own random
-start matrices, drawn from ``fold_in(key, crc32(path))`` per kernel and per stack
-slice, so a kernel's factors do not depend on what it is batched with). The local
-executor (`inherit`: host NumPy or jitted ``jax.numpy``) and the sharded one
+start matrices, seeded by ``(key, crc32(path), stack slice)`` (`start_seeds`), so a
+kernel's factors do not depend on what it is batched with). The local executors
+(`host.run`: NumPy, one task per matrix; jitted ``jax.numpy``) and the sharded one
 (`inherit_sharded`) run the same plan and turn the same ``(u, s, v)`` into params
 (`finish_group`) and gates (`gate_params`), so every path gives the same factors.
 
@@ -20,11 +20,8 @@ Example::
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import functools
-import os
 import re
 import warnings
 import zlib
@@ -272,44 +269,55 @@ def groups(kernels: list[Kernel], spec: InherSpec) -> list[Group]:
 
 
 def kernel_key(key, k: Kernel) -> jax.Array:
-  """The kernel's own key: ``fold_in(key, crc32(path))`` (``key`` None: ``key(0)``)."""
+  """The kernel's own key: ``fold_in(key, crc32(path))`` (``key`` None: ``key(0)``);
+  the start of a traced key (`svd.traced_start_bits`)."""
   base = jax.random.key(0) if key is None else key
-  return jax.random.fold_in(base, zlib.crc32(k.path.encode()) & 0x7FFFFFFF)
+  return jax.random.fold_in(base, path_seed(k))
 
 
-def start(key, k: Kernel, width: int, *, host: bool = False):
-  """Kernel ``k``'s randomized start matrices ``(slices, min(m, n), width)``
-  (`svd.start_matrix` of `kernel_key`; NumPy with ``host``)."""
-  shape = (int(np.prod(k.stack_shape)), min(k.m, k.n), width)
-  if host:
-    with jax.ensure_compile_time_eval():  # A concrete key inside a jit trace.
-      return svd.start_matrix(kernel_key(key, k), shape, host=True)
-  return svd.start_matrix(kernel_key(key, k), shape)
+def path_seed(k: Kernel) -> int:
+  return zlib.crc32(k.path.encode()) & 0x7FFFFFFF
 
 
-def starts(group: Group, key, *, host: bool):
-  """A randomized group's start matrices ``(slices, min(m, n), width)``."""
-  parts = [start(key, k, group.width, host=host) for k in group.kernels]
-  if host:
+def start_seeds(key, k: Kernel) -> list[tuple[int, ...]]:
+  """Kernel ``k``'s start seeds, one per stack slice: ``(*key words, crc32(path), i)``."""
+  root = (*svd.start_seed(key), path_seed(k))
+  return [(*root, i) for i in range(int(np.prod(k.stack_shape)))]
+
+
+def start(key, k: Kernel, width: int):
+  """Kernel ``k``'s packed randomized start matrices ``(slices, svd.packed_bytes)``
+  (`svd.start_bits` of `start_seeds`; a traced key: `svd.traced_start_bits`)."""
+  rows, count = min(k.m, k.n), int(np.prod(k.stack_shape))
+  if isinstance(key, jax.core.Tracer):
+    return svd.traced_start_bits(kernel_key(key, k), count, rows, width)
+  return svd.start_bits(start_seeds(key, k), rows, width)
+
+
+def starts(group: Group, key):
+  """A randomized group's packed start matrices, its kernels' slices in order."""
+  parts = [start(key, k, group.width) for k in group.kernels]
+  if all(isinstance(p, np.ndarray) for p in parts):
     return np.concatenate(parts)
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  return jnp.concatenate(parts)
 
 
-def decompose_group(arrays, biases, grams, counts, start_matrices, *, group_meta, method, m, n,
-                    rank, power_iters, damping, xp):
+def decompose_group(arrays, biases, grams, counts, bits, *, group_meta, method, m, n,
+                    rank, power_iters, damping, xp, width=0):
   """The computation of one `Group` (every executor runs this): its kernels' slices as
-  one batch of matrices, their truncated SVD by ``method``, and each kernel's
-  ``((u, s, v), params)`` (`finish_group`); plus, data-aware, whether each slice's
-  Cholesky succeeded (else None)."""
+  one batch of matrices, their truncated SVD by ``method`` (randomized: from the packed
+  start ``bits`` of ``width`` columns, `starts`, or their unpacked `svd.signs`), and
+  each kernel's ``((u, s, v), params)`` (`finish_group`); plus, data-aware, whether
+  each slice's Cholesky succeeded (else None)."""
   a = xp.concatenate([x.reshape(-1, m, n) for x in arrays])
+  start_matrices = bits
+  if bits is not None and bits.dtype == np.uint8:
+    start_matrices = svd.signs(bits, min(m, n), width, xp=xp)
   g = None
   if method == "whitened":
     # Per-row means: the factors' scales do not depend on the number of calibration rows.
     g = xp.concatenate([(g / c[..., None, None]).reshape(-1, m, m) for g, c in zip(grams, counts)])
-  if xp is np:
-    u, s, v, ok = _host_slices(a, g, start_matrices, method, rank, power_iters, damping)
-  else:
-    u, s, v, ok = truncate(a, g, start_matrices, method, rank, power_iters, damping, xp=xp)
+  u, s, v, ok = truncate(a, g, start_matrices, method, rank, power_iters, damping, xp=xp)
   return finish_group(u, s, v, biases, group_meta, xp=xp), ok
 
 
@@ -322,42 +330,10 @@ def truncate(a, gram, start_matrices, method, rank, power_iters, damping, *, xp)
   return (*svd.randomized_svd(a, rank, start_matrices, power_iters, xp=xp), None)
 
 
-def _host_slices(a, gram, start_matrices, method, rank, power_iters, damping):
-  """`truncate` on the host, one slice per task on every core, each single-threaded.
-
-  OpenBLAS's own threads are slow on these sizes (its 2-thread LU and QR of a
-  ``2752 x 160`` panel take twice as long as one thread): one slice per core is 2-3x
-  faster for the same arithmetic, and gives the same numbers as the batched call.
-  """
-  def one(i):
-    part = lambda x: None if x is None else x[i : i + 1]  # noqa: E731
-    return truncate(a[i : i + 1], part(gram), part(start_matrices), method, rank, power_iters,
-                    damping, xp=np)
-
-  slices = a.shape[0]
-  workers = min(slices, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-  if workers <= 1:
-    outs = [one(i) for i in range(slices)]
-  else:
-    with _one_blas_thread(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      outs = list(pool.map(one, range(slices)))
-  u, s, v, ok = (None if parts[0] is None else np.concatenate(parts) for parts in zip(*outs))
-  return u, s, v, ok
-
-
-def _one_blas_thread():
-  """BLAS limited to one thread while the slices run in parallel (threadpoolctl, which
-  scikit-learn brings; without it, BLAS keeps its threads)."""
-  try:
-    import threadpoolctl
-  except ImportError:  # pragma: no cover
-    return contextlib.nullcontext()
-  return threadpoolctl.threadpool_limits(1, user_api="blas")
-
-
 decompose_group_jit = jax.jit(
     decompose_group,
-    static_argnames=("group_meta", "method", "m", "n", "rank", "power_iters", "damping", "xp"))
+    static_argnames=("group_meta", "method", "m", "n", "rank", "power_iters", "damping", "xp",
+                     "width"))
 
 
 def in_order(kernels: list[Kernel]) -> list[Kernel]:

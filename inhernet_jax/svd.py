@@ -144,47 +144,61 @@ def normalize(a: jax.Array, *, xp=jnp):
   return a / scale[..., None, None], scale
 
 
-NORMAL_CHUNK = 4096  # Start matrices are drawn in chunks of this many normals.
+# Start matrices are random signs (Rademacher: as good a start for the range finder
+# as Gaussian, measured in the README), drawn as packed bits with NumPy from integer
+# seeds: the host, jitted, accelerator and sharded paths get the same numbers without
+# compiling a generator (jax.random's threefry took 0.7-1.2 s to compile on the CPU,
+# most of a cold call), and devices receive 1 bit per entry and unpack it themselves.
+def start_seed(key) -> tuple[int, ...]:
+  """The integer words of a concrete PRNG key (``None``: ``(0,)``), the root of every
+  start matrix's seed."""
+  if key is None:
+    return (0,)
+  with jax.ensure_compile_time_eval():  # A concrete key closed over by a jit trace.
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return tuple(int(w) for w in np.ravel(np.asarray(data)))
 
 
-def start_matrix(key: jax.Array, shape: tuple[int, ...], first=0, *, host: bool = False):
-  """The randomized method's standard normal start, ``shape = (*batch, min(m, n), k)``.
-
-  Matrix ``i`` of the batch is drawn from ``fold_in(key, first + i)`` (its own key: its
-  start does not depend on what it is batched with; ``first`` places a slice of a
-  bigger batch), in chunks of `NORMAL_CHUNK` normals from ``fold_in(that key, j)``
-  (`jax.random`: counter-based, the same numbers on every backend). ``host=True``
-  (a concrete key) draws chunk by chunk with one small program compiled once per
-  process, returning NumPy; otherwise one traceable computation (jit, accelerators,
-  the sharded stages) gives the same numbers.
-  """
-  batch = int(np.prod(shape[:-2]))
-  per = shape[-2] * shape[-1]
-  chunks = -(-per // NORMAL_CHUNK)
-  if host:
-    out = np.empty((batch, chunks * NORMAL_CHUNK), compute_dtype())
-    for i in range(batch):
-      for j in range(chunks):
-        out[i, j * NORMAL_CHUNK : (j + 1) * NORMAL_CHUNK] = _normal_chunk(key, first + i, j)
-    return out[:, :per].reshape(shape)
-  return _start_traced(key, shape, first)
+def packed_bytes(rows: int, k: int) -> int:
+  """Bytes of one packed ``rows x k`` start matrix."""
+  return -(-rows * k // 8)
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
-def _start_traced(key, shape, first):
-  batch = int(np.prod(shape[:-2]))
-  per = shape[-2] * shape[-1]
-  chunks = -(-per // NORMAL_CHUNK)
-  chunk = lambda i: jax.vmap(lambda j: _normal_chunk(key, i, j))(jnp.arange(chunks))  # noqa: E731
-  draw = jax.vmap(chunk)(first + jnp.arange(batch))
-  return draw.reshape(batch, -1)[:, :per].reshape(shape)
+def start_bits(seeds: Sequence[Sequence[int]], rows: int, k: int) -> np.ndarray:
+  """Packed start matrices ``(len(seeds), packed_bytes(rows, k))`` uint8: matrix ``i``
+  from NumPy's default generator seeded with ``seeds[i]`` (its own stream: a matrix's
+  start does not depend on what it is batched with)."""
+  out = np.empty((len(seeds), packed_bytes(rows, k)), np.uint8)
+  for i, seed in enumerate(seeds):
+    out[i] = np.frombuffer(np.random.default_rng(list(seed)).bytes(out.shape[1]), np.uint8)
+  return out
 
 
-@jax.jit
-def _normal_chunk(key, i, j):
-  """Chunk ``j`` of matrix ``i``'s normals (one program for every shape)."""
-  key = jax.random.fold_in(jax.random.fold_in(key, i), j)
-  return jax.random.normal(key, (NORMAL_CHUNK,), compute_dtype())
+def traced_start_bits(key: jax.Array, count: int, rows: int, k: int, first=0) -> jax.Array:
+  """`start_bits` for a traced key (no integers to seed NumPy with): matrix ``i`` from
+  ``jax.random.bits(fold_in(key, first + i))``; other numbers, the same distribution."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(count))
+  return jax.vmap(lambda kk: jax.random.bits(kk, (packed_bytes(rows, k),), jnp.uint8))(keys)
+
+
+def signs(bits, rows: int, k: int, *, xp=jnp):
+  """Unpacks start bits ``(..., packed_bytes(rows, k))`` into ``(..., rows, k)`` signs
+  (+-1 in `compute_dtype`)."""
+  lead = bits.shape[:-1]
+  b = xp.unpackbits(bits, axis=-1, count=rows * k)
+  return (1 - 2 * b.astype(compute_dtype())).reshape(*lead, rows, k)
+
+
+def start_matrix(key: jax.Array, shape: tuple[int, ...], first=0):
+  """A randomized method's sign start ``shape = (*batch, min(m, n), k)``: matrix ``i``
+  of the batch seeded by ``(*start_seed(key), first + i)`` (NumPy); a traced key draws
+  with `traced_start_bits`."""
+  batch, (rows, k) = int(np.prod(shape[:-2])), shape[-2:]
+  if isinstance(key, jax.core.Tracer):
+    return signs(traced_start_bits(key, batch, rows, k, first), rows, k).reshape(shape)
+  seed = start_seed(key)
+  bits = start_bits([(*seed, first + i) for i in range(batch)], rows, k)
+  return signs(bits, rows, k, xp=np).reshape(shape)
 
 
 # The randomized method (Halko, Martinsson & Tropp 2011, Alg. 4.4 with a fixed number
@@ -206,7 +220,7 @@ def randomized_svd(a: jax.Array, rank: int, start: jax.Array, power_iters: int =
       ``a / max|a|``).
     rank: ``1 <= rank <= k``.
     start: ``(..., min(m, n), k)``, e.g. `start_matrix`. The same start gives the same
-      factors, up to rounding, whatever ``xp`` and whether the Gram is used.
+      factors, up to rounding, whatever ``xp``.
     power_iters: ``q >= 0`` power iterations.
     xp: ``jax.numpy`` (jit-able, any backend) or NumPy (concrete arrays on the host,
       nothing compiled).

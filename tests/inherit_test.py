@@ -585,8 +585,8 @@ def _rel(a, b):
 
 
 def test_host_jit_and_in_jit_paths_give_the_same_factors():
-  """Host NumPy (concrete CPU arrays), a jitted program per group (inside `jax.jit`)
-  and a traced key draw the same start matrices and run the same math."""
+  """Host NumPy (concrete CPU arrays) and a jitted program per group (inside
+  `jax.jit`) draw the same start matrices and run the same math."""
   params = {
       "big": {"kernel": _separated(300, 160, 0), "bias": np.zeros(160, np.float32)},
       "stack": {"kernel": _separated(160, 256, 1, stack=(2,))},

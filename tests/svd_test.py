@@ -629,3 +629,24 @@ def test_whitening_flags_grams_that_are_not_positive_definite(xp):
   down, s, v, _ = whitened_svd(a, grams, rank=2, damping=0.0, xp=xp)
   np.testing.assert_allclose(reconstruct(down, s, v)[1:], reconstruct(*svd.exact_svd(a[1:], 2, xp=np)), atol=1e-5)
   np.testing.assert_array_equal(whitening(grams[:3], 0.01, xp=xp)[1], [True] * 3)
+
+
+def test_start_bits_are_per_seed_and_the_same_on_every_backend():
+  """Each start matrix comes from its own seed (batching does not change it); its
+  signs are +-1, balanced, and unpack the same with NumPy and jax.numpy."""
+  rows, k = 300, 48
+  both = svd.start_bits([(1, 2, 0), (1, 2, 1)], rows, k)
+  assert both.dtype == np.uint8 and both.shape == (2, svd.packed_bytes(rows, k))
+  np.testing.assert_array_equal(both[1], svd.start_bits([(1, 2, 1)], rows, k)[0])
+  assert not np.array_equal(both[0], both[1])
+  host = svd.signs(both, rows, k, xp=np)
+  assert host.shape == (2, rows, k) and set(np.unique(host)) == {-1.0, 1.0}
+  assert abs(host.mean()) < 0.02
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda b: svd.signs(b, rows, k))(both)), host)
+  # start_matrix: the seeds of a concrete key; a traced key draws other, valid signs.
+  key = jax.random.key(3)
+  first = svd.start_matrix(key, (2, rows, k), first=5)
+  np.testing.assert_array_equal(first[1], svd.start_matrix(key, (1, rows, k), first=6)[0])
+  traced = np.asarray(jax.jit(lambda kk: svd.start_matrix(kk, (2, rows, k)))(key))
+  assert traced.shape == (2, rows, k) and set(np.unique(traced)) == {-1.0, 1.0}
+  np.testing.assert_array_equal(traced, jax.jit(lambda kk: svd.start_matrix(kk, (2, rows, k)))(key))
