@@ -77,20 +77,32 @@ def run(groups, key, damping: float):
       raise ValueError(f"inherit: the {group.method} SVD of {t.path}{where} failed: {e}") from e
     outs[t.group][t.index] = out
 
+  def finish(g):
+    group = groups[g]
+    u, s, v, ok = (None if p[0] is None else np.concatenate(p) for p in zip(*outs[g]))
+    biases = plan_lib.biases(group.kernels, True)
+    return plan_lib.finish_group(u, s, v, biases, plan_lib.meta(group.kernels), xp=np), ok
+
+  results, remaining = [None] * len(groups), [group.slices for group in groups]
   threads = min(workers(), len(tasks))
   if threads <= 1:
     for t in tasks:
       one(t)
-  else:
-    with _one_blas_thread(), concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      for future in [pool.submit(one, t) for t in tasks]:
+    return [finish(g) for g in range(len(groups))]
+  with _one_blas_thread(), concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    futures = {pool.submit(one, t): t for t in tasks}
+    try:
+      # A group's params are assembled here as soon as its last slice is done, while
+      # the pool works on the other groups.
+      for future in concurrent.futures.as_completed(futures):
         future.result()
-  results = []
-  for group, parts in zip(groups, outs):
-    u, s, v, ok = (None if p[0] is None else np.concatenate(p) for p in zip(*parts))
-    meta = plan_lib.meta(group.kernels)
-    results.append((plan_lib.finish_group(u, s, v, plan_lib.biases(group.kernels, True), meta,
-                                          xp=np), ok))
+        g = futures[future].group
+        remaining[g] -= 1
+        if not remaining[g]:
+          results[g] = finish(g)
+    except BaseException:
+      pool.shutdown(cancel_futures=True)
+      raise
   return results
 
 

@@ -86,7 +86,10 @@ def all_finite(x) -> bool:
   if isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
     return True  # Unknowable under jit; checked on concrete calls.
   if isinstance(x, np.ndarray) or (len(x.devices()) == 1 and on_host(x)):
-    return bool(np.isfinite(np.asarray(x)).all())  # No compile, no copy on CPU.
+    a = np.asarray(x)  # No compile, no copy on CPU.
+    if a.dtype == jnp.bfloat16:  # Exponent bits: 4x faster than isfinite on bf16.
+      return bool(a.size == 0 or np.max(a.view(np.uint16) & 0x7FFF) < 0x7F80)
+    return bool(np.isfinite(a).all())
   return bool(_finite(x))  # A sharded reduction: nothing is gathered.
 
 

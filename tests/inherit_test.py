@@ -505,15 +505,19 @@ def test_bad_heads():
     ij.inherit(params, InherSpec(rank=2), heads=0)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_kernel_names_path(bad):
+def test_non_finite_kernel_names_path(bad, dtype):
   params, _ = teacher("cnn")
   d = flat(params)
   k = np.array(d["conv2/kernel"])
   k[1, 2, 3, 4] = bad
-  d["conv2/kernel"] = jnp.asarray(k)
+  d = {path: jnp.asarray(x, dtype) for path, x in d.items()}
+  d["conv2/kernel"] = jnp.asarray(k, dtype)
   with pytest.raises(ValueError, match="conv2/kernel"):
     ij.inherit(unflat(d), 2)
+  d["conv2/kernel"] = jnp.asarray(np.where(np.isfinite(k), k, 3e38), dtype)  # Huge, finite.
+  ij.inherit(unflat(d), 2)
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 2, 2, 2, 2, 3)])
