@@ -138,6 +138,12 @@ def normalize(a: jax.Array, *, xp=jnp):
   Every decomposition runs on the normalised matrix: a Gram or power iteration of a
   kernel with entries near 1e20 would overflow float32, one near 1e-20 underflow.
   """
+  if xp is np:  # In place on a fresh copy, no |a| temporary: half the memory passes.
+    a = np.array(a, compute_dtype())
+    scale = np.maximum(a.max(axis=(-2, -1)), -a.min(axis=(-2, -1)))
+    scale = np.where(scale > 0, scale, np.ones_like(scale))
+    a /= scale[..., None, None]
+    return a, scale
   a = a.astype(compute_dtype())
   scale = xp.max(xp.abs(a), axis=(-2, -1))
   scale = xp.where(scale > 0, scale, xp.ones_like(scale))
