@@ -98,23 +98,30 @@ class _Experts(nn.Module):
     if self.heads == 1:
       y = jnp.einsum("...r,rn->...n", z, kernel[0], precision=self.precision)
       return y + bias[0] if bias is not None else y
+    # Head 0 plus the others' differences from it: sum_h g_h up_h with g_0 = 1 - sum of
+    # the others, so the weights sum to exactly one in any compute dtype (a bf16 softmax
+    # is off by up to 3e-3 for H = 3), and identical heads (right after `inherit`) give
+    # head 0 exactly, whatever the gate. The same function as before, the same cost.
+    deltas = kernel[1:] - kernel[:1]
+    g = g[..., 1:]
     if per_sample:
       # Mix in weight space: one (r, out) kernel per sample, then a single contraction,
       # instead of H full-size outputs.
       batch = g.shape[:-1]
       zs = z.reshape(*batch, -1, r)
-      mixed = jnp.einsum("...h,hrn->...rn", g, kernel, precision=self.precision)
+      mixed = kernel[0] + jnp.einsum("...h,hrn->...rn", g, deltas, precision=self.precision)
       y = jnp.einsum("...pr,...rn->...pn", zs, mixed, precision=self.precision)
       y = y.reshape(*z.shape[:-1], self.features)
       if bias is not None:
-        b = (g @ bias).reshape(*batch, *([1] * (z.ndim - 1 - len(batch))), self.features)
-        y = y + b
+        b = bias[0] + g @ (bias[1:] - bias[:1])
+        y = y + b.reshape(*batch, *([1] * (z.ndim - 1 - len(batch))), self.features)
       return y
     # Per-token gates: fold the gate into the bottleneck, then one contraction over
     # (heads x rank).
-    zg = (g[..., :, None] * z[..., None, :]).reshape(*z.shape[:-1], self.heads * r)
-    y = jnp.dot(zg, kernel.reshape(self.heads * r, self.features), precision=self.precision)
-    return y + g @ bias if bias is not None else y
+    zg = jnp.concatenate([z, (g[..., :, None] * z[..., None, :]).reshape(*z.shape[:-1], -1)], -1)
+    stacked = jnp.concatenate([kernel[0], deltas.reshape(-1, self.features)])
+    y = jnp.dot(zg, stacked, precision=self.precision)
+    return y + bias[0] + g @ (bias[1:] - bias[:1]) if bias is not None else y
 
 
 def _down(module, layer_cls, rank: int, **layout) -> nn.Module:

@@ -15,4 +15,4 @@ fi
 # thread pools oversubscribe the cores and slow everything down many times.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" "$@"
+exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" --durations=30 "$@"

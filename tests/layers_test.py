@@ -274,16 +274,14 @@ def test_dtype_and_param_dtype(kind, dtype, param_dtype):
   out = apply({"params": params}, x)
   # dtype=None: computation dtype is inferred from the (all bf16) inputs and params.
   assert out.dtype == jnp.dtype(dtype or jnp.bfloat16)
-  # Still a convex mix in bf16: identical heads give the head's output.
+  # The gate weights sum to exactly one in bf16 too: identical heads give the same
+  # output, bit for bit, whatever the gate (a bf16 softmax alone is off by up to 3e-3).
   same = with_identical_heads(params)
   one = {**same, "gate": jax.tree.map(jnp.zeros_like, same["gate"])}
   gated = {**same, "gate": perturbed(same["gate"], seed=14, scale=3.0)}
-  chex.assert_trees_all_close(
-      apply({"params": gated}, x).astype(jnp.float32),
-      apply({"params": one}, x).astype(jnp.float32),
-      atol=3e-2,
-      rtol=3e-2,
-  )
+  np.testing.assert_array_equal(
+      np.asarray(apply({"params": gated}, x), np.float32),
+      np.asarray(apply({"params": one}, x), np.float32))
 
 
 # ------------------------------------------------------------------ unbatched input
