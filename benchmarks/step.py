@@ -1,0 +1,179 @@
+r"""Train step and eval forward of inherited networks against their teachers.
+
+For each model (``name:batch``), the teacher and its inherited network (``--rank`` a
+fraction of every layer's full rank, ``--heads``, the ``default`` preset: stem and
+classifier kept) are timed in one process on the same random batch: a jitted SGD train
+step (``value_and_grad`` of the cross-entropy, BatchNorm in train mode, optax momentum,
+donated state) and a jitted eval-mode forward. Each row reports the compile time, the
+median of ``--steps`` timed calls after ``--warmup``, examples/s, and the element types
+of the step's convolutions and dots from the lowered StableHLO (a bf16 step should show
+no float32 matmuls). Ratios are inherited over teacher, from the same run.
+
+Run::
+
+  # 2-core CPU (the default models, a couple of minutes):
+  python -m benchmarks.step --out=step_cpu.json
+  # One GPU, bf16 (about 3 minutes with compiles):
+  python -m benchmarks.step --models=resnet18_cifar:256,vit_s16:128 --dtype=bfloat16 \
+      --out=step_gpu.json
+
+Model names: `inhernet_jax.models.NAMES`, plus ``resnet18_cifar`` (the CIFAR ResNet-18
+of `benchmarks.common.build_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from absl import app, flags
+
+from benchmarks.common import build_model, matmul_dtypes
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["resnet32x4:64", "resnet56:64"], "name:batch of each model.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+flags.DEFINE_float("rank", 0.25, "Inherited networks: rank as a fraction of full rank.")
+flags.DEFINE_integer("heads", 2, "Inherited networks: heads H.")
+flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
+flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).")
+flags.DEFINE_list("variants", ["teacher", "inherited"], "teacher and/or inherited.")
+flags.DEFINE_string("out", "step.json", "Where to write the JSON figures.")
+
+
+def build(name: str, dtype):
+  """``(teacher model, input shape, classes, preset name)``, computing in ``dtype``."""
+  import jax.numpy as jnp
+
+  model, shape, classes, preset = build_model(name)
+  if hasattr(model, "dtype"):
+    model = model.clone(dtype=jnp.dtype(dtype))
+  elif dtype != "float32":
+    raise ValueError(f"model {name!r} has no dtype field: it cannot compute in {dtype}")
+  return model, shape, classes, preset
+
+
+def _timed(fn, args, warmup: int, steps: int, carry=None):
+  """Median seconds of ``steps`` calls (``carry(out) -> args`` threads donated state)."""
+  import jax
+
+  for _ in range(warmup):
+    out = jax.block_until_ready(fn(*args))
+    args = carry(out, args) if carry else args
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+    args = carry(out, args) if carry else args
+  return statistics.median(times)
+
+
+def measure(name: str, batch: int, variant: str, dtype_name: str) -> dict:
+  """One row: a model's train step and eval forward."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from inhernet_jax import InherSpec, accounting, inherit, models
+
+  dtype = jnp.dtype(dtype_name)
+  teacher, shape, classes, preset = build(name, dtype_name)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, *shape)), dtype)
+  y = jnp.asarray(rng.integers(0, classes, batch))
+  variables = jax.jit(lambda k: teacher.init(k, x[:1], train=False))(jax.random.key(0))
+  model = teacher
+  if variant == "inherited":
+    spec = InherSpec(rank=FLAGS.rank, heads=FLAGS.heads, rules=models.preset("default", preset))
+    variables = {**variables, "params": inherit(variables["params"], spec)}
+    model = teacher.clone(spec=spec)
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  tx = optax.sgd(0.01, momentum=0.9)
+
+  def loss_fn(p, s):
+    mutable = ["batch_stats"] if s else False
+    out = model.apply({"params": p, "batch_stats": s} if s else {"params": p}, x, train=True,
+                      mutable=mutable, rngs={"dropout": jax.random.key(1)})
+    logits, new = out if mutable else (out, {})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+    return loss.mean(), new.get("batch_stats", s)
+
+  def train_step(p, s, opt):
+    (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, s)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), s, opt, loss
+
+  def eval_step(p, s):
+    return model.apply({"params": p, "batch_stats": s} if s else {"params": p}, x, train=False)
+
+  row = {"model": name, "batch": batch, "variant": variant, "dtype": dtype_name,
+         "params": accounting.param_count(params)}
+  state = (params, stats, tx.init(params))
+  for what, fn, args, carry in (
+      ("train", jax.jit(train_step, donate_argnums=(0, 1, 2)), state, lambda o, a: o[:3]),
+      ("eval", jax.jit(eval_step), (params, stats), None)):
+    lowered = fn.lower(*args)
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    row[f"{what}_compile_s"] = time.perf_counter() - t
+    row[f"{what}_matmul_dtypes"] = matmul_dtypes(lowered.as_text())
+    if what == "train":  # Fresh buffers: the timed calls donate theirs.
+      args = jax.tree.map(jnp.copy, args)
+    seconds = _timed(compiled, args, FLAGS.warmup, FLAGS.steps, carry)
+    row[f"{what}_ms"] = seconds * 1e3
+    row[f"{what}_examples_per_s"] = batch / seconds
+  return row
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+  """Adds ``*_vs_teacher`` to each inherited row (its model's teacher, same run)."""
+  teachers = {(r["model"], r["batch"], r["dtype"]): r for r in rows if r["variant"] == "teacher"}
+  for r in rows:
+    t = teachers.get((r["model"], r["batch"], r["dtype"]))
+    if t is not None and r["variant"] != "teacher":
+      for what in ("train", "eval"):
+        r[f"{what}_vs_teacher"] = r[f"{what}_ms"] / t[f"{what}_ms"]
+  return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+  lines = [f"Device: {device}. Median of {FLAGS.steps} calls; ratios: inherited / teacher.", "",
+           "| model | batch | dtype | variant | params | compile (train) | train step | "
+           "train / teacher | eval forward | eval / teacher | matmul dtypes (train) |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+  for r in rows:
+    ratio = lambda k: f"{r[k]:.2f}x" if k in r else ""  # noqa: E731
+    lines.append(
+        f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['variant']} | {r['params']:,} | "
+        f"{r['train_compile_s']:.1f} s | {r['train_ms']:.1f} ms | {ratio('train_vs_teacher')} | "
+        f"{r['eval_ms']:.1f} ms | {ratio('eval_vs_teacher')} | {r['train_matmul_dtypes']} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  import jax
+
+  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
+  rows = []
+  for entry in FLAGS.models:
+    name, _, batch = entry.partition(":")
+    if not batch.isdigit():
+      raise app.UsageError(f"--models entry {entry!r}: expected name:batch, e.g. resnet56:64")
+    for variant in FLAGS.variants:
+      rows.append(measure(name, int(batch), variant, FLAGS.dtype))
+      print(json.dumps(rows[-1]), flush=True)
+  rows = with_ratios(rows)
+  table = markdown(rows, device)
+  print(table)
+  with open(FLAGS.out, "w") as f:
+    json.dump({"device": device, "rows": rows, "flags": {k: FLAGS[k].value for k in (
+        "models", "dtype", "rank", "heads", "warmup", "steps")}}, f, indent=1)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
