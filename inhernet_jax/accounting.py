@@ -43,8 +43,10 @@ def rank_for_params(
     *,
     heads: int = 1,
     rules=(),
+    rank_multiple: int = 1,
 ) -> int:
-  """Largest uniform rank whose inherited network has at most ``target_params``.
+  """Largest uniform rank whose inherited network has at most ``target_params``
+  (a multiple of ``rank_multiple``, see `InherSpec.rank_multiple`).
 
   The count of an inherited network never decreases with the rank (a layer is kept dense
   once its factorisation stops saving parameters), so this is a binary search over
@@ -53,26 +55,29 @@ def rank_for_params(
   Raises:
     ValueError: when even rank 1 exceeds the target (names both counts).
   """
-  spec = InherSpec(rank=1, heads=heads, rules=tuple(rules))
-  count = lambda r: planned_param_count(teacher_params, spec.replace(rank=r))
+  spec = InherSpec(rank=1, heads=heads, rules=tuple(rules), rank_multiple=rank_multiple)
+  # Searched in units of rank_multiple: the count is a step function of the rank.
+  count = lambda u: planned_param_count(teacher_params, spec.replace(rank=u * rank_multiple))
   lo_count = count(1)
   if lo_count > target_params:
     raise ValueError(
-        f"even rank 1 with heads={heads} gives {lo_count} parameters, above the target "
-        f"{target_params}; skip fewer layers or use fewer heads"
-    )
+        f"even rank {rank_multiple} with heads={heads} gives {lo_count} parameters, above "
+        f"the target {target_params}; skip fewer layers or use fewer heads"
+        + (" or a smaller rank_multiple" if rank_multiple > 1 else ""))
   shapes = [x.shape for x in jax.tree.leaves(teacher_params) if len(x.shape) >= 2]
-  lo, hi = 1, max(min(int(np.prod(s[:-1])), s[-1]) for s in shapes)
+  lo, hi = 1, max(1, max(min(int(np.prod(s[:-1])), s[-1]) for s in shapes) // rank_multiple)
   while lo < hi:
     mid = (lo + hi + 1) // 2
     if count(mid) <= target_params:
       lo = mid
     else:
       hi = mid - 1
-  return lo
+  return lo * rank_multiple
 
 
-def spec_for_params(teacher_params, target_params: int, *, heads: int = 1, rules=()) -> InherSpec:
+def spec_for_params(teacher_params, target_params: int, *, heads: int = 1, rules=(),
+                    rank_multiple: int = 1) -> InherSpec:
   """`rank_for_params` as a ready `InherSpec`."""
-  rank = rank_for_params(teacher_params, target_params, heads=heads, rules=rules)
-  return as_spec(InherSpec(rank=rank, heads=heads, rules=tuple(rules)))
+  rank = rank_for_params(teacher_params, target_params, heads=heads, rules=rules,
+                         rank_multiple=rank_multiple)
+  return as_spec(InherSpec(rank=rank, heads=heads, rules=tuple(rules), rank_multiple=rank_multiple))

@@ -446,10 +446,17 @@ def _shifted(layer: _Layer, offset: int) -> _Layer:
   return _Layer(layer.kernel, layer.heads, layer.costs[offset:], layer.values[offset:])
 
 
-def _base_spec(spec, heads, rules) -> InherSpec:
+def _base_spec(spec, heads, rules, uniform: bool = False) -> InherSpec:
   base = InherSpec() if spec is None else spec
   if not isinstance(base, InherSpec):
     raise TypeError(f"spec must be an InherSpec or None, got {type(spec).__name__}")
+  if base.rank_multiple != 1 and not uniform:
+    # Its options are ranks 1, 2, ...: a multiple would be rounded after the choice,
+    # over the budget. Say so rather than return a spec that breaks it.
+    raise ValueError(
+        f"budget: InherSpec.rank_multiple={base.rank_multiple} is not supported by the "
+        "budget allocation (its per-layer options are single rank steps); use uniform "
+        "ranks (budget.uniform, accounting.rank_for_params) or rank_multiple=1")
   return as_spec(base, heads, tuple(rules))
 
 
@@ -609,8 +616,9 @@ def uniform(teacher_params, budget, *, heads: int | None = None, rules=(),
   the rank as its policy (no per-path rules are added).
   """
   target = parameter_budget(teacher_params, budget, num_classes=num_classes)
-  base = _base_spec(spec, heads, rules)
-  rank = accounting.rank_for_params(teacher_params, target, heads=base.heads, rules=base.rules)
+  base = _base_spec(spec, heads, rules, uniform=True)
+  rank = accounting.rank_for_params(teacher_params, target, heads=base.heads, rules=base.rules,
+                                    rank_multiple=base.rank_multiple)
   return base.replace(rank=rank, energy=None, param_ratio=None)
 
 

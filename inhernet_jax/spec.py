@@ -242,6 +242,11 @@ class InherSpec:
       about 2.5% above optimal on flat spectra).
     oversample: extra subspace columns of the randomized method (default
       `svd.default_oversample`, ``max(16, rank // 4)``).
+    rank_multiple: round every planned rank to a multiple of this (8, 16, 128: the
+      tile sizes of GPU/TPU matmul units, where a thin rank-44 bottleneck runs no faster
+      than rank 48): up for the fixed, fraction and energy policies (never below what
+      they asked for), down for ``param_ratio`` (never above the budget); capped at the
+      full rank (then the layer is kept, as any rank that saves nothing).
     skip_if_no_saving: keep a layer whose factorisation has at least the teacher's
       parameters (the demo's ``r >= min(m, n)`` check, by exact count). False factorises
       regardless, capping the rank at full rank (ablations, exactness checks).
@@ -260,6 +265,7 @@ class InherSpec:
   method: str = struct.field(pytree_node=False, default="auto")
   power_iters: int = struct.field(pytree_node=False, default=svd.POWER_ITERS)
   oversample: int | None = struct.field(pytree_node=False, default=None)
+  rank_multiple: int = struct.field(pytree_node=False, default=1)
   skip_if_no_saving: bool = struct.field(pytree_node=False, default=True)
   data_aware: bool = struct.field(pytree_node=False, default=False)
   damping: float = struct.field(pytree_node=False, default=svd.DAMPING)
@@ -281,6 +287,7 @@ class InherSpec:
     if not (math.isfinite(self.damping) and self.damping >= 0):
       raise ValueError(f"InherSpec.damping must be finite and >= 0, got {self.damping!r}")
     _check_int(self.power_iters, "power_iters", "InherSpec.power_iters", 0)
+    _check_int(self.rank_multiple, "rank_multiple", "InherSpec.rank_multiple", 1)
     if self.oversample is not None:
       _check_int(self.oversample, "oversample", "InherSpec.oversample", 0)
     if self.method not in svd.METHODS:
@@ -381,8 +388,12 @@ class InherSpec:
       rank = svd.rank_for_energy(singular_values, value)
     else:
       rank = svd.rank_for_param_ratio(m, n, value, heads, use_bias)
+      rank -= rank % self.rank_multiple  # Down: within the budget.
       if rank == 0:
-        return LayerPlan(False, 0, heads, full, f"no rank meets param_ratio={value}")
+        return LayerPlan(False, 0, heads, full, f"no rank meets param_ratio={value}"
+                         + (f" at a multiple of {self.rank_multiple}" if self.rank_multiple > 1 else ""))
+    if kind != "param_ratio":
+      rank = min(-(-rank // self.rank_multiple) * self.rank_multiple, max(rank, full))
     aware = action.get("data_aware", self.data_aware)
     if not self.skip_if_no_saving:
       return LayerPlan(True, min(rank, full), heads, full, data_aware=aware)

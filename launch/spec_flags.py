@@ -23,6 +23,9 @@ ALLOCATION = flags.DEFINE_enum(
     "allocation", "greedy", ("greedy", "uniform"),
     "With --budget: per-layer ranks keeping the most spectral energy, or one uniform rank.")
 HEADS = flags.DEFINE_integer("heads", 3, "Gated expert up-projections H.")
+RANK_MULTIPLE = flags.DEFINE_integer(
+    "rank_multiple", 1, "Round every rank to a multiple of this (8, 16, 128: accelerator "
+    "tile sizes; InherSpec.rank_multiple).")
 PRESET = flags.DEFINE_enum("preset", "default", models.PRESETS, "Which layers are inherited.")
 SVD = flags.DEFINE_enum(
     "svd", "default", ("default", "fast", "exact"),
@@ -43,26 +46,29 @@ def make_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
   Raises:
     app.UsageError: naming the flag and what was expected.
   """
+  if RANK_MULTIPLE.value < 1:
+    raise app.UsageError(f"--rank_multiple={RANK_MULTIPLE.value}: expected an int >= 1")
   return _rank_spec(teacher_params, name, num_classes).replace(**SVD_SETTINGS[SVD.value])
 
 
 def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
   rules = models.preset(PRESET.value, name)
-  heads = HEADS.value
+  heads, multiple = HEADS.value, RANK_MULTIPLE.value
   if heads < 1:  # Checked first: an InherSpec error would blame whichever flag came with it.
     raise app.UsageError(f"--heads={heads}: expected an int >= 1 (gated expert up-projections)")
   if BUDGET.value is not None:
     try:
       target = budget.parameter_budget(teacher_params, BUDGET.value, num_classes=num_classes)
       pick = budget.allocate if ALLOCATION.value == "greedy" else budget.uniform
-      spec = pick(teacher_params, target, heads=heads, rules=rules)
+      spec = pick(teacher_params, target, heads=heads, rules=rules,
+                  spec=InherSpec(rank_multiple=multiple))
     except (TypeError, ValueError) as e:
       raise app.UsageError(f"--budget={BUDGET.value!r}: {e}") from None
     print(f"budget {target:,} parameters, {ALLOCATION.value} allocation")
     return spec
   if ENERGY.value is not None:
     try:
-      spec = InherSpec(energy=ENERGY.value, heads=heads, rules=rules)
+      spec = InherSpec(energy=ENERGY.value, heads=heads, rules=rules, rank_multiple=multiple)
     except (TypeError, ValueError) as e:
       raise app.UsageError(f"--energy={ENERGY.value}: expected a fraction in (0, 1] of each "
                            f"layer's spectral energy ({e})") from None
@@ -73,11 +79,12 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
     if other not in models.NAMES:
       raise app.UsageError(f"--rank={rank!r}: unknown model {other!r}; known: {', '.join(models.NAMES)}")
     target = models.param_count(other, num_classes=num_classes)
-    return InherSpec(rank=accounting.rank_for_params(teacher_params, target, heads=heads, rules=rules),
-                     heads=heads, rules=rules)
+    rank = accounting.rank_for_params(teacher_params, target, heads=heads, rules=rules,
+                                      rank_multiple=multiple)
+    return InherSpec(rank=rank, heads=heads, rules=rules, rank_multiple=multiple)
   try:
     value = int(rank) if rank.isdigit() else float(rank)
-    return InherSpec(rank=value, heads=heads, rules=rules)
+    return InherSpec(rank=value, heads=heads, rules=rules, rank_multiple=multiple)
   except (TypeError, ValueError) as e:
     raise app.UsageError(f"--rank={rank!r}: expected an int >= 1, a fraction in (0, 1] or "
                          f"params:<zoo model> ({e})") from None

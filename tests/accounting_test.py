@@ -78,3 +78,16 @@ def test_forward_flops_of_a_dense_layer_and_of_an_inherited_net(teacher_params):
       teacher.clone(spec=spec).apply, {"params": ij.inherit(teacher_params, spec)}, X
   )
   assert 0 < s_flops < t_flops
+
+
+def test_rank_for_params_with_rank_multiple(teacher_params):
+  """Uniform ranks in multiples of ``rank_multiple``: the largest multiple within budget."""
+  from inhernet_jax.inherit import planned_param_count
+
+  target = int(0.4 * accounting.param_count(teacher_params))
+  rank = accounting.rank_for_params(teacher_params, target, heads=2, rank_multiple=4)
+  assert rank % 4 == 0 and rank >= 4
+  spec = lambda r: ij.InherSpec(rank=r, heads=2, rank_multiple=4)  # noqa: E731
+  assert planned_param_count(teacher_params, spec(rank)) <= target
+  assert planned_param_count(teacher_params, spec(rank + 1)) > target  # Rounds up to rank + 4.
+  assert rank >= accounting.rank_for_params(teacher_params, target, heads=2) - 3

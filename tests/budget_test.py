@@ -402,3 +402,12 @@ def test_param_energy_weights_layers_by_size_above_a_rank_floor():
     assert got(objective=objective, rank_floor=1.0)["ranks"] == {"a/kernel": 8, "b/kernel": 8}
   with pytest.raises(ValueError, match="rank_floor"):
     got(rank_floor=1.5)
+
+
+def test_rank_multiple_uniform_is_rounded_and_allocate_refuses_it():
+  params = net([(48, 64), (64, 40)])
+  spec = budget.uniform(params, 0.5, spec=InherSpec(rank_multiple=4))
+  assert spec.rank % 4 == 0 and spec.rank_multiple == 4
+  assert planned_param_count(params, spec) <= budget.parameter_budget(params, 0.5)
+  with pytest.raises(ValueError, match="rank_multiple=4 is not supported"):
+    budget.allocate(params, 0.5, spec=InherSpec(rank_multiple=4))

@@ -397,3 +397,33 @@ def test_rank_one_and_full_rank_fraction_are_different_specs():
   assert full == InherSpec(rank=1.0, heads=3) and hash(full) == hash(InherSpec(rank=1.0, heads=3))
   assert one.plan("k", 8, 8, True).rank == 1 and full.plan("k", 8, 8, True).full_rank == 8
   assert full.replace(skip_if_no_saving=False).plan("k", 8, 8, True).rank == 8
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [({"rank": 13}, 16), ({"rank": 0.1}, 8), ({"rank": 0.9}, None),
+     ({"param_ratio": 0.3}, 8), ({"rank": 60}, None)],
+)
+def test_rank_multiple_rounds_every_policy(policy, expected):
+  """Up for fixed and fraction ranks, down for param_ratio; a rank rounded up to the
+  full rank (64) keeps the layer."""
+  spec = InherSpec(heads=1, rank_multiple=8, **policy)
+  plan = spec.plan("a/kernel", 64, 96, use_bias=False)
+  if expected is None:
+    assert not plan.factorize, plan
+  else:
+    assert plan.factorize and plan.rank == expected, plan
+  plain = InherSpec(heads=1, **policy).plan("a/kernel", 64, 96, use_bias=False)
+  if expected is not None and "param_ratio" in policy:
+    assert plan.rank <= plain.rank  # Within the budget.
+  elif expected is not None:
+    assert plan.rank >= plain.rank
+
+
+def test_rank_multiple_energy_rounds_up_and_is_validated():
+  s = np.linspace(10, 1, 64)
+  energy = InherSpec(energy=0.5, rank_multiple=16).plan("a/kernel", 64, 512, False, s)
+  plain = InherSpec(energy=0.5).plan("a/kernel", 64, 512, False, s)
+  assert energy.rank % 16 == 0 and plain.rank <= energy.rank < plain.rank + 16
+  with pytest.raises(ValueError, match="rank_multiple"):
+    InherSpec(rank=4, rank_multiple=0)
