@@ -67,7 +67,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def batch_norm(train: bool, dtype: Any) -> ModuleDef:
   """TF EfficientNet's BatchNorm: epsilon 1e-3, momentum 0.99 (PyTorch's 0.01)."""
   return functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=0.99, epsilon=1e-5, dtype=dtype
+      nn.BatchNorm, use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=dtype
   )
 
 
