@@ -137,11 +137,14 @@ class _Experts(nn.Module):
     if g is None:
       y = jnp.einsum("...gr,rgp->...gp", z, k[0], precision=self.precision).reshape(shape)
       return y + bias[0] if bias is not None else y
-    mixed = jnp.einsum("bh,hrgp->brgp", g, k, precision=self.precision)
+    # Head 0 plus gated differences, as for ungrouped layers (weights sum to exactly one).
+    g = g[..., 1:]
+    mixed = k[0] + jnp.einsum("bh,hrgp->brgp", g, k[1:] - k[:1], precision=self.precision)
     zs = z.reshape(z.shape[0], -1, groups, r)
     y = jnp.einsum("bxgr,brgp->bxgp", zs, mixed, precision=self.precision).reshape(shape)
     if bias is not None:
-      y = y + (g @ bias).reshape(z.shape[0], *([1] * (z.ndim - 3)), self.features)
+      b = bias[0] + g @ (bias[1:] - bias[:1])
+      y = y + b.reshape(z.shape[0], *([1] * (z.ndim - 3)), self.features)
     return y
 
 
