@@ -82,19 +82,24 @@ class _Experts(nn.Module):
     return self.param(name, init_fn, shape, self.param_dtype)
 
   @nn.compact
-  def __call__(self, z: jax.Array, g: jax.Array | None, per_sample: bool) -> jax.Array:
+  def __call__(self, z: jax.Array, g: jax.Array | None, per_sample: bool, groups: int = 1) -> jax.Array:
     """Mixes the experts.
 
     Args:
-      z: bottleneck ``(*batch, *positions, r)``.
+      z: bottleneck ``(*batch, *positions, r)``; ``(batch, *positions, groups, r)`` for a
+        grouped conv.
       g: gate weights ``(*batch, H)`` when ``per_sample`` else ``(*batch, *positions, H)``;
         None when ``H == 1``.
       per_sample: one gate per sample (convs) or per position (dense/token).
+      groups: the conv's ``feature_group_count``: group ``i``'s outputs read only group
+        ``i``'s ``r`` bottleneck channels.
     """
     r = z.shape[-1]
     kernel = self._stacked("kernel", self.kernel_init, (r, self.features))
     bias = self._stacked("bias", self.bias_init, (self.features,)) if self.use_bias else None
     z, kernel, bias, g = nn.dtypes.promote_dtype(z, kernel, bias, g, dtype=self.dtype)
+    if groups > 1:
+      return self._grouped(z, kernel, bias, g, groups)
     if self.heads == 1:
       y = jnp.einsum("...r,rn->...n", z, kernel[0], precision=self.precision)
       return y + bias[0] if bias is not None else y
@@ -122,6 +127,25 @@ class _Experts(nn.Module):
     stacked = jnp.concatenate([kernel[0], deltas.reshape(-1, self.features)])
     y = jnp.dot(zg, stacked, precision=self.precision)
     return y + bias[0] + g @ (bias[1:] - bias[:1]) if bias is not None else y
+
+  def _grouped(self, z, kernel, bias, g, groups):
+    """Grouped conv: ``z (batch, *positions, G, r)``; the ``(H, r, out)`` kernel is read as
+    ``(H, r, G, out / G)``, group ``i``'s outputs from group ``i``'s bottleneck."""
+    heads, r = kernel.shape[:2]
+    k = kernel.reshape(heads, r, groups, self.features // groups)
+    shape = (*z.shape[:-2], self.features)
+    if g is None:
+      y = jnp.einsum("...gr,rgp->...gp", z, k[0], precision=self.precision).reshape(shape)
+      return y + bias[0] if bias is not None else y
+    # Head 0 plus gated differences, as for ungrouped layers (weights sum to exactly one).
+    g = g[..., 1:]
+    mixed = k[0] + jnp.einsum("bh,hrgp->brgp", g, k[1:] - k[:1], precision=self.precision)
+    zs = z.reshape(z.shape[0], -1, groups, r)
+    y = jnp.einsum("bxgr,brgp->bxgp", zs, mixed, precision=self.precision).reshape(shape)
+    if bias is not None:
+      b = bias[0] + g @ (bias[1:] - bias[:1])
+      y = y + b.reshape(z.shape[0], *([1] * (z.ndim - 3)), self.features)
+    return y
 
 
 def _down(module, layer_cls, rank: int, **layout) -> nn.Module:
@@ -216,6 +240,14 @@ class InherConv(nn.Conv):
   The down-projection is a conv with the teacher's kernel size, strides, padding and
   dilations into ``r`` channels; the experts are 1x1 convs (stored as ``(H, r, out)``).
 
+  Grouped convs (``feature_group_count = G``, depthwise included) follow the plan
+  `inherit` makes from their kernel ``(*k, in / G, out)``, one ``(prod(k) * in / G) x out``
+  matrix: the down-projection (``(*k, in / G, r)``) is shared by the groups and applied to
+  each group's inputs, and group ``i``'s outputs mix group ``i``'s ``r`` channels (the
+  ``(H, r, out)`` experts read as ``(H, r, G, out / G)``), which is exactly the rank-r
+  truncation of that matrix. It saves parameters but computes ``G * r`` bottleneck
+  channels: the model zoo keeps depthwise convs (`models.preset`).
+
   Attributes:
     spec: an `InherSpec`, or None for a plain `nn.Conv`.
   """
@@ -227,28 +259,44 @@ class InherConv(nn.Conv):
     kernel_size = (
         (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     )
-    plan = _plan(self, math.prod(kernel_size) * inputs.shape[-1], self.features)
+    # The kernel's matrix view, as `inherit` sees it: (*k, in / groups) x out.
+    in_per_group = inputs.shape[-1] // self.feature_group_count
+    plan = _plan(self, math.prod(kernel_size) * in_per_group, self.features)
     if plan is None or not plan.factorize:
       return super().__call__(inputs)
-    if self.feature_group_count != 1:
-      raise ValueError(
-          f"{'/'.join(self.path)}: grouped convs (feature_group_count="
-          f"{self.feature_group_count}) cannot be factorised; skip them with a rule"
-      )
     if self.mask is not None:
       raise ValueError(f"{'/'.join(self.path)}: masked convs cannot be factorised")
+    groups = self.feature_group_count
+    if groups != 1:
+      if inputs.ndim != len(kernel_size) + 2 or inputs.shape[-1] % groups or self.features % groups:
+        raise ValueError(
+            f"{'/'.join(self.path)}: a factorised grouped conv (feature_group_count={groups}) "
+            f"needs batched inputs (batch, *spatial, channels) and channels divisible by the "
+            f"groups; got inputs {inputs.shape}, features {self.features}")
+      # The plan factorises the kernel (*k, in / G, out) as one matrix, as `inherit` sees
+      # it: a down-projection shared by every group, applied to each group's inputs (the
+      # groups moved to the batch axis), then per-group up-projections.
+      b, *spatial, c = inputs.shape
+      x = inputs.reshape(b, *spatial, groups, c // groups)
+      x = jnp.moveaxis(x, -2, 1).reshape(b * groups, *spatial, c // groups)
+    else:
+      x = inputs
     z = _down(
         self, nn.Conv, plan.rank, kernel_size=kernel_size, strides=self.strides,
         padding=self.padding, input_dilation=self.input_dilation,
         kernel_dilation=self.kernel_dilation, conv_general_dilated=self.conv_general_dilated,
         conv_general_dilated_cls=self.conv_general_dilated_cls,
-    )(inputs)
+    )(x)
+    if groups != 1:  # (batch, *spatial', groups, r)
+      z = jnp.moveaxis(z.reshape(b, groups, *z.shape[1:]), 1, -2)
     g = None
     if plan.heads > 1:
-      spatial = tuple(range(z.ndim - 1 - len(kernel_size), z.ndim - 1))
-      g = _gate(self, z.mean(axis=spatial), plan.heads)
+      pooled = tuple(range(z.ndim - 1 - len(kernel_size), z.ndim - 1))  # Spatial axes.
+      if groups != 1:
+        pooled = tuple(range(1, z.ndim - 1))  # Spatial axes and the groups.
+      g = _gate(self, z.mean(axis=pooled), plan.heads)
       _sow_gate_stats(self, g)
-    return _experts(self, plan)(z, g, per_sample=True)
+    return _experts(self, plan)(z, g, per_sample=True, groups=groups)
 
 
 # --------------------------------------------------------------------- gate statistics

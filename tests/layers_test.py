@@ -140,15 +140,37 @@ def test_factorised_conv_structure_and_geometry(name, heads):
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_conv_cannot_be_factorised():
+@pytest.mark.parametrize("groups, heads", [(2, 1), (4, 3)])
+def test_grouped_conv_factorises_its_kernel_matrix(groups, heads):
+  # The (3, 3, 4 / G, 8) kernel is one (9 * 4 / G) x 8 matrix (as `inherit` sees it):
+  # with identical heads the layer is the grouped teacher conv with kernel down @ up.
   x = _x(2, 6, 6, 4)
-  kwargs = dict(kernel_size=(3, 3), feature_group_count=2)
-  with pytest.raises(ValueError, match="grouped"):
-    jax.eval_shape(InherConv(8, spec=InherSpec(rank=2), **kwargs).init, KEY, x)
-  # Without a spec it is nn.Conv, grouped or not.
+  kwargs = dict(kernel_size=(3, 3), feature_group_count=groups, strides=2, padding="SAME")
+  layer = InherConv(8, spec=InherSpec(rank=2, heads=heads, skip_if_no_saving=False), **kwargs)
+  params = random_params(layer, x)
+  assert params["down"]["kernel"].shape == (3, 3, 4 // groups, 2)
+  assert params["up"]["kernel"].shape == (heads, 2, 8)
+  params = with_identical_heads(params)
   teacher = nn.Conv(8, **kwargs)
-  params = {"params": random_params(teacher, x)}
-  chex.assert_trees_all_equal(InherConv(8, **kwargs).apply(params, x), teacher.apply(params, x))
+  want = teacher.apply({"params": merged_conv_params(params)}, x)
+  chex.assert_trees_all_close(layer.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+  if heads > 1:  # Different heads, a constant gate g: the merged kernel is down @ sum g_h up_h.
+    params = random_params(layer, x, seed=1)
+    params["gate"] = {"kernel": jnp.zeros_like(params["gate"]["kernel"]), "bias": params["gate"]["bias"]}
+    g = jax.nn.softmax(params["gate"]["bias"])
+    merged = {"down": params["down"], "up": {k: jnp.einsum("h,h...->...", g, v)[None]
+                                              for k, v in params["up"].items()}}
+    want = teacher.apply({"params": merged_conv_params(merged)}, x)
+    chex.assert_trees_all_close(layer.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+  # Without a spec it is nn.Conv, grouped or not.
+  plain = {"params": random_params(teacher, x)}
+  chex.assert_trees_all_equal(InherConv(8, **kwargs).apply(plain, x), teacher.apply(plain, x))
+
+
+def test_grouped_conv_with_indivisible_channels_is_refused():
+  x = _x(2, 6, 6, 4)
+  with pytest.raises(ValueError, match="feature_group_count=2"):
+    jax.eval_shape(InherConv(7, (3, 3), feature_group_count=2, spec=InherSpec(rank=2)).init, KEY, x)
 
 
 def test_spec_must_be_an_inherspec():

@@ -3,9 +3,9 @@
 All convs and denses are `InherConv` / `InherDense`, so ``model.clone(spec=s)`` is the
 inherited architecture and its ``init`` has exactly the tree of
 ``inherit(teacher_params, s)``. Names follow the standard references: RepDistiller's
-CIFAR models (`cifar`), torchvision's ImageNet ResNets (`imagenet`), big_vision's ViT,
-a BERT-style encoder and a GPT-2-style decoder (`transformer`), and small digits
-models (`small`).
+CIFAR models (`cifar`), torchvision's ImageNet ResNets (`imagenet`), EfficientNet-Lite0
+(`efficientnet`, of the ImageNet family), big_vision's ViT, a BERT-style encoder and a
+GPT-2-style decoder (`transformer`), and small digits models (`small`).
 
 Example::
 
@@ -22,13 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from inhernet_jax import accounting
-from inhernet_jax.models import cifar, imagenet, small, transformer
+from inhernet_jax.models import cifar, efficientnet, imagenet, small, transformer
 
-# name -> (family, constructor)
-_FAMILIES = {"cifar": cifar, "imagenet": imagenet, "small": small, "transformer": transformer}
+# name -> (family, constructor); EfficientNet-Lite is an ImageNet model (224 x 224, 1000).
+_FAMILIES = {"cifar": (cifar,), "imagenet": (imagenet, efficientnet), "small": (small,),
+             "transformer": (transformer,)}
 _REGISTRY = {
     name: (family, ctor)
-    for family, module in _FAMILIES.items()
+    for family, modules in _FAMILIES.items()
+    for module in modules
     for name, ctor in module.MODELS.items()
 }
 NAMES = tuple(_REGISTRY)
@@ -102,10 +104,21 @@ def preset(which: str, name: str) -> tuple:
     (and BERT's pooler) kept.
   * ``demo``: every conv including the stem, classifier kept (the public demo).
   * ``all``: everything with a kernel.
+
+  EfficientNet-Lite's depthwise (grouped) convs are kept by every preset
+  (`efficientnet.DEPTHWISE_RULE`, first): `InherConv` cannot factorise a grouped conv,
+  and per group a depthwise kernel is a ``k*k x 1`` matrix (rank 1).
   """
   if which not in PRESETS:
     raise ValueError(f"unknown preset {which!r}; known: {PRESETS}")
   fam = family(name)
+  if name in efficientnet.MODELS:
+    rules = (efficientnet.DEPTHWISE_RULE,)
+    if which == "all":
+      return rules
+    if which == "demo":
+      return (*rules, (r"head/kernel", "skip"))
+    return (*rules, (r"stem/kernel", "skip"), (r"head/kernel", "skip"))
   if which == "all":
     return ()
   if which == "demo":
