@@ -14,8 +14,9 @@ are frozen by default (they are the same in every student).
   python -m launch.sentence_distill --config=configs/minilm.py:long --workdir=...
   python -m launch.sentence_distill --config=configs/minilm.py --check_parity
 
-Variants (``minilm.py:key=value,...``): ``default`` (2-core CPU: 200 steps of 16
-sentences of <= 32 tokens), ``long`` (a GPU or patience: 3000 steps of 32 sentences of
+Variants (``minilm.py:key=value,...``): ``default`` (2-core CPU: 100 steps of 16
+sentences of <= 32 tokens; on a shared 2-core machine a 50% InherNet step took ~2 s of
+CPU, so 8 students x 100 steps is ~30 min there; ``steps=60`` was measured), ``long`` (a GPU or patience: 3000 steps of 32 sentences of
 <= 64 tokens), ``local`` (tests: the tiny model given by ``model_dir``, 2 steps).
 Arguments: ``variant``, ``model_dir`` (default: the wheel's), ``steps``, ``heads``
 (InherNet's gated heads, default 2), ``loss`` (``cosine`` or ``mse``), ``source``
@@ -45,7 +46,7 @@ def get_config(arg: str | None = None):
   c.methods = METHODS
   c.heads = arg.heads
   c.loss = arg.loss
-  c.steps = arg.steps if arg.steps >= 0 else {"default": 200, "long": 3000, "local": 2}[arg.variant]
+  c.steps = arg.steps if arg.steps >= 0 else {"default": 100, "long": 3000, "local": 2}[arg.variant]
   c.batch_size = {"default": 16, "long": 32, "local": 4}[arg.variant]
   c.learning_rate = 2e-4
   c.warmup_fraction = 0.1
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None):
   c.train_embeddings = False
   c.calibration_sentences = {"default": 256, "long": 1024, "local": 8}[arg.variant]
   c.eval_batch_size = {"default": 64, "long": 128, "local": 8}[arg.variant]
-  c.checkpoint_every = {"default": 50, "long": 500, "local": 1}[arg.variant]
+  c.checkpoint_every = {"default": 50, "long": 500, "local": 2}[arg.variant]
+  c.throughput_seconds = {"default": 2.0, "long": 5.0, "local": 0.05}[arg.variant]
   c.seed = 0
   return c

@@ -199,6 +199,10 @@ def throughput(fn, params, ids: np.ndarray, mask: np.ndarray, batch_size: int,
       return done / elapsed
 
 
+def _rate(value) -> str:
+  return "-" if value is None else f"{value:.0f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
   """Markdown table of result rows (`launch.sentence_distill`'s)."""
   head = ("| student | encoder | params (all) | encoder params | cos before | cos after | "
@@ -209,5 +213,5 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f"| {r['label']} | {r['encoder_fraction']:.1%} | {r['params']:,} | "
         f"{r['encoder_params']:,} | {b['cosine']:.4f} | {a['cosine']:.4f} | {b['top1']:.3f} | "
-        f"{a['top1']:.3f} | {b['top10']:.3f} | {a['top10']:.3f} | {r['sentences_per_s']:.0f} |")
+        f"{a['top1']:.3f} | {b['top10']:.3f} | {a['top10']:.3f} | {_rate(r.get('sentences_per_s'))} |")
   return "\n".join(lines)

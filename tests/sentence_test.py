@@ -208,3 +208,9 @@ def test_launcher_runs_and_resumes(tiny, tmp_path):
   os.remove(tmp_path / "uniform_50" / "result.json")
   again = launcher.run(config, str(tmp_path))
   assert again[1]["after"] == rows[1]["after"] and again[1]["before"] == rows[1]["before"]
+  # A partial run's report: the finished students, the others named as missing.
+  config.fractions = (0.5, 0.25)
+  partial = launcher.report(config, str(tmp_path))
+  assert [r["key"] for r in partial] == keys
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["missing"] == [k.replace("50", "25") for k in keys[1:]]
