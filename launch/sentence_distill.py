@@ -36,6 +36,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/minilm.py[:va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (results, checkpoints).")
 _PARITY = flags.DEFINE_bool("check_parity", False, "Only compare with PyTorch/transformers.")
 _PARITY_N = flags.DEFINE_integer("parity_sentences", 64, "Held-out sentences for --check_parity.")
+_THROUGHPUT = flags.DEFINE_bool(
+    "throughput_only", False, "Only measure every student's encode throughput back to back "
+    "(architectures of the config, zero weights: speed does not depend on them) into "
+    "WORKDIR/throughput.json; --report_only then uses these figures.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Only write results.md / results.json from the students finished so "
     "far in --workdir (a partial run), training nothing.")
@@ -69,6 +73,9 @@ def main(argv):
       return
     if not _WORKDIR.value:
       raise app.UsageError("--workdir is required (except with --check_parity)")
+    if _THROUGHPUT.value:
+      throughput_only(config, _WORKDIR.value)
+      return
     if _REPORT_ONLY.value:
       report(config, _WORKDIR.value)
       return
@@ -111,8 +118,51 @@ def report(config, workdir: str) -> list[dict]:
         rows.append(json.load(f))
     else:
       missing.append(key)
+  speed = os.path.join(workdir, "throughput.json")
+  if os.path.isfile(speed):  # Measured back to back: comparable, unlike those of a long run.
+    with open(speed) as f:
+      speed = json.load(f)
+    rows = [{**r, "sentences_per_s": speed.get(r["key"], r.get("sentences_per_s"))} for r in rows]
+    if "teacher" not in [r["key"] for r in rows]:
+      rows.insert(0, _teacher_row(config, speed["teacher"]))
   _write_report(config, workdir, directory, data, held, rows, None, missing)
   return rows
+
+
+def _teacher_row(config, rate) -> dict:
+  enc = sentence.load(model_dir(config), max_len=config.max_len)
+  same = {"cosine": 1.0, "top1": 1.0, "top10": 1.0}
+  return {"key": "teacher", "label": f"teacher ({enc.model.depth} layers)", "method": "teacher",
+          "fraction": 1.0, "params": accounting.param_count(enc.params),
+          "encoder_params": sd.encoder_params(enc.params), "encoder_fraction": 1.0,
+          "before": same, "after": same, "sentences_per_s": rate}
+
+
+def throughput_only(config, workdir: str) -> dict:
+  """Sentences/s of the teacher and every student, measured one after another."""
+  enc = sentence.load(model_dir(config), max_len=config.max_len)
+  data = text.get(config.data.source, config.data.path, config.data.holdout_every)
+  held = list(data.held_out[:config.held_out] if config.held_out else data.held_out)
+  ids, mask = sentence.tokenize(enc.tokenizer, held)
+  seconds = config.get("throughput_seconds", 2.0)
+  out = {"teacher": sd.throughput(sentence.apply_fn(enc.model), enc.params, ids, mask,
+                                  config.eval_batch_size, seconds)}
+  for fraction in config.fractions:
+    target = sd.encoder_budget(enc.params, fraction)
+    for method in config.methods:
+      if method == "layer_drop":
+        model, params, _ = sd.layer_drop(enc.model, enc.params, sd.baseline_layers(enc.model.depth, fraction))
+      else:
+        model = enc.model.clone(spec=sd.student_spec(method, enc.params, target, heads=config.heads))
+        shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), ids[:1], mask[:1]))
+        params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes["params"])
+      out[f"{method}_{round(100 * fraction)}"] = sd.throughput(
+          sentence.apply_fn(model), params, ids, mask, config.eval_batch_size, seconds)
+      logging.info("throughput %s", out)
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "throughput.json"), out)
+  print(json.dumps(out, indent=2))
+  return out
 
 
 def parity(config, workdir: str | None) -> float:

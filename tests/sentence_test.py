@@ -189,6 +189,7 @@ def test_stdlib_sentences_are_prose():
     text.get("file", "/nonexistent")
 
 
+@pytest.mark.slow
 def test_launcher_runs_and_resumes(tiny, tmp_path):
   from launch import sentence_distill as launcher
 
@@ -208,9 +209,13 @@ def test_launcher_runs_and_resumes(tiny, tmp_path):
   os.remove(tmp_path / "uniform_50" / "result.json")
   again = launcher.run(config, str(tmp_path))
   assert again[1]["after"] == rows[1]["after"] and again[1]["before"] == rows[1]["before"]
+  # Throughput measured back to back replaces the run's figures in the report.
+  speed = launcher.throughput_only(config, str(tmp_path))
+  assert sorted(speed) == sorted(keys) and min(speed.values()) > 0
   # A partial run's report: the finished students, the others named as missing.
   config.fractions = (0.5, 0.25)
   partial = launcher.report(config, str(tmp_path))
   assert [r["key"] for r in partial] == keys
+  assert [r["sentences_per_s"] for r in partial] == [speed[k] for k in keys]
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["missing"] == [k.replace("50", "25") for k in keys[1:]]
