@@ -13,6 +13,10 @@ encode throughput. Writes ``WORKDIR/results.json`` and ``results.md``; each stud
 trains (``checkpoint_every``): a killed run, started again, skips finished students and
 resumes the one it was training.
 
+``--throughput_only`` measures every student's encode speed back to back (zero weights of
+the same architectures) into ``throughput.json``; ``--report_only`` writes the report of the
+students finished so far (a partial run), with those speeds when measured.
+
 ``--check_parity`` compares our embeddings of real sentences with PyTorch/transformers'
 (needs torch and transformers) and fails when the relative error exceeds 1e-4.
 """
