@@ -298,20 +298,25 @@ def _resnet_arch(depth) -> str:
   return arch
 
 
+def conv_leaves(ours: tuple, theirs: str) -> list[_Leaf]:
+  """A bias-less PyTorch conv ``theirs.weight`` -> our ``params/*ours/kernel``."""
+  return [_Leaf(("params", *ours, "kernel"), f"{theirs}.weight", _conv)]
+
+
+def batch_norm_leaves(ours: tuple, theirs: str) -> list[_Leaf]:
+  """A PyTorch BatchNorm (affine weights and running statistics) -> ours."""
+  return [_Leaf((collection, *ours, key), f"{theirs}.{name}", _vector)
+          for collection, key, name in (("params", "scale", "weight"), ("params", "bias", "bias"),
+                                        ("batch_stats", "mean", "running_mean"),
+                                        ("batch_stats", "var", "running_var"))]
+
+
 def _resnet_leaves(arch: str) -> list[_Leaf]:
   ctor = imagenet.MODELS[arch]
   stage_sizes, block = ctor.keywords["stage_sizes"], ctor.keywords["block_cls"]
   bottleneck = block is imagenet.Bottleneck
 
-  def conv(ours, theirs):
-    return [_Leaf(("params", *ours, "kernel"), f"{theirs}.weight", _conv)]
-
-  def bn(ours, theirs):
-    return [_Leaf((collection, *ours, key), f"{theirs}.{name}", _vector)
-            for collection, key, name in (("params", "scale", "weight"), ("params", "bias", "bias"),
-                                          ("batch_stats", "mean", "running_mean"),
-                                          ("batch_stats", "var", "running_var"))]
-
+  conv, bn = conv_leaves, batch_norm_leaves
   leaves = conv(("stem",), "conv1") + bn(("bn_init",), "bn1")
   for i, size in enumerate(stage_sizes):
     for j in range(size):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inhernet_jax import convert
-from inhernet_jax.convert import _assemble, _conv, _dense_leaves, _Leaf, _vector
+from inhernet_jax.convert import _assemble, _dense_leaves, _Leaf
 from inhernet_jax.convert_checks import ConversionError
 from inhernet_jax.models import efficientnet
 
@@ -57,15 +57,7 @@ def wheel_weights() -> str:
 
 
 def _leaves(stages) -> list[_Leaf]:
-  def conv(ours, theirs):
-    return [_Leaf(("params", *ours, "kernel"), f"{theirs}.weight", _conv)]
-
-  def bn(ours, theirs):
-    return [_Leaf((collection, *ours, key), f"{theirs}.{name}", _vector)
-            for collection, key, name in (("params", "scale", "weight"), ("params", "bias", "bias"),
-                                          ("batch_stats", "mean", "running_mean"),
-                                          ("batch_stats", "var", "running_var"))]
-
+  conv, bn = convert.conv_leaves, convert.batch_norm_leaves
   leaves = conv(("stem",), "_conv_stem") + bn(("bn_stem",), "_bn0")
   index = 0
   for repeats, _, _, expand, _, _ in stages:
