@@ -32,6 +32,7 @@ VARIANTS = [
     ("chars", "local"), ("imagenet", None), ("vit", None), ("vit", "model=2,batch=512"),
     *[("cifar100", f"pair={pair}") for pair in CIFAR.PAIRS],
     ("fashion_mnist", None), ("fashion_mnist", "bn"), ("fashion_mnist", "local"),
+    *[("fashion_mnist", f"pair={pair}") for pair in CIFAR.PAIRS],
 ]
 ALL_METHODS = ["student", "student_kd", "student_dkd", "student_fitnet", "inherit", "inherit_kd",
                "inherit_random"]
@@ -243,7 +244,7 @@ def test_fashion_mnist_bn_compares_batch_norm_re_estimation():
              bool(c.method_defs[m].get("recalibrate", False))) for m in methods[1:]}
   assert got == {"inherit_plain": (False, False), "inherit": (False, True),
                  "inherit_aware_plain": (True, False), "inherit_aware": (True, True)}
-  assert c.data.train_examples == 12000 and "train_examples" not in get("fashion_mnist").data
+  assert c.data.train_examples == 12000
   assert get("fashion_mnist", "bn,train_examples=0").data.get("train_examples") is None
   # The pairs share their gate init: they differ only in the BatchNorm statistics.
   assert c.method_defs.inherit_plain.init_key == "inherit"
@@ -252,6 +253,51 @@ def test_fashion_mnist_bn_compares_batch_norm_re_estimation():
   for m, md in get("fashion_mnist").method_defs.items():
     if md.kind == "inhernet":
       assert md.get("recalibrate", experiment.RECALIBRATE) == (not m.endswith("_plain")), m
+
+
+def test_fashion_mnist_defaults_by_variant():
+  got = {arg: (c.seeds, c.epochs, c.teacher.epochs, c.data.get("train_examples"))
+         for arg in (None, "bn", "local", "seeds=2,epochs=5,train_examples=0")
+         for c in [get("fashion_mnist", arg)]}
+  assert got == {None: (3, 3, 8, 12000), "bn": (1, 3, 6, 12000), "local": (1, 1, 1, 512),
+                 "seeds=2,epochs=5,train_examples=0": (2, 5, 8, None)}
+  c = get("fashion_mnist")
+  assert experiment.method_names(c) == ALL_METHODS + ["inherit_aware"]
+  # Equal epochs for every method: none overrides the config's.
+  assert all("epochs" not in md for md in c.method_defs.values())
+
+
+@pytest.mark.parametrize("pair", list(CIFAR.PAIRS))
+def test_fashion_mnist_pairs_take_the_cifar100_recipe(pair):
+  c, cifar = get("fashion_mnist", f"pair={pair},seeds=3"), get("cifar100", f"pair={pair},epochs=30")
+  assert c.data.name == "fashion_mnist" and "train_examples" not in c.data  # All 60,000.
+  assert (c.seeds, c.epochs, c.teacher.epochs, c.batch_size) == (3, 30, 30, 64)
+  assert c.optimizer.to_dict() == cifar.optimizer.to_dict()
+  assert tuple(c.optimizer.decay_epochs) == (19, 22, 26)  # 150/180/210 of 240.
+  assert c.method_defs.to_dict() == cifar.method_defs.to_dict()
+  assert c.teacher.model == cifar.teacher.model and c.methods == cifar.methods
+  assert get("fashion_mnist", f"pair={pair},epochs=8,teacher_epochs=16").teacher.epochs == 16
+
+
+@pytest.mark.parametrize("pair", ["resnet32x4", "vgg13", "wrn_40_2"])
+def test_fashion_mnist_pair_models_take_grey_28x28_images(pair):
+  c = get("fashion_mnist", f"pair={pair}")
+  assert data.input_shape(c.data) == (28, 28, 1)
+  teacher = models.create(c.teacher.model, num_classes=10)
+  params = abstract_params(teacher, c)
+  small = c.method_defs.inherit_small
+  spec = InherSpec(rank=small.rank, heads=small.heads,
+                   rules=models.preset(small.preset, c.teacher.model))
+  inherited = abstract_params(teacher.clone(spec=spec), c)
+  student = abstract_params(models.create(c.method_defs.student.model, num_classes=10), c)
+  sizes = [accounting.param_count(t) for t in (student, inherited, params)]
+  assert sizes[1] < sizes[2] and sizes[0] < sizes[2], sizes
+
+
+@pytest.mark.parametrize("arg", ["pair=resnet18", "variant=bn,pair=vgg13", "variant=pair"])
+def test_fashion_mnist_bad_variants_raise_naming_them(arg):
+  with pytest.raises(ValueError, match=arg.split("=")[-1]):
+    get("fashion_mnist", arg)
 
 
 def test_mesh_and_rules_are_config_fields():
