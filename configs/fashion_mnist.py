@@ -9,8 +9,8 @@ after every conv) trained once, its student at half the widths (20k, a quarter),
 InherNet inheriting the teacher at the largest rank with no more parameters than the
 student. Every method (scratch, KD, DKD, FitNet, InherNet CE / KD, the random-init
 ablation, data-aware InherNet) trains the same epochs with Adam on the first 12,000
-training images, 3 seeds; the test set is always the full 10,000. About 65 minutes on a
-2-core CPU.
+training images, 3 seeds; the test set is always the full 10,000. 54 minutes on a
+shared 2-core CPU (the README's table).
 
   python -m launch.main --config=configs/fashion_mnist.py --workdir=workdir/fmnist
   python -m launch.main --config=configs/fashion_mnist.py:bn --workdir=workdir/fmnist_bn
