@@ -39,7 +39,7 @@ ranks remain the safer choice when the network is fine-tuned afterwards.
 ``"param_energy"`` is the default of `allocate`, the launchers and the configs.
 
 The greedy (see `allocate`) is a heuristic: on 3,000 random small problems
-(`launch.benchmark_budget`, seeds 0 and 1) it found the optimum in 99.4%, but in 0.27% it
+(`benchmarks.budget`, seeds 0 and 1) it found the optimum in 99.4%, but in 0.27% it
 lost more than 0.02 normalised energy per layer, at worst 0.14 (where the optimum keeps
 another set of layers dense: an exchange of three layers, which the local search does
 not try).
@@ -511,7 +511,7 @@ def allocate(
   are improved by a local search (single steps up; one layer down and another up, while
   the objective rises) and the best wins: never worse than uniform. On 3,000 random small
   problems it was optimal in 99.4% of cases (`"exact"`), lost more than 0.02 energy per
-  layer in 0.27%, at worst 0.14 (`launch.benchmark_budget`); no bound is guaranteed.
+  layer in 0.27%, at worst 0.14 (`benchmarks.budget`); no bound is guaranteed.
   ``"exact"``: the optimum by dynamic programming (small models; raises when too large).
 
   Args:
