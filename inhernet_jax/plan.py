@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inhernet_jax import rules as rules_lib
 from inhernet_jax import svd
 from inhernet_jax.layers import gate_kernel_init
-from inhernet_jax.spec import InherSpec, LayerPlan, fullmatch
+from inhernet_jax.spec import InherSpec, LayerPlan
 
 MAX_KERNEL_NDIM = 5  # Dense (2) and 1D/2D/3D convs.
 
@@ -161,9 +162,8 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
       kernels.append(Kernel(keys, path, v, bias, stack))
 
   visit(params, ())
-  for i, (pattern, _) in enumerate(spec.rules):
-    if not any(fullmatch(pattern, k.path) for k in kernels):
-      warnings.warn(f"InherSpec.rules[{i}] ({pattern!r}) matches no kernel", stacklevel=3)
+  rules_lib.warn_unmatched(spec.rules, [k.path for k in kernels], "InherSpec.rules", "kernel",
+                           stacklevel=3)
   return kernels
 
 
