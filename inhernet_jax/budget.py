@@ -235,10 +235,8 @@ def _problem(teacher_params, spec: InherSpec, spectra, objective: str = "energy"
   _plan_all(fixed, spec)
   other = accounting.param_count(teacher_params)
   for k in fixed:
-    if k.plan.factorize:
-      layers, use_bias = int(np.prod(k.stack_shape)), k.bias is not None
-      other += layers * (svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
-                         - svd.dense_params(k.m, k.n, use_bias))
+    before, after = k.param_counts()
+    other += after - before
   spectra = _spectra([f[0] for f in free], spectra)
   layers = []
   for k, heads, base, step, dense, max_rank in free:
@@ -644,20 +642,19 @@ def summary(teacher_params, spec: InherSpec, spectra: Mapping[str, Any] | None =
                                  if p in {k.path for k in factorised}})
   rows, energies, weights = [], [], []
   for k in kernels:
-    layers, use_bias = int(np.prod(k.stack_shape)), k.bias is not None
-    dense = svd.dense_params(k.m, k.n, use_bias)
+    layers = k.layers
+    dense_all, params = k.param_counts()
+    dense = dense_all // layers
     kept = np.ones(layers)
-    params = layers * dense
     if k.plan.factorize:
       s2 = _normalised_energy(values[k.path])
       nonzero = s2.sum(-1) > 0
       kept = np.where(nonzero, s2[:, :k.plan.rank].sum(-1), 1.0)
-      params = layers * svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
     energies.append(kept)
     weights.append(np.full(layers, dense))
     rows.append({"path": k.path, "rank": k.plan.rank if k.plan.factorize else 0,
                  "heads": k.plan.heads if k.plan.factorize else 0, "stack": k.stack,
-                 "energy": float(kept.mean()), "params": params, "dense_params": layers * dense})
+                 "energy": float(kept.mean()), "params": params, "dense_params": dense_all})
   energies = np.concatenate(energies or [np.ones(0)])
   weights = np.concatenate(weights or [np.ones(0)])
   return {

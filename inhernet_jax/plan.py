@@ -72,6 +72,22 @@ class Kernel:
   def n(self):
     return int(self.kernel.shape[-1])
 
+  @property
+  def layers(self) -> int:
+    """Stacked layers (1 when unstacked)."""
+    return int(np.prod(self.stack_shape))
+
+  def param_counts(self) -> tuple[int, int]:
+    """``(teacher, planned)``: parameters of this kernel and its bias over its stacked
+    layers, as the teacher has them and as ``plan`` makes them (equal when kept). The
+    one place an inherited layer is counted; abstract kernels (`jax.ShapeDtypeStruct`) do."""
+    use_bias = self.bias is not None
+    dense = self.layers * svd.dense_params(self.m, self.n, use_bias)
+    if self.plan is None or not self.plan.factorize:
+      return dense, dense
+    return dense, self.layers * svd.inherited_params(self.m, self.n, self.plan.rank,
+                                                     self.plan.heads, use_bias)
+
   def matrices(self):
     """``(prod(stack), m, n)``: every slice of the stack as a matrix (NumPy on the host:
     an eager jnp reshape would compile a program per shape)."""
