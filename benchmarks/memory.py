@@ -236,28 +236,38 @@ def run_plan(mesh, rules) -> dict:
   return result
 
 
-def run_real(mesh, rules) -> dict:
-  """The reduced stack, really inherited on the CPU mesh, measured stage by stage."""
-  from inhernet_jax.inherit_sharded import tracing
-  import jax
-  import jax.numpy as jnp
-  import inhernet_jax as ij
-  from benchmarks.memory_plan import stage_temp_bytes
-
+def _reduced():
+  """``(shape, rank, spec)`` of the reduced stack (the rank scaled with the width)."""
   shape = Shape(FLAGS.reduced_layers, FLAGS.reduced_width, FLAGS.reduced_mlp, FLAGS.reduced_vocab)
   rank = max(1, FLAGS.rank * shape.width // _full_shape().width)
-  inherit_spec = spec(rank, FLAGS.heads)
+  return shape, rank, spec(rank, FLAGS.heads)
+
+
+def _timed_inherit(teacher_params, inherit_spec, trace=None, **kwargs):
+  """``(inherit(teacher_params, inherit_spec, **kwargs), seconds)``; its stages traced by
+  ``trace`` when given."""
+  import inhernet_jax as ij
+  from inhernet_jax.inherit_sharded import tracing
+
+  start = time.time()
+  with tracing(trace) if trace else contextlib.nullcontext():
+    out = ij.inherit(teacher_params, inherit_spec, **kwargs)
+    jax.block_until_ready(out)
+  return out, time.time() - start
+
+
+def run_real(mesh, rules) -> dict:
+  """The reduced stack, really inherited on the CPU mesh, measured stage by stage."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks.memory_plan import stage_temp_bytes
+
+  shape, rank, inherit_spec = _reduced()
   abstract = _sharded(param_shapes(shape, jnp.dtype(FLAGS.dtype)), mesh, rules)
   plan = _plan(abstract, inherit_spec, mesh, rules)
   teacher_params = _random_teacher(abstract)
   jax.block_until_ready(teacher_params)
-
-  def inherit(trace=None):
-    start = time.time()
-    with tracing(trace) if trace else contextlib.nullcontext():
-      out = ij.inherit(teacher_params, inherit_spec, sharding_rules=rules)
-      jax.block_until_ready(out)
-    return out, time.time() - start
+  inherit = functools.partial(_timed_inherit, teacher_params, inherit_spec, sharding_rules=rules)
 
   _, cold = inherit()  # Compiles (the plan compiled each stage once more on its own).
   gc.collect()
@@ -393,14 +403,10 @@ def _svd_temp_bytes(shape, rank, heads, dtype, cache={}):
 
 def run_baseline_cpu() -> dict:
   """Reduced stack on one CPU device: our kernel-by-kernel path vs per-layer full SVDs."""
-  from inhernet_jax.inherit_sharded import tracing
-  import inhernet_jax as ij
   from inhernet_jax import sharding
   from benchmarks.memory_plan import stage_temp_bytes
 
-  shape = Shape(FLAGS.reduced_layers, FLAGS.reduced_width, FLAGS.reduced_mlp, FLAGS.reduced_vocab)
-  rank = max(1, FLAGS.rank * shape.width // _full_shape().width)
-  inherit_spec = spec(rank, FLAGS.heads)
+  shape, rank, inherit_spec = _reduced()
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   abstract = _sharded(param_shapes(shape, jnp.dtype(FLAGS.dtype)), mesh, sharding.DEFAULT_RULES)
   if FLAGS.spectrum == "power_law":
@@ -415,13 +421,7 @@ def run_baseline_cpu() -> dict:
             "dtype": FLAGS.dtype, "device": str(jax.devices()[0]), "teacher_bytes": teacher,
             "spectrum": FLAGS.spectrum}
 
-  def ours(trace=None):
-    start = time.time()
-    with tracing(trace) if trace else contextlib.nullcontext():
-      out = ij.inherit(teacher_params, inherit_spec, mesh=mesh)
-      jax.block_until_ready(out)
-    return out, time.time() - start
-
+  ours = functools.partial(_timed_inherit, teacher_params, inherit_spec, mesh=mesh)
   peaks = []
   _, cold = ours()
   out, _ = ours(lambda st: peaks.append(
