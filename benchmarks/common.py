@@ -44,3 +44,18 @@ def matmul_dtypes(stablehlo: str) -> dict[str, int]:
       if types_:
         counts[types_[-1]] = counts.get(types_[-1], 0) + 1
   return counts
+
+
+def markdown_table(head: list[str], rows: list[list[str]], *, left: int | None = None) -> str:
+  """A Markdown table of ``head`` and ``rows`` (lists of cell strings; a row may be short).
+
+  The first ``left`` columns are aligned left and the rest right; ``None``: none aligned.
+
+  Example::
+
+    markdown_table(["model", "step ms"], [["resnet20", "12.5"]], left=1)
+    # '| model | step ms |\n|---|---:|\n| resnet20 | 12.5 |'
+  """
+  rule = "|" + "".join("---|" if left is None or i < left else "---:|" for i in range(len(head)))
+  lines = ["| " + " | ".join(cells) + " |" for cells in [head, *rows]]
+  return "\n".join([lines[0], rule, *lines[1:]])

@@ -39,7 +39,7 @@ ranks remain the safer choice when the network is fine-tuned afterwards.
 ``"param_energy"`` is the default of `allocate`, the launchers and the configs.
 
 The greedy (see `allocate`) is a heuristic: on 3,000 random small problems
-(`launch.benchmark_budget`, seeds 0 and 1) it found the optimum in 99.4%, but in 0.27% it
+(`benchmarks.budget`, seeds 0 and 1) it found the optimum in 99.4%, but in 0.27% it
 lost more than 0.02 normalised energy per layer, at worst 0.14 (where the optimum keeps
 another set of layers dense: an exchange of three layers, which the local search does
 not try).
@@ -235,10 +235,8 @@ def _problem(teacher_params, spec: InherSpec, spectra, objective: str = "energy"
   _plan_all(fixed, spec)
   other = accounting.param_count(teacher_params)
   for k in fixed:
-    if k.plan.factorize:
-      layers, use_bias = int(np.prod(k.stack_shape)), k.bias is not None
-      other += layers * (svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
-                         - svd.dense_params(k.m, k.n, use_bias))
+    before, after = k.param_counts()
+    other += after - before
   spectra = _spectra([f[0] for f in free], spectra)
   layers = []
   for k, heads, base, step, dense, max_rank in free:
@@ -511,7 +509,7 @@ def allocate(
   are improved by a local search (single steps up; one layer down and another up, while
   the objective rises) and the best wins: never worse than uniform. On 3,000 random small
   problems it was optimal in 99.4% of cases (`"exact"`), lost more than 0.02 energy per
-  layer in 0.27%, at worst 0.14 (`launch.benchmark_budget`); no bound is guaranteed.
+  layer in 0.27%, at worst 0.14 (`benchmarks.budget`); no bound is guaranteed.
   ``"exact"``: the optimum by dynamic programming (small models; raises when too large).
 
   Args:
@@ -644,20 +642,19 @@ def summary(teacher_params, spec: InherSpec, spectra: Mapping[str, Any] | None =
                                  if p in {k.path for k in factorised}})
   rows, energies, weights = [], [], []
   for k in kernels:
-    layers, use_bias = int(np.prod(k.stack_shape)), k.bias is not None
-    dense = svd.dense_params(k.m, k.n, use_bias)
+    layers = k.layers
+    dense_all, params = k.param_counts()
+    dense = dense_all // layers
     kept = np.ones(layers)
-    params = layers * dense
     if k.plan.factorize:
       s2 = _normalised_energy(values[k.path])
       nonzero = s2.sum(-1) > 0
       kept = np.where(nonzero, s2[:, :k.plan.rank].sum(-1), 1.0)
-      params = layers * svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
     energies.append(kept)
     weights.append(np.full(layers, dense))
     rows.append({"path": k.path, "rank": k.plan.rank if k.plan.factorize else 0,
                  "heads": k.plan.heads if k.plan.factorize else 0, "stack": k.stack,
-                 "energy": float(kept.mean()), "params": params, "dense_params": layers * dense})
+                 "energy": float(kept.mean()), "params": params, "dense_params": dense_all})
   energies = np.concatenate(energies or [np.ones(0)])
   weights = np.concatenate(weights or [np.ones(0)])
   return {

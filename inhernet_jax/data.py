@@ -32,8 +32,9 @@ Datasets (``config.name``):
   center crop) and normalised per channel. They must be prepared beforehand: without
   them `get` fails at once with `DatasetNotPreparedError`.
 
-The corpus itself lives in `inhernet_jax.corpus` and the image augmentation in
-`inhernet_jax.images` (both re-exported here). Nothing here touches the network.
+The corpus itself lives in `inhernet_jax.corpus`, the image augmentation in
+`inhernet_jax.images`, and what every builder shares (`Task`, `DatasetSpec`,
+`tfds_source`) in `inhernet_jax.sources` (all re-exported here). Nothing here touches the network.
 
 Example::
 
@@ -58,6 +59,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from inhernet_jax import fashion_mnist
 from inhernet_jax.corpus import (  # noqa: F401  (re-exported: the chars dataset)
     CHARS_FILES,
     CHARS_UNKNOWN,
@@ -83,41 +85,29 @@ from inhernet_jax.images import (  # noqa: F401  (re-exported: the image dataset
     random_resized_crop,
     resize_center_crop,
 )
+from inhernet_jax.sources import (  # noqa: F401  (re-exported: the builders' shared pieces)
+    Arrays,
+    Batch,
+    DatasetNotPreparedError,
+    DatasetSpec,
+    Record,
+    Task,
+    check_int,
+    default_tfds_dir,
+    get_augment,
+    get_int,
+    tfds_source,
+)
 
-Batch = dict[str, np.ndarray]
-Record = Any  # One source element: a dict of arrays/scalars (images) or an int (chars).
+# This module's older names of the shared pieces.
+_Spec, _Arrays, _check_int, _get_int, _get_augment, _default_tfds_dir = (
+    DatasetSpec, Arrays, check_int, get_int, get_augment, default_tfds_dir)
 
 KINDS = ("classification", "lm")
 # Fields a data config may set; anything else is a typo and is rejected.
 FIELDS = ("name", "data_dir", "seq_len", "augment", "image_size", "test_fraction",
           "split_seed", "eval_windows", "train_windows", "pad", "flip",
           "train_examples")
-
-class DatasetNotPreparedError(FileNotFoundError):
-  """A TFDS dataset is not prepared (as ArrayRecord) in the data directory."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """What a model needs to know about its data.
-
-  Attributes:
-    name: the dataset, one of `NAMES`.
-    kind: ``"classification"`` or ``"lm"`` (next-token prediction).
-    num_classes: the number of classes, or the vocabulary size for ``"lm"``.
-    input_shape: one example's input, without the batch axis.
-    input_dtype: ``"float32"`` (images) or ``"int32"`` (token ids).
-    train_size: training examples per epoch (windows for ``"lm"``).
-    eval_size: evaluation examples (windows for ``"lm"``).
-  """
-
-  name: str
-  kind: str
-  num_classes: int
-  input_shape: tuple[int, ...]
-  input_dtype: str
-  train_size: int
-  eval_size: int
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -228,24 +218,6 @@ def get(config: Any, *, batch_size: int, seed: int, eval_batch_size: int | None 
                   info=spec.info, _train=train, _eval=evaluation)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Spec:
-  """A dataset before batching: sources and per-example transforms.
-
-  ``train_fn(record, rng)`` and ``eval_fn(record)`` map a source record to
-  ``{"input", "label"}``. ``shuffle`` permutes the training source every epoch
-  (chars draws random windows from ``rng`` instead).
-  """
-
-  task: Task
-  train_source: Sequence[Record]
-  eval_source: Sequence[Record]
-  train_fn: Callable[[Record, np.random.Generator], Batch]
-  eval_fn: Callable[[Record], Batch]
-  info: Mapping[str, Any]
-  shuffle: bool = True
-
-
 def _seed(seed: int, stream: str) -> int:
   # Independent 32-bit seeds per purpose. Hashing (rather than seed + k) also keeps
   # grain's per-epoch shuffle seeds (seed + epoch) of nearby run seeds apart.
@@ -319,33 +291,6 @@ def _fields(config: Any) -> dict[str, Any]:
   return items
 
 
-def _check_int(value: Any, field: str, where: str, *, low: int | None = None) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{where}: {field} must be an int, got {value!r}")
-  if low is not None and value < low:
-    raise ValueError(f"{where}: {field} must be >= {low}, got {value!r}")
-  return int(value)
-
-
-def _get_int(fields: dict, field: str, default: int | None, low: int) -> int | None:
-  value = fields.get(field)
-  if value is None:
-    return default
-  return _check_int(value, field, "data config", low=low)
-
-
-def _get_augment(fields: dict, name: str, supported: bool) -> bool:
-  value = fields.get("augment")
-  if value is None:
-    return supported
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"data config: augment must be a bool, got {value!r}")
-  if value and not supported:
-    raise ValueError(f"data config: augment=True is not supported for {name} "
-                     f"(only fashion_mnist, cifar10, cifar100 and imagenet2012 augment)")
-  return bool(value)
-
-
 # ------------------------------------------------------------------------- digits
 def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[dict, dict]:
   """sklearn's 8x8 digits (1,797 images, 10 classes), a fixed stratified split.
@@ -375,20 +320,6 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[dict, dict]:
     raise ValueError(f"digits: test_fraction={test_fraction!r} gives no valid stratified "
                      f"split: {e}") from e
   return {"image": x_tr, "label": y_tr}, {"image": x_te, "label": y_te}
-
-
-class _Arrays:
-  """Random access to rows of equally long arrays: ``source[i] = {k: v[i]}``."""
-
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
-    self._arrays = dict(arrays)
-    self._length = len(next(iter(self._arrays.values())))
-
-  def __len__(self) -> int:
-    return self._length
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {k: v[index] for k, v in self._arrays.items()}
 
 
 def _digits_example(record: dict) -> Batch:
@@ -455,44 +386,6 @@ _TFDS = {
 }
 
 
-def _default_tfds_dir() -> str:
-  from tensorflow_datasets.core import constants
-
-  return str(constants.get_default_data_dir())
-
-
-def _prepare_hint(name: str, data_dir: str) -> str:
-  build = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
-  if name == "imagenet2012":
-    return (f"Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org) "
-            f"into {data_dir}/downloads/manual/, then run `{build}` (needs TensorFlow, only "
-            f"to prepare).")
-  return (f"On a machine with network access (and TensorFlow, only to prepare) run "
-          f"`{build}`, then copy {data_dir}/{name} here or set config.data_dir to it.")
-
-
-def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
-  """A prepared TFDS split as a random-access source, read without TensorFlow.
-
-  Never downloads, never retries: TFDS is asked with ``download=False`` and
-  ``try_gcs=False``.
-
-  Raises:
-    DatasetNotPreparedError: the split is not prepared as ArrayRecord in ``data_dir``
-      (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); says how to prepare it.
-  """
-  import tensorflow_datasets as tfds
-
-  where = str(data_dir) if data_dir else _default_tfds_dir()
-  try:
-    return tfds.data_source(name, split=split, data_dir=where, download=False,
-                            try_gcs=False)
-  except Exception as e:  # TFDS's errors for this vary (and can mislead): one of ours.
-    raise DatasetNotPreparedError(
-        f"{name} (split {split!r}) is not prepared as ArrayRecord in tfds data_dir {where}. "
-        f"{_prepare_hint(name, where)} (tfds said: {type(e).__name__}: {e})") from e
-
-
 def _tfds_spec(name: str, fields: dict) -> _Spec:
   train_split, eval_split, classes, mean, std = _TFDS[name]
   augment = _get_augment(fields, name, supported=True)
@@ -536,15 +429,9 @@ def _tfds_spec(name: str, fields: dict) -> _Spec:
                train_fn=train_fn, eval_fn=eval_fn, info=info)
 
 
-def _fashion_mnist_spec(fields: dict) -> _Spec:
-  from inhernet_jax import fashion_mnist  # It builds on this module's pieces.
-
-  return fashion_mnist.spec(fields)
-
-
 _BUILDERS: dict[str, Callable[[dict], _Spec]] = {
     "digits": _digits_spec,
-    "fashion_mnist": _fashion_mnist_spec,
+    "fashion_mnist": fashion_mnist.spec,
     "chars": _chars_spec,
     **{name: functools.partial(_tfds_spec, name) for name in _TFDS},
 }

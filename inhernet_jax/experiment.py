@@ -91,11 +91,12 @@ def _key(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _create(model_name: str, task, kwargs) -> Any:
+def create_model(model_name: str, task, kwargs) -> Any:
+  """The zoo model ``model_name`` for ``task``'s classes, with the config's ``kwargs``."""
   return models.create(model_name, num_classes=task.num_classes, **_dict(kwargs))
 
 
-def _init(model, key: jax.Array, task, config) -> dict:
+def init_variables(model, key: jax.Array, task, config) -> dict:
   """Fresh ``{"params"[, "batch_stats"]}`` (no other collections), born sharded."""
   def init():
     variables = model.init(key, _example(task), train=False)
@@ -114,12 +115,12 @@ def _flops(model, variables, task) -> float | None:
     return None
 
 
-def _teacher(config, pipeline, workdir: str, seed: int):
+def load_or_train_teacher(config, pipeline, workdir: str, seed: int):
   """The teacher's model and variables: loaded, or trained (and checkpointed)."""
   task = pipeline.task
   tc = config.teacher
-  model = _create(tc.model, task, tc.get("kwargs"))
-  variables = _init(model, _key(seed, "teacher"), task, config)
+  model = create_model(tc.model, task, tc.get("kwargs"))
+  variables = init_variables(model, _key(seed, "teacher"), task, config)
   if tc.get("checkpoint"):
     status = ckpt_lib.run_status(tc.checkpoint)
     if status["finished"] is False and not config.get("allow_unfinished_teacher", False):
@@ -238,7 +239,8 @@ def mesh_from_config(config) -> jax.sharding.Mesh:
   return sharding_lib.make_mesh(_dict(axes) if isinstance(axes, ml_collections.ConfigDict) else axes)
 
 
-def _pipeline(config, seed: int, mesh):
+def make_pipeline(config, seed: int, mesh):
+  """``config.data``'s `data.Pipeline` for ``seed``: this process's rows on ``mesh``."""
   # This process's rows of every global batch, as the mesh lays the batch out.
   batch_size = config.batch_size
   eval_batch_size = config.get("eval_batch_size") or batch_size
@@ -311,12 +313,12 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
     flops: a cache of forward FLOPs by method key, shared across seeds.
   """
   flops = {} if flops is None else flops
-  pipeline = _pipeline(config, seed, mesh_from_config(config))
+  pipeline = make_pipeline(config, seed, mesh_from_config(config))
   task = pipeline.task
   higher = task.kind == "classification"
   records = []
   if teacher is None:
-    t_model, t_vars, t_run = _teacher(config, pipeline, workdir, seed)
+    t_model, t_vars, t_run = load_or_train_teacher(config, pipeline, workdir, seed)
     if t_run is not None:
       records.append(_teacher_record(config, t_model, t_vars, t_run, seed=seed, task=task,
                                      flops=flops))
@@ -335,8 +337,8 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
       hint = train_lib.Hint(h["student_layer"], h["teacher_layer"], float(h.get("weight", 1.0)))
     extra = {}
     if md["kind"] == "student":
-      model = _create(md["model"], task, md.get("kwargs"))
-      variables = _init(model, _key(seed, key), task, config)
+      model = create_model(md["model"], task, md.get("kwargs"))
+      variables = init_variables(model, _key(seed, key), task, config)
       student_params[key] = accounting.param_count(variables["params"])
     else:
       spec, grams, rank = _inherit_spec(md, key, config, t_model, t_vars, pipeline, student_params,
@@ -347,7 +349,7 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
             t_params, spec, key=_key(seed, md.get("init_key") or key), calibration=grams,
             sharding_rules=config.get("sharding_rules")))
       else:  # The paper's "without SVD init" ablation: same network, random init.
-        variables = _init(model, _key(seed, md.get("init_key") or key), task, config)
+        variables = init_variables(model, _key(seed, md.get("init_key") or key), task, config)
       init = md.get("init", "svd")
       if init == "svd" and spec.data_aware:
         init = "data_aware"  # Its own panel of the rank x heads plot.
@@ -409,13 +411,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   runs, flops, shared = [], {}, None
   mesh = mesh_from_config(config)
   logging.info("mesh: %s", sharding_lib.describe(mesh))
-  pipeline = _pipeline(config, config.seed, mesh)
+  pipeline = make_pipeline(config, config.seed, mesh)
   if jax.process_index() == 0:  # Which data this was (the chars corpus differs by Python).
     report.write_json(os.path.join(workdir, "data_info.json"), dict(pipeline.info))
   if not config.get("teacher_per_seed", False):
     # One teacher (trained with config.seed, in its seed directory) for every seed.
-    t_model, t_vars, t_run = _teacher(config, pipeline, os.path.join(workdir, f"seed_{config.seed}"),
-                                      config.seed)
+    t_model, t_vars, t_run = load_or_train_teacher(
+        config, pipeline, os.path.join(workdir, f"seed_{config.seed}"), config.seed)
     shared = (t_model, t_vars)
     if t_run is not None:
       runs.append(_teacher_record(config, t_model, t_vars, t_run, seed=config.seed,

@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from inhernet_jax import files
 from inhernet_jax import spec as spec_lib
 from inhernet_jax.spec import InherSpec
 
@@ -180,7 +181,7 @@ def save_spec(path: str | os.PathLike, spec: InherSpec | None,
               metadata: Mapping | None = None) -> None:
   """Writes ``spec.json`` (see the module docstring); ``spec=None`` marks a teacher."""
   text = _spec_text(spec, metadata)
-  _atomic_write(path, lambda f: f.write(text), "w")
+  files.atomic_write(path, lambda f: f.write(text), "w")
 
 
 def load_spec(path: str | os.PathLike) -> tuple[InherSpec | None, dict]:
@@ -296,9 +297,9 @@ def save(directory: str | os.PathLike, variables: Mapping, spec: InherSpec | Non
   os.makedirs(directory, exist_ok=True)
   import safetensors.numpy
 
-  _atomic_write(weights, lambda f: f.write(safetensors.numpy.save(
+  files.atomic_write(weights, lambda f: f.write(safetensors.numpy.save(
       flat, metadata={"format": FORMAT, "version": str(VERSION)})), "wb")
-  _atomic_write(os.path.join(directory, SPEC), lambda f: f.write(text), "w")
+  files.atomic_write(os.path.join(directory, SPEC), lambda f: f.write(text), "w")
 
 
 def load(directory: str | os.PathLike) -> tuple[dict, InherSpec | None]:
@@ -319,20 +320,6 @@ def load(directory: str | os.PathLike) -> tuple[dict, InherSpec | None]:
   flat = safetensors.numpy.load_file(weights)
   check_weights(flat, weights)
   return unflatten(flat), spec
-
-
-def _atomic_write(path, write, mode: str) -> None:
-  """Written next to ``path`` and renamed: an interrupted save leaves no half file."""
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 __all__ = ["FORMAT", "SPEC", "VERSION", "WEIGHTS", "check_weights", "flatten", "load", "load_spec", "save",

@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from inhernet_jax import data as data_lib
+from inhernet_jax import sources
 from inhernet_jax.images import normalize
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -166,13 +166,13 @@ def _sources(data_dir: str | None):
       items = tuple(sorted(files.items()))
       train, test, hashes = _load_idx(items, _stamp(files.values()))
       info = {"source": "idx", "data_dir": directory, "sha256": hashes}
-      return data_lib._Arrays(train), data_lib._Arrays(test), info
+      return sources.Arrays(train), sources.Arrays(test), info
   try:
-    train = data_lib.tfds_source(TFDS_NAME, "train", data_dir)
-    test = data_lib.tfds_source(TFDS_NAME, "test", data_dir)
-  except (data_lib.DatasetNotPreparedError, ImportError) as e:
+    train = sources.tfds_source(TFDS_NAME, "train", data_dir)
+    test = sources.tfds_source(TFDS_NAME, "test", data_dir)
+  except (sources.DatasetNotPreparedError, ImportError) as e:
     looked = directory or f"{DEBIAN_DIR} (absent)"
-    raise data_lib.DatasetNotPreparedError(
+    raise sources.DatasetNotPreparedError(
         f"fashion_mnist: found neither its IDX files nor a prepared TFDS dataset. Either "
         f"(1) put the four IDX files ({', '.join(FILES.values())}, optionally .gz) in "
         f"config.data.data_dir, or install them with `apt-get install dataset-fashion-mnist` "
@@ -180,14 +180,14 @@ def _sources(data_dir: str | None):
         f"prepare TFDS {TFDS_NAME} as ArrayRecord on a machine with network "
         f"(`tfds build {TFDS_NAME} --file_format=array_record`) and set data_dir to its "
         f"data directory. (TFDS said: {e})") from e
-  where = str(data_dir) if data_dir else data_lib._default_tfds_dir()
+  where = str(data_dir) if data_dir else sources.default_tfds_dir()
   return train, test, {"source": "tfds", "data_dir": where}
 
 
 def spec(fields: dict):
-  """The `data._Spec` of ``fields`` (a validated data config)."""
-  augment = data_lib._get_augment(fields, TFDS_NAME, supported=True)
-  pad = data_lib._get_int(fields, "pad", 2, low=0)
+  """The `sources.DatasetSpec` of ``fields`` (a validated data config)."""
+  augment = sources.get_augment(fields, TFDS_NAME, supported=True)
+  pad = sources.get_int(fields, "pad", 2, low=0)
   flip = fields.get("flip")
   flip = True if flip is None else flip
   if not isinstance(flip, (bool, np.bool_)):
@@ -196,7 +196,7 @@ def spec(fields: dict):
   if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
     raise TypeError(f"data config: data_dir must be a path, got {data_dir!r}")
   train_source, eval_source, info = _sources(data_dir)
-  limit = data_lib._get_int(fields, "train_examples", None, low=1)
+  limit = sources.get_int(fields, "train_examples", None, low=1)
   if limit is not None and limit < len(train_source):
     train_source = _First(train_source, limit)
 
@@ -212,13 +212,13 @@ def spec(fields: dict):
   def eval_fn(record):
     return example(np.asarray(record["image"]), record["label"])
 
-  task = data_lib.Task(name=TFDS_NAME, kind="classification", num_classes=NUM_CLASSES,
-                       input_shape=SHAPE, input_dtype="float32",
-                       train_size=len(train_source), eval_size=len(eval_source))
+  task = sources.Task(name=TFDS_NAME, kind="classification", num_classes=NUM_CLASSES,
+                      input_shape=SHAPE, input_dtype="float32",
+                      train_size=len(train_source), eval_size=len(eval_source))
   info = {"name": TFDS_NAME, **info, "augment": augment, "pad": pad, "flip": bool(flip),
           "train_examples": limit, "train_size": task.train_size, "eval_size": task.eval_size}
-  return data_lib._Spec(task=task, train_source=train_source, eval_source=eval_source,
-                        train_fn=train_fn, eval_fn=eval_fn, info=info)
+  return sources.DatasetSpec(task=task, train_source=train_source, eval_source=eval_source,
+                             train_fn=train_fn, eval_fn=eval_fn, info=info)
 
 
 class _First:

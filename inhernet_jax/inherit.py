@@ -133,9 +133,7 @@ def _rebuild(node, keys, factorised: dict):
 
 
 def _report_row(k: _Kernel) -> dict:
-  use_bias = k.bias is not None
-  layers = int(np.prod(k.stack_shape))
-  before = layers * svd.dense_params(k.m, k.n, use_bias)
+  before, after = k.param_counts()
   row = {
       "path": k.path,
       "shape": tuple(int(d) for d in k.kernel.shape),
@@ -149,7 +147,7 @@ def _report_row(k: _Kernel) -> dict:
       "error": 0.0,
       "rel_error": 0.0,
       "params_before": before,
-      "params_after": before,
+      "params_after": after,
       "data_aware": False,
       "output_rel_error": 0.0,
   }
@@ -164,9 +162,6 @@ def _report_row(k: _Kernel) -> dict:
     row["energy"] = float(np.square(s).sum()) / total if total > 0 else 1.0
     row["error"] = float(np.linalg.norm(diff))
     row["rel_error"] = row["error"] / np.sqrt(total) if total > 0 else 0.0
-    row["params_after"] = layers * svd.inherited_params(
-        k.m, k.n, k.plan.rank, k.plan.heads, use_bias
-    )
     row["output_rel_error"] = None
     if k.gram is not None:  # ||X (A - A_r)|| / ||X A|| on the calibration inputs.
       count = np.asarray(k.gram[1], np.float64)[..., None, None]  # Per row, as `_whitened`.
@@ -309,11 +304,8 @@ def planned_param_count(params, rank: int | float | InherSpec, *, heads=None, ru
   _, kernels = _run(params, rank, heads, rules, None, need_factors=False)
   total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   for k in kernels:
-    if k.plan.factorize:
-      use_bias = k.bias is not None
-      layers = int(np.prod(k.stack_shape))
-      total -= layers * svd.dense_params(k.m, k.n, use_bias)
-      total += layers * svd.inherited_params(k.m, k.n, k.plan.rank, k.plan.heads, use_bias)
+    before, after = k.param_counts()
+    total += after - before
   return total
 
 

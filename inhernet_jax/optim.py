@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import optax
+
+from inhernet_jax import rules as rules_lib
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -117,8 +118,7 @@ def _mask_fn(which: str) -> Callable[[tuple[str, ...], Any], bool]:
     return lambda names, leaf: (
         np.ndim(leaf) >= 2 and (not names or names[-1] not in _NO_DECAY_NAMES)
     )
-  pattern = re.compile(which)
-  return lambda names, leaf: pattern.fullmatch("/".join(names)) is not None
+  return lambda names, leaf: rules_lib.fullmatch(which, "/".join(names))
 
 
 def _check_mask(which: Any) -> str:
@@ -128,12 +128,7 @@ def _check_mask(which: Any) -> str:
         f"got {which!r}"
     )
   if which not in MASKS:
-    try:
-      re.compile(which)
-    except re.error as e:
-      raise ValueError(
-          f"optimizer config: weight_decay_mask {which!r} is not a valid regex ({e})"
-      ) from None
+    rules_lib.check_pattern(which, "optimizer config: weight_decay_mask")
   return which
 
 

@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inhernet_jax import rules as rules_lib
 from inhernet_jax import svd
 from inhernet_jax.layers import gate_kernel_init
-from inhernet_jax.spec import InherSpec, LayerPlan, fullmatch
+from inhernet_jax.spec import InherSpec, LayerPlan
 
 MAX_KERNEL_NDIM = 5  # Dense (2) and 1D/2D/3D convs.
 
@@ -70,6 +71,22 @@ class Kernel:
   @property
   def n(self):
     return int(self.kernel.shape[-1])
+
+  @property
+  def layers(self) -> int:
+    """Stacked layers (1 when unstacked)."""
+    return int(np.prod(self.stack_shape))
+
+  def param_counts(self) -> tuple[int, int]:
+    """``(teacher, planned)``: parameters of this kernel and its bias over its stacked
+    layers, as the teacher has them and as ``plan`` makes them (equal when kept). The
+    one place an inherited layer is counted; abstract kernels (`jax.ShapeDtypeStruct`) do."""
+    use_bias = self.bias is not None
+    dense = self.layers * svd.dense_params(self.m, self.n, use_bias)
+    if self.plan is None or not self.plan.factorize:
+      return dense, dense
+    return dense, self.layers * svd.inherited_params(self.m, self.n, self.plan.rank,
+                                                     self.plan.heads, use_bias)
 
   def matrices(self):
     """``(prod(stack), m, n)``: every slice of the stack as a matrix (NumPy on the host:
@@ -161,9 +178,8 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
       kernels.append(Kernel(keys, path, v, bias, stack))
 
   visit(params, ())
-  for i, (pattern, _) in enumerate(spec.rules):
-    if not any(fullmatch(pattern, k.path) for k in kernels):
-      warnings.warn(f"InherSpec.rules[{i}] ({pattern!r}) matches no kernel", stacklevel=3)
+  rules_lib.warn_unmatched(spec.rules, [k.path for k in kernels], "InherSpec.rules", "kernel",
+                           stacklevel=3)
   return kernels
 
 

@@ -34,10 +34,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, IO
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -46,6 +45,8 @@ matplotlib.use("Agg")  # Headless: report writing must never need a display.
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+
+from inhernet_jax import files  # noqa: E402
 
 Run = Mapping[str, Any]
 Row = dict[str, Any]
@@ -167,30 +168,9 @@ def _jsonable(obj: Any, where: str = "runs") -> Any:
   raise TypeError(f"{where}: {type(obj).__name__} is not JSON-serialisable")
 
 
-def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-  """Write ``path`` via a temp file in the same directory and `os.replace`.
-
-  A run killed mid-write leaves the previous file (or none), never a truncated one;
-  the temp file lives next to ``path`` so the rename stays on one filesystem.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _save_figure(fig: Any, path: str) -> None:
   try:
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120,
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120,
                                               bbox_inches="tight"))
   finally:
     plt.close(fig)
@@ -563,7 +543,7 @@ def plot_rank_heads(rows: Sequence[Row], path: str, metric_name: str) -> bool:
 def write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON atomically (NumPy values become plain Python)."""
   payload = json.dumps(_jsonable(obj, where=os.path.basename(path)), indent=1).encode("utf-8")
-  _atomic_write(path, lambda f: f.write(payload))
+  files.atomic_write(path, lambda f: f.write(payload))
 
 
 def gate_table(runs: Sequence[Run]) -> str:
@@ -631,7 +611,7 @@ def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, 
   paths = {"json": os.path.join(workdir, "results.json"),
            "markdown": os.path.join(workdir, "results.md"),
            "curves": os.path.join(workdir, "curves.png")}
-  _atomic_write(paths["json"], lambda f: f.write(payload))
+  files.atomic_write(paths["json"], lambda f: f.write(payload))
 
   plot_curves(runs, paths["curves"])
   rank_heads = os.path.join(workdir, "rank_heads.png")
@@ -657,5 +637,5 @@ def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, 
   if gates:
     lines += ["", "## Gates at the end of training", "", gates]
   text = "\n".join(lines) + "\n"
-  _atomic_write(paths["markdown"], lambda f: f.write(text.encode("utf-8")))
+  files.atomic_write(paths["markdown"], lambda f: f.write(text.encode("utf-8")))
   return paths

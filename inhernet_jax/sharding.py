@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -44,6 +43,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from inhernet_jax import rules as rules_lib
 
 AXES = ("data", "fsdp", "model")
 # Axes the batch is split over (the model axis sees the whole local batch).
@@ -145,37 +146,27 @@ def _axis_size(mesh: Mesh, axes) -> int:
   return int(np.prod([mesh.shape[n] for n in names]))
 
 
+def _check_action(action: Any, where: str):
+  if isinstance(action, list):
+    action = tuple(action)
+  if isinstance(action, str):
+    if action not in ("replicate", "fsdp"):
+      raise ValueError(f"{where}: action must be 'replicate', 'fsdp' or a tuple of mesh axes, "
+                       f"got {action!r}")
+  elif isinstance(action, tuple):
+    for entry in action:
+      names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+      bad = [n for n in names if n not in AXES]
+      if bad:
+        raise ValueError(f"{where}: unknown mesh axis {bad[0]!r}; the axes are {list(AXES)}")
+  else:
+    raise TypeError(f"{where}: action must be a str or a tuple, got {action!r}")
+  return action
+
+
 def check_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
   """Validates rules (regexes compile, actions are known) and returns them as tuples."""
-  out = []
-  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-    raise TypeError(f"sharding rules must be a sequence of (regex, action) pairs, got {rules!r}")
-  for i, rule in enumerate(rules):
-    if not (isinstance(rule, Sequence) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise TypeError(f"sharding rule {i}: expected (regex, action), got {rule!r}")
-    pattern, action = rule
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"sharding rule {i}: bad regex {pattern!r}: {e}") from None
-    if isinstance(action, list):
-      action = tuple(action)
-    if isinstance(action, str):
-      if action not in ("replicate", "fsdp"):
-        raise ValueError(f"sharding rule {i} ({pattern!r}): action must be 'replicate', "
-                         f"'fsdp' or a tuple of mesh axes, got {action!r}")
-    elif isinstance(action, tuple):
-      for entry in action:
-        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-        bad = [n for n in names if n not in AXES]
-        if bad:
-          raise ValueError(f"sharding rule {i} ({pattern!r}): unknown mesh axis {bad[0]!r}; "
-                           f"the axes are {list(AXES)}")
-    else:
-      raise TypeError(f"sharding rule {i} ({pattern!r}): action must be a str or a tuple, "
-                      f"got {action!r}")
-    out.append((pattern, action))
-  return tuple(out)
+  return rules_lib.check_rules(rules, "sharding rules", _check_action)
 
 
 def resolve_rules(rules: Rules | str | None) -> tuple[tuple[str, Any], ...]:
@@ -193,11 +184,10 @@ def resolve_rules(rules: Rules | str | None) -> tuple[tuple[str, Any], ...]:
 def partition_spec(mesh: Mesh, path: str, shape: Sequence[int], rules: Rules) -> P:
   """The `PartitionSpec` the first matching rule gives a leaf of ``shape`` at ``path``."""
   shape = tuple(int(d) for d in shape)
-  for pattern, action in rules:
-    if re.fullmatch(pattern, path):
-      break
-  else:
+  i, action = rules_lib.first_match(rules, path)
+  if i is None:
     return P()
+  pattern = rules[i][0]
   if action == "replicate" or not shape:
     return P()
   if action == "fsdp":

@@ -46,12 +46,8 @@ from typing import Any
 
 from flax import struct
 
+from inhernet_jax import rules as rules_lib
 from inhernet_jax import svd
-
-try:  # Linear-time matching; rules from files need it (see `check_untrusted_rule`).
-  import re2
-except ImportError:  # pragma: no cover - pinned in requirements.txt.
-  re2 = None
 
 MAX_UNTRUSTED_RULE_CHARS = 4096
 # A plain literal (what `re.escape` writes, e.g. resolved specs' per-path rules): safe in
@@ -145,26 +141,9 @@ def normalize_action(action: Any, where: str) -> tuple[tuple[str, Any], ...]:
   return tuple(sorted(items.items()))
 
 
-def _re2_options():
-  options = re2.Options()
-  options.log_errors = False  # A pattern RE2 refuses falls back to `re` (in-code rules).
-  return options
-
-
-@functools.lru_cache(maxsize=4096)
-def _compiled(pattern: str):
-  """RE2 when it accepts ``pattern``, else Python's ``re`` (lookarounds, backreferences)."""
-  if re2 is not None:
-    try:
-      return re2.compile(pattern, options=_re2_options())
-    except re2.error:
-      pass
-  return re.compile(pattern)
-
-
-def fullmatch(pattern: str, path: str) -> bool:
-  """Whether rule ``pattern`` fully matches ``path`` (linear time for RE2 patterns)."""
-  return _compiled(pattern).fullmatch(path) is not None
+# The engine's names, kept here for the code that imported them from this module.
+re2, _re2_options, _compiled, fullmatch = (
+    rules_lib.re2, rules_lib.re2_options, rules_lib.compiled, rules_lib.fullmatch)
 
 
 def check_untrusted_rule(pattern: Any, where: str) -> str:
@@ -292,19 +271,8 @@ class InherSpec:
       _check_int(self.oversample, "oversample", "InherSpec.oversample", 0)
     if self.method not in svd.METHODS:
       raise ValueError(f"InherSpec.method must be one of {svd.METHODS}, got {self.method!r}")
-    if isinstance(self.rules, (str, Mapping)) or not isinstance(self.rules, (tuple, list)):
-      raise TypeError(f"InherSpec.rules must be a sequence of (regex, action), got {self.rules!r}")
-    rules = []
-    for i, rule in enumerate(self.rules):
-      if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-        raise TypeError(f"InherSpec.rules[{i}] must be a (regex, action) pair, got {rule!r}")
-      pattern, action = rule
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ValueError(f"InherSpec.rules[{i}]: invalid regex {pattern!r}: {e}") from None
-      rules.append((pattern, normalize_action(action, f"InherSpec.rules[{i}] ({pattern!r})")))
-    object.__setattr__(self, "rules", tuple(rules))
+    rules = rules_lib.check_rules(self.rules, "InherSpec.rules", normalize_action)
+    object.__setattr__(self, "rules", rules)
 
   # Equality and hash also compare the type of ``rank``: rank=1 (one direction) and
   # rank=1.0 (full rank) would otherwise be equal specs, and a cache keyed on specs (a
@@ -321,10 +289,8 @@ class InherSpec:
   # ----------------------------------------------------------------------- matching
   def match(self, path: str) -> tuple[int | None, dict[str, Any]]:
     """Index and action of the first rule that fully matches ``path`` (or None, {})."""
-    for i, (pattern, action) in enumerate(self.rules):
-      if fullmatch(pattern, path):
-        return i, dict(action)
-    return None, {}
+    i, action = rules_lib.first_match(self.rules, path)
+    return i, dict(action or {})
 
   def stack_axes(self, path: str) -> int | None:
     """Leading layer axes declared for ``path`` by a rule, or None."""

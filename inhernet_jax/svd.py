@@ -214,7 +214,7 @@ def start_matrix(key: jax.Array, shape: tuple[int, ...], first=0):
 # a QR of ``a Z`` and the SVD of its ``k x k`` triangle. With ``k = rank + rank/4`` and
 # ``q = 4`` the error is within 1% of the optimal (Eckart-Young) one on flat (random)
 # spectra and within 0.3% on decaying ones, below PiSSA's ``svd_lowrank(q=r, niter=4)``
-# (measured: README, ``python -m launch.benchmark``), with ``2q + 1`` products with
+# (measured: README, ``python -m benchmarks.engine``), with ``2q + 1`` products with
 # ``a`` against PiSSA's ``2q + 2``. Products are normalised by LU (cheap, keeps the
 # span, as scikit-learn does), the final basis by Householder QR.
 def randomized_svd(a: jax.Array, rank: int, start: jax.Array, power_iters: int = POWER_ITERS,

@@ -34,7 +34,6 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import integrity, layers
 from inhernet_jax import lock as lock_lib
 from inhernet_jax import losses as losses_lib
@@ -275,6 +274,7 @@ def train_and_evaluate(
     mesh: jax.sharding.Mesh | None = None,
     sharding_rules=None,
     fingerprint: dict | None = None,
+    checkpointer=None,
 ) -> Run:
   """Trains ``model`` from ``variables`` for ``epochs``; resumes from ``workdir``.
 
@@ -305,6 +305,9 @@ def train_and_evaluate(
       teacher an InherNet was inherited from, ``teacher``) for the fingerprint checked on
       resume; the trainer adds its own (optimizer, epochs, seed, loss, model, the KD
       teacher's weights by checksum, data provenance, batch size).
+    checkpointer: what saves and restores the run: an object with `inhernet_jax.checkpoint`'s
+      ``manager``, ``restore_latest`` and ``save`` (default: that module, imported here, so
+      importing the trainer needs no orbax).
 
   Returns:
     A `Run`: the final state, the per-epoch history (epoch 0 is the evaluation before
@@ -390,6 +393,7 @@ def train_and_evaluate(
     workdir_lock.acquire()
   try:
     return _train_loop(
+        ckpt_lib=checkpointer if checkpointer is not None else _default_checkpointer(),
         model=model, pipeline=pipeline, config=config, workdir=workdir, seed=seed,
         epochs=epochs, loss_fn=loss_fn, kind=kind, schedule=schedule, t_model=t_model,
         t_vars=t_vars, hint=hint, desc=desc, compute_dtype=compute_dtype,
@@ -400,7 +404,14 @@ def train_and_evaluate(
       workdir_lock.release()
 
 
-def _train_loop(*, model, pipeline, config, workdir, seed, epochs, loss_fn, kind, schedule,
+def _default_checkpointer():
+  """`inhernet_jax.checkpoint` (orbax), imported when a run starts."""
+  from inhernet_jax import checkpoint
+
+  return checkpoint
+
+
+def _train_loop(*, ckpt_lib, model, pipeline, config, workdir, seed, epochs, loss_fn, kind, schedule,
                 t_model, t_vars, hint, desc, compute_dtype, steps_per_epoch, total_steps, mesh,
                 state, state_sh, gates_on, run_fingerprint, allow) -> Run:
   """`train_and_evaluate` past its set-up, with the workdir locked."""

@@ -71,8 +71,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.load_config(_CONFIG)  # A missing config file: one line, not a traceback.
   seed = config.seed
-  pipeline = experiment._pipeline(config, seed, experiment.mesh_from_config(config))
-  t_model, t_vars, _ = experiment._teacher(
+  pipeline = experiment.make_pipeline(config, seed, experiment.mesh_from_config(config))
+  t_model, t_vars, _ = experiment.load_or_train_teacher(
       config, pipeline, os.path.join(_WORKDIR.value, f"seed_{seed}"), seed)
   t_params = t_vars["params"]
   name = config.teacher.model
@@ -112,10 +112,10 @@ def main(argv):
     for aware in (False, True):
       result["equal_rank"].append(row(spec.replace(data_aware=aware), rank=rank, data_aware=aware))
 
-  student = experiment._create(config.method_defs.student.model, pipeline.task,
-                               config.method_defs.student.get("kwargs"))
-  target = accounting.param_count(experiment._init(student, jax.random.key(0), pipeline.task,
-                                                   config)["params"])
+  student = experiment.create_model(config.method_defs.student.model, pipeline.task,
+                                    config.method_defs.student.get("kwargs"))
+  target = accounting.param_count(experiment.init_variables(
+      student, jax.random.key(0), pipeline.task, config)["params"])
   base = InherSpec(rank=1, heads=heads, rules=rules)
   spectra = calibration.whitened_spectra(t_params, calib, base)
   specs = {"uniform": budget.uniform(t_params, target, spec=base),

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from inhernet_jax import accounting, calibration, sentence, text
+from inhernet_jax import accounting, calibration, files, sentence, text
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import sentence_distill as sd
 from inhernet_jax.inherit import inherit
@@ -192,10 +192,7 @@ def parity(config, workdir: str | None) -> float:
 
 
 def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # Never a half-written result.
+  files.atomic_write(path, lambda f: json.dump(obj, f, indent=2), "w")  # Never a half file.
 
 
 def run(config, workdir: str) -> list[dict]:

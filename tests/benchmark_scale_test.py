@@ -1,4 +1,4 @@
-"""launch.benchmark_scale: the CPU part at a tiny size on 2 simulated devices.
+"""benchmarks.scale: the CPU part at a tiny size on 2 simulated devices.
 
 The sharded steps (data, fsdp and tensor parallel, inherited ViT layers included) must
 compute the 1-device loss, and every figure must be a finite positive number.
@@ -23,7 +23,7 @@ def _positive(x):
 @pytest.mark.slow
 def test_cpu_part_tiny(tmp_path):
   out = tmp_path / "scale.json"
-  cmd = [sys.executable, "-m", "launch.benchmark_scale", "--parts=cpu", "--tiny",
+  cmd = [sys.executable, "-m", "benchmarks.scale", "--parts=cpu", "--tiny",
          "--cpu_devices=2", "--cpu_models=resnet8:8,vit_tiny+inh:8", f"--out={out}"]
   res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
   assert res.returncode == 0, res.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""launch.benchmark's LLaMA-shaped parts: the teacher, the error measure, the baselines,
+"""benchmarks.engine's LLaMA-shaped parts: the teacher, the error measure, the baselines,
 and both entry points (``--parts=llama``, ``--device`` on the CPU) at a tiny size."""
 
 import json
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from launch import benchmark_llama as bl
+from benchmarks import llama as bl
 
 ROOT = pathlib.Path(__file__).parents[1]
 TINY = bl.Shape(layers=2, width=32, mlp=48, vocab=40)
@@ -97,7 +97,7 @@ def test_ratios_and_table():
 def _run(tmp_path, *args):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-m", "launch.benchmark", *args, f"--out={out}"],
+  res = subprocess.run([sys.executable, "-m", "benchmarks.engine", *args, f"--out={out}"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
   assert res.returncode == 0, res.stderr[-4000:]
   return res.stdout, json.loads(out.read_text())

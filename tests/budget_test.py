@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+from benchmarks.budget import random_budget, random_problem
 from inhernet_jax import accounting, budget, checkpoint, models, svd
 from inhernet_jax import spec as spec_lib
 from inhernet_jax import train as train_lib
@@ -260,18 +261,6 @@ def test_spectra_override_the_weights():
 
 
 # ------------------------------------------------------------- optimality checks
-def _random_problem(rng, layers, size=20):
-  shapes = [tuple(int(d) for d in rng.integers(4, size, 2)) for _ in range(layers)]
-  params = {f"l{i}": {"kernel": np.zeros(s, np.float32), "bias": np.zeros(s[1], np.float32)}
-            for i, s in enumerate(shapes)}
-  spectra = {}
-  for i, (m, n) in enumerate(shapes):
-    kind, k = rng.integers(3), min(m, n)
-    spectra[f"l{i}/kernel"] = [np.ones(k), np.exp(-rng.uniform(0, 1) * np.arange(k)),
-                               (1.0 + np.arange(k)) ** -rng.uniform(0.2, 2)][kind]
-  return params, spectra
-
-
 def _energy(params, spec, spectra):
   return budget.summary(params, spec, spectra=spectra)["energy_sum"]
 
@@ -280,7 +269,7 @@ def _energy(params, spec, spectra):
 @hypothesis.given(seed=st.integers(0, 2**32 - 1), layers=st.integers(2, 4),
                   heads=st.integers(1, 3), fraction=st.floats(0.3, 1.0))
 def test_greedy_keeps_at_least_the_uniform_energy(seed, layers, heads, fraction):
-  params, spectra = _random_problem(np.random.default_rng(seed), layers)
+  params, spectra = random_problem(np.random.default_rng(seed), layers)
   target = int(fraction * accounting.param_count(params))
   floor = planned_param_count(params, InherSpec(rank=1, heads=heads))
   hypothesis.assume(floor <= target)
@@ -296,7 +285,7 @@ def test_exact_is_the_brute_force_optimum(objective):
   score = np.log if objective == "log_energy" else lambda e: e
   rng = np.random.default_rng(2)
   for layers in (3, 3, 4):
-    params, spectra = _random_problem(rng, layers, size=14)
+    params, spectra = random_problem(rng, layers, size=14)
     paths, heads = sorted(spectra), int(rng.integers(1, 3))
     total = accounting.param_count(params)
     floor = planned_param_count(params, InherSpec(rank=1, heads=heads))
@@ -326,13 +315,11 @@ def test_greedy_is_close_to_the_optimum(objective):
   rng = np.random.default_rng(1)
   gaps = []
   for _ in range(40):
-    params, spectra = _random_problem(rng, int(rng.integers(2, 6)))
-    heads = int(rng.integers(1, 4))
-    total = accounting.param_count(params)
-    floor = planned_param_count(params, InherSpec(rank=1, heads=heads))
-    if floor > total:
+    params, spectra = random_problem(rng, int(rng.integers(2, 6)))
+    drawn = random_budget(rng, params)
+    if drawn is None:
       continue
-    target = int(rng.integers(floor, total + 1))
+    heads, target = drawn
     greedy = _allocate(params, target, heads=heads, spectra=spectra, objective=objective,
                              return_info=True)[1]
     exact = _allocate(params, target, heads=heads, spectra=spectra, method="exact",

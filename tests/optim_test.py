@@ -340,5 +340,5 @@ def test_step_counts_must_be_positive_ints(kwargs):
 
 
 def test_decay_mask_rejects_bad_regex():
-  with pytest.raises(ValueError, match="not a valid regex"):
+  with pytest.raises(ValueError, match="weight_decay_mask: invalid regex"):
     decay_mask(tiny_params(), "[")

@@ -376,7 +376,7 @@ def test_atomic_write_cleans_up_on_failure(tmp_path):
     raise RuntimeError("killed")
 
   with pytest.raises(RuntimeError):
-    report._atomic_write(str(path), boom)
+    report.files.atomic_write(str(path), boom)
   assert os.listdir(tmp_path) == []
 
 

@@ -41,10 +41,10 @@ def test_make_mesh_errors_name_the_axis(axes, match):
 
 @pytest.mark.parametrize("rules,error,match", [
     ("nope", ValueError, "expected one of"),
-    ([("(", "fsdp")], ValueError, "bad regex"),
+    ([("(", "fsdp")], ValueError, r"sharding rules\[0\]: invalid regex"),
     ([(".*", "shard")], ValueError, "action must be 'replicate', 'fsdp' or a tuple"),
     ([(".*", ("fsdp", "tensor"))], ValueError, "unknown mesh axis 'tensor'"),
-    ([(".*",)], TypeError, r"expected \(regex, action\)"),
+    ([(".*",)], TypeError, r"sharding rules\[0\] must be a \(regex, action\) pair"),
     ([(".*", 3)], TypeError, "action must be a str or a tuple"),
 ])
 def test_bad_rules_are_rejected(rules, error, match):

@@ -338,3 +338,26 @@ def test_batch_norm_statistics_train_checkpoint_and_pass_to_inherited_net(digits
                                    teacher=(model, t_vars))
   assert jax.tree.structure(s_run.state.batch_stats) == jax.tree.structure(t_vars["batch_stats"])
   assert math.isfinite(s_run.history["test_loss"][-1])
+
+
+def test_importing_the_trainer_needs_no_orbax():
+  code = ("import sys; sys.modules['orbax'] = sys.modules['orbax.checkpoint'] = None\n"
+          "from inhernet_jax import train\n"
+          "assert 'inhernet_jax.checkpoint' not in sys.modules\n")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_given_checkpointer_saves_and_restores(digits, tmp_path):
+  calls = []
+
+  class Recording:
+    def __getattr__(self, name):
+      calls.append(name)
+      return getattr(ckpt_lib, name)
+
+  model = models.create("cnn", num_classes=10, widths=(4, 4, 4))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  train.train_and_evaluate(model, variables, digits, _config(), tmp_path, seed=0, epochs=1,
+                           checkpointer=Recording())
+  assert calls[:2] == ["manager", "restore_latest"] and "save" in calls
+  assert (tmp_path / "checkpoints").is_dir()
