@@ -93,7 +93,8 @@ def parameter_budget(teacher_params, budget, *, num_classes: int | None = None,
     model_kwargs: fields of the named model (``{"widths": (16, 32, 64)}``).
 
   Raises:
-    TypeError / ValueError naming the budget and what was expected.
+    TypeError: a budget of the wrong type, named with what was expected.
+    ValueError: a budget out of range or naming an unknown model, and what was expected.
   """
   value = budget
   if isinstance(value, str):

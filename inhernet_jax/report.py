@@ -47,6 +47,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from inhernet_jax import files  # noqa: E402
+from inhernet_jax import loss_axis  # noqa: E402
 
 Run = Mapping[str, Any]
 Row = dict[str, Any]
@@ -421,6 +422,7 @@ def plot_curves(runs: Sequence[Run], path: str) -> None:
                 ylabel=f"test {metric_name}{unit} ({'higher' if higher_is_better else 'lower'}"
                        " is better)")
   ax_loss.set(xlabel="epoch", ylabel="train loss")
+  loss_axis.apply(ax_loss)  # Log scale when the methods' losses span > 10x (CE vs DKD).
   for ax in (ax_metric, ax_loss):
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

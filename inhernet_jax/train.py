@@ -38,6 +38,7 @@ from inhernet_jax import integrity, layers
 from inhernet_jax import lock as lock_lib
 from inhernet_jax import losses as losses_lib
 from inhernet_jax import optim
+from inhernet_jax import progress
 from inhernet_jax import sharding as sharding_lib
 
 _LN2 = math.log(2.0)
@@ -228,9 +229,7 @@ def evaluate(eval_step, params, batch_stats, pipeline, kind: str) -> tuple[float
   batches_iter = pipeline.eval_batches()
   total = getattr(pipeline, "num_eval_batches", 0)
   if total >= 50 and jax.process_index() == 0:  # Long evaluations (ImageNet) get a bar.
-    from tqdm import auto as tqdm
-
-    batches_iter = tqdm.tqdm(batches_iter, total=total, desc="eval", leave=False)
+    batches_iter = progress.bar(batches_iter, total=total, desc="eval", leave=False)
   for batch in batches_iter:
     out = jax.device_get(eval_step(params, batch_stats, batch))
     ce += float(out["ce_sum"])
@@ -595,7 +594,6 @@ def _append(history, **values):
 def _progress(config, total: int, initial: int, desc: str):
   if not config.get("progress", True) or jax.process_index() != 0:
     return None
-  from tqdm import auto as tqdm
-
-  return tqdm.tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False,
-                   dynamic_ncols=True)
+  # Log lines print above the bar while it is shown (inhernet_jax.progress).
+  return progress.bar(total=total, initial=initial, desc=desc, unit="step", leave=False,
+                      dynamic_ncols=True)

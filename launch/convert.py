@@ -11,6 +11,8 @@ r"""PyTorch weights -> Flax teacher -> inherited network, in one command.
   python -m launch.convert --torchvision=resnet50 --weights=resnet50.pth --rank=0.25 \
       --config=configs/imagenet.py --recalibration_batches=64 --out=...  # BN re-estimated
 
+Installed (``pip install``), the same command is ``inhernet-convert``, with the same flags.
+
 Writes ``OUT/model.safetensors`` + ``OUT/spec.json`` (`inhernet_jax.export`: the inherited
 variables and their spec, or the converted teacher with a null spec when neither
 ``--rank``, ``--energy`` nor ``--budget`` is given; `launch.spec_flags`) and, when inheriting, ``OUT/report.md`` with the
@@ -29,7 +31,7 @@ from ml_collections import config_flags
 from inhernet_jax import accounting, convert, export
 from inhernet_jax.inherit import format_report, inherit
 from inhernet_jax.models import imagenet
-from launch import recalibrate_flags, spec_flags
+from . import recalibrate_flags, spec_flags
 
 _TORCHVISION = flags.DEFINE_enum("torchvision", None, list(imagenet.MODELS),
                                  "A torchvision ResNet's weights (--weights: .pth or .safetensors).")

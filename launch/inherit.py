@@ -8,6 +8,8 @@ r"""Inherits a teacher checkpoint from the command line: inherited checkpoint + 
   python -m launch.inherit ... --budget=student:resnet20     # per-layer ranks at its size
   python -m launch.inherit ... --norecalibrate               # keep the teacher's BN statistics
 
+Installed (``pip install``), the same command is ``inhernet-inherit``, with the same flags.
+
 The teacher's architecture comes from the config (``config.teacher``), the checkpoint
 from ``--teacher`` (a run directory of `launch.main` or an orbax CheckpointManager
 directory). Writes ``OUT/checkpoints`` (an orbax checkpoint with ``params`` and the
@@ -31,7 +33,7 @@ from inhernet_jax import accounting, models
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import data, export
 from inhernet_jax.inherit import format_report, inherit
-from launch import cli, recalibrate_flags, spec_flags
+from . import cli, recalibrate_flags, spec_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config naming the teacher.")
 _TEACHER = flags.DEFINE_string("teacher", None, "Teacher run directory or checkpoint directory.")

@@ -4,6 +4,8 @@ r"""Runs an experiment: teacher -> students -> InherNet, then the report.
   python -m launch.main --config=configs/chars.py --workdir=workdir/chars \
       --config.seeds=3 --config.compute_dtype=bfloat16
 
+Installed (``pip install``), the same command is ``inhernet-train``, with the same flags.
+
 Killed and started again with the same command, it resumes from the last checkpoints.
 On several hosts, run the same command on every host (TPU pods: as it is; GPU clusters
 and CPU processes: with --coordinator_address, --num_processes and --process_id, or the
@@ -17,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from inhernet_jax import distributed, experiment
-from launch import cli
+from . import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).",
                                           lock_config=True)
