@@ -98,12 +98,12 @@ def create_model(model_name: str, task, kwargs) -> Any:
 
 def init_variables(model, key: jax.Array, task, config) -> dict:
   """Fresh ``{"params"[, "batch_stats"]}`` (no other collections), born sharded."""
-  def init():
+  def init(key):  # The key as an argument: one compiled init per model, not per seed.
     variables = model.init(key, _example(task), train=False)
     return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
 
   variables, _ = sharding_lib.jit_init(init, mesh_from_config(config), lambda v: v["params"],
-                                       config.get("sharding_rules"))
+                                       config.get("sharding_rules"), key)
   return variables
 
 

@@ -15,4 +15,9 @@ fi
 # thread pools oversubscribe the cores and slow everything down many times.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# One persistent XLA compilation cache for the whole run (both workers and the tests'
+# subprocesses): the suite compiles the same tiny models many times (every seed, every
+# method, every launcher run), and a cached executable loads in milliseconds.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$venv/jax-cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" --durations=30 "$@"
