@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inhernet_jax import mixing as mixing_lib
+from inhernet_jax.fold import fold  # noqa: F401  (serving: `layers.fold`)
 from inhernet_jax.spec import InherSpec, LayerPlan
 
 # Why random and not zero: right after inheritance all heads are identical. If the gate
