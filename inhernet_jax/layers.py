@@ -9,16 +9,17 @@ spec that factorises the layer they compute::
                                       # from the global-average-pooled z)
     y = sum_h g_h * (z @ up_h + b_h)  # H expert up-projections r -> out (1x1 for convs)
 
-computed as head 0 plus the gated differences of the others (`inhernet_jax.mixing`), in
-weight space or output space (the layers' ``mixing`` field; ``"auto"`` picks by shapes and
-backend), with the gate softmax in the compute dtype.
-
 with parameters ``{"down": {"kernel"}, "up": {"kernel": (H, r, out), "bias": (H, out)},
 "gate": {"kernel": (r, H), "bias": (H,)}}`` (no gate when ``H == 1``). After
 `inhernet_jax.inherit` every head is ``S_r V_r^T`` and the gate weights sum to one, so the
 layer computes exactly the rank-r truncation of the teacher, for every H. (The public
 demo initialises each head to ``U_r S_r / H``, which scales the layer by ``1/H``; we do
 not.)
+
+The heads are mixed as head 0 plus the gated differences of the others
+(`inhernet_jax.mixing`), in weight space or in output space (the layers' ``mixing``
+field; ``"auto"`` picks by shapes and backend), with the gate softmax in the compute
+dtype. `fold` folds one-head layers into single kernels for serving.
 
 Gated layers (``H > 1``) also record cheap gate statistics when the caller asks for the
 ``"intermediates"`` collection (and cost nothing otherwise): the mean gate weight per head
