@@ -151,8 +151,9 @@ def mix(z: jax.Array, kernel: jax.Array, bias: jax.Array | None, g: jax.Array | 
         rank=r, features=features, heads=heads, itemsize=jnp.dtype(z.dtype).itemsize,
         per_sample=per_sample, backend=backend)
   check_strategy(strategy, "mix")
-  # Head 0 and the differences, side by side: (H, r, ...).
-  stacked = jnp.concatenate([kernel[:1], kernel[1:] - kernel[:1]])
+  deltas = kernel[1:] - kernel[:1]
+  if strategy == "outputs" or not per_sample:  # Head 0 and the differences side by side.
+    stacked = jnp.concatenate([kernel[:1], deltas])
   if per_sample:
     # Gates broadcast over positions (and groups): (*batch, 1, ..., 1, H - 1).
     gb = g.reshape(*batch, *([1] * (len(shape) - 1 - len(batch) + (groups > 1))), heads - 1)
@@ -167,7 +168,6 @@ def mix(z: jax.Array, kernel: jax.Array, bias: jax.Array | None, g: jax.Array | 
       y_all = jnp.dot(z, flat, precision=precision).reshape(*z.shape[:-1], heads, features)
       y = _weighted_sum(y_all, gb)
   elif per_sample:
-    deltas = stacked[1:]
     if groups > 1:
       mixed = kernel[0] + jnp.einsum("bh,hrgp->brgp", g, deltas, precision=precision)
       zs = z.reshape(z.shape[0], -1, groups, r)
