@@ -9,13 +9,19 @@ median of ``--steps`` timed calls after ``--warmup``, examples/s, and the elemen
 of the step's convolutions and dots from the lowered StableHLO (a bf16 step should show
 no float32 matmuls). Ratios are inherited over teacher, from the same run.
 
+Each row has a time limit (``--row_budget_s``: once spent, compiles included, each pass
+is timed once more at most) and the run one (``--budget_s``: later rows are skipped and
+say so). For ``resnet18_cifar`` entries, when torch is importable, two PyTorch rows follow
+(`benchmarks.torch_demo`): the same ResNet-18 and the public demo's inherited layer
+(eager, bf16 autocast, channels_last). JSON and a Markdown table are written.
+
 Run::
 
   # 2-core CPU (the default models, a couple of minutes):
   python -m benchmarks.step --out=step_cpu.json
-  # One GPU, bf16 (about 3 minutes with compiles):
+  # One GPU, bf16, within 4 minutes including compiles:
   python -m benchmarks.step --models=resnet18_cifar:256,vit_s16:128 --dtype=bfloat16 \
-      --out=step_gpu.json
+      --steps=10 --row_budget_s=40 --budget_s=230 --out=step_gpu.json
 
 Model names: `inhernet_jax.models.NAMES`, plus ``resnet18_cifar`` (the CIFAR ResNet-18
 of `benchmarks.common.build_model`).
@@ -44,7 +50,15 @@ def _define_flags() -> None:
   flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
   flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).")
   flags.DEFINE_list("variants", ["teacher", "inherited"], "teacher and/or inherited.")
+  flags.DEFINE_enum("mixing", "auto", ["auto", "weights", "outputs"],
+                    "Inherited layers' head mixing (inhernet_jax.mixing).")
+  flags.DEFINE_bool("torch", True, "PyTorch teacher and demo-layer rows for resnet18_cifar "
+                    "entries, when torch is importable.")
+  flags.DEFINE_float("row_budget_s", 60.0, "Per row: once spent (compiles included), each "
+                     "pass is timed at most once more.")
+  flags.DEFINE_float("budget_s", 240.0, "Whole run: rows that would start later are skipped.")
   flags.DEFINE_string("out", "step.json", "Where to write the JSON figures.")
+  flags.DEFINE_string("markdown", "", "Where to write the table (default: --out with .md).")
 
 
 def build(name: str, dtype):
@@ -59,8 +73,10 @@ def build(name: str, dtype):
   return model, shape, classes, preset
 
 
-def _timed(fn, args, warmup: int, steps: int, carry=None):
-  """Median seconds of ``steps`` calls (``carry(out) -> args`` threads donated state)."""
+def _timed(fn, args, warmup: int, steps: int, carry=None, deadline: float | None = None):
+  """``(median seconds, calls timed)`` of up to ``steps`` calls (``carry(out) -> args``
+  threads donated state); past ``deadline`` (a `time.perf_counter` value) it stops after
+  the first timed call."""
   import jax
 
   for _ in range(warmup):
@@ -72,22 +88,38 @@ def _timed(fn, args, warmup: int, steps: int, carry=None):
     out = jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
     args = carry(out, args) if carry else args
-  return statistics.median(times)
+    if deadline is not None and time.perf_counter() > deadline:
+      break
+  return statistics.median(times), len(times)
 
 
 def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float = 0.25,
-            heads: int = 2, warmup: int = 1, steps: int = 5) -> dict:
+            heads: int = 2, warmup: int = 1, steps: int = 5, mixing: str = "auto",
+            budget_s: float | None = None) -> dict:
   """One row: a model's train step and eval forward (``rank``: a fraction of every
-  layer's full rank; the median of ``steps`` calls after ``warmup``)."""
+  layer's full rank; the median of ``steps`` calls after ``warmup``).
+
+  ``mixing``: the inherited layers' head mixing (`inhernet_jax.mixing`). ``budget_s``:
+  the row's time limit; once spent (compiles included) each pass is timed once more at
+  most (a compile itself cannot be cut short) and ``*_steps`` says how many calls were.
+  """
+  import functools
+
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
 
-  from inhernet_jax import InherSpec, accounting, inherit, models
+  from inhernet_jax import InherConv, InherDense, InherSpec, accounting, inherit, models
 
+  start = time.perf_counter()
+  deadline = None if budget_s is None else start + budget_s
   dtype = jnp.dtype(dtype_name)
   teacher, shape, classes, preset = build(name, dtype_name)
+  if mixing != "auto":
+    layers = {"conv": InherConv, "dense": InherDense}
+    teacher = teacher.clone(**{f: functools.partial(cls, mixing=mixing)
+                               for f, cls in layers.items() if hasattr(teacher, f)})
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, *shape)), dtype)
   y = jnp.asarray(rng.integers(0, classes, batch))
@@ -117,7 +149,8 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
     return model.apply({"params": p, "batch_stats": s} if s else {"params": p}, x, train=False)
 
   row = {"model": name, "batch": batch, "variant": variant, "dtype": dtype_name,
-         "params": accounting.param_count(params)}
+         "params": accounting.param_count(params),
+         "mixing": mixing if variant == "inherited" else ""}
   state = (params, stats, tx.init(params))
   for what, fn, args, carry in (
       ("train", jax.jit(train_step, donate_argnums=(0, 1, 2)), state, lambda o, a: o[:3]),
@@ -129,35 +162,77 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
     row[f"{what}_matmul_dtypes"] = matmul_dtypes(lowered.as_text())
     if what == "train":  # Fresh buffers: the timed calls donate theirs.
       args = jax.tree.map(jnp.copy, args)
-    seconds = _timed(compiled, args, warmup, steps, carry)
+    seconds, row[f"{what}_steps"] = _timed(compiled, args, warmup, steps, carry, deadline)
     row[f"{what}_ms"] = seconds * 1e3
     row[f"{what}_examples_per_s"] = batch / seconds
+  row["row_s"] = time.perf_counter() - start
   return row
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
   """Adds ``*_vs_teacher`` to each inherited row (its model's teacher, same run)."""
-  teachers = {(r["model"], r["batch"], r["dtype"]): r for r in rows if r["variant"] == "teacher"}
+  teachers = {(r["model"], r["batch"], r["dtype"]): r for r in rows
+              if r["variant"] == "teacher" and "skipped" not in r}
   for r in rows:
     t = teachers.get((r["model"], r["batch"], r["dtype"]))
-    if t is not None and r["variant"] != "teacher":
+    if t is not None and r["variant"] != "teacher" and "skipped" not in r:
       for what in ("train", "eval"):
         r[f"{what}_vs_teacher"] = r[f"{what}_ms"] / t[f"{what}_ms"]
   return rows
 
 
 def markdown(rows: list[dict], device: str, steps: int) -> str:
-  lines = [f"Device: {device}. Median of {steps} calls; ratios: inherited / teacher.", "",
-           "| model | batch | dtype | variant | params | compile (train) | train step | "
-           "train / teacher | eval forward | eval / teacher | matmul dtypes (train) |",
-           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+  lines = [f"Device: {device}. Median of up to {steps} calls; ratios: inherited / teacher "
+           "(torch: demo / teacher).", "",
+           "| model | batch | dtype | variant | mixing | params | compile train / eval | "
+           "train step | train / teacher | eval forward | eval / teacher | matmul dtypes (train) |",
+           "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
   for r in rows:
+    head = f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['variant']} |"
+    if "skipped" in r:
+      lines.append(f"{head} | | | skipped: {r['skipped']} | | | | |")
+      continue
     ratio = lambda k: f"{r[k]:.2f}x" if k in r else ""  # noqa: E731
     lines.append(
-        f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['variant']} | {r['params']:,} | "
-        f"{r['train_compile_s']:.1f} s | {r['train_ms']:.1f} ms | {ratio('train_vs_teacher')} | "
-        f"{r['eval_ms']:.1f} ms | {ratio('eval_vs_teacher')} | {r['train_matmul_dtypes']} |")
+        f"{head} {r.get('mixing', '')} | {r['params']:,} | "
+        f"{r['train_compile_s']:.1f} s / {r['eval_compile_s']:.1f} s | {r['train_ms']:.1f} ms | "
+        f"{ratio('train_vs_teacher')} | {r['eval_ms']:.1f} ms | {ratio('eval_vs_teacher')} | "
+        f"{r['train_matmul_dtypes']} |")
   return "\n".join(lines)
+
+
+def run(models: list[str], *, dtype: str, rank: float, heads: int, warmup: int, steps: int,
+        variants=("teacher", "inherited"), mixing: str = "auto", torch: bool = True,
+        row_budget_s: float | None = None, budget_s: float | None = None, log=print,
+        torch_kwargs=None) -> list[dict]:
+  """Every row of a run, with ratios. ``models``: ``"name:batch"`` entries; ``torch``: also
+  the PyTorch teacher and demo rows for each ``resnet18_cifar`` entry when torch is
+  importable. Rows that would start after ``budget_s`` seconds are ``skipped``."""
+  from benchmarks import torch_demo
+
+  start = time.perf_counter()
+  jobs = []
+  for entry in models:
+    name, _, batch = entry.partition(":")
+    if not batch.isdigit():
+      raise ValueError(f"models entry {entry!r}: expected name:batch, e.g. resnet56:64")
+    jobs += [(name, int(batch), v) for v in variants]
+    if torch and name == "resnet18_cifar" and torch_demo.available():
+      jobs.append((name, int(batch), "torch"))
+  rows = []
+  for name, batch, variant in jobs:
+    if budget_s is not None and time.perf_counter() - start > budget_s:
+      rows.append({"model": name, "batch": batch, "variant": variant, "dtype": dtype,
+                   "skipped": f"run budget of {budget_s:.0f} s spent"})
+    elif variant == "torch":
+      rows += torch_demo.torch_rows(batch, rank=rank, heads=heads, dtype_name=dtype,
+                                    warmup=warmup, steps=steps, budget_s=row_budget_s,
+                                    **(torch_kwargs or {}))
+    else:
+      rows.append(measure(name, batch, variant, dtype, rank=rank, heads=heads, warmup=warmup,
+                          steps=steps, mixing=mixing, budget_s=row_budget_s))
+    log(json.dumps(rows[-1]))
+  return with_ratios(rows)
 
 
 def main(argv):
@@ -165,22 +240,25 @@ def main(argv):
   import jax
 
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
-  rows = []
-  for entry in FLAGS.models:
-    name, _, batch = entry.partition(":")
-    if not batch.isdigit():
-      raise app.UsageError(f"--models entry {entry!r}: expected name:batch, e.g. resnet56:64")
-    for variant in FLAGS.variants:
-      rows.append(measure(name, int(batch), variant, FLAGS.dtype, rank=FLAGS.rank,
-                          heads=FLAGS.heads, warmup=FLAGS.warmup, steps=FLAGS.steps))
-      print(json.dumps(rows[-1]), flush=True)
-  rows = with_ratios(rows)
-  table = markdown(rows, device, FLAGS.steps)
+  t = time.perf_counter()
+  try:
+    rows = run(FLAGS.models, dtype=FLAGS.dtype, rank=FLAGS.rank, heads=FLAGS.heads,
+               warmup=FLAGS.warmup, steps=FLAGS.steps, variants=FLAGS.variants,
+               mixing=FLAGS.mixing, torch=FLAGS.torch, row_budget_s=FLAGS.row_budget_s,
+               budget_s=FLAGS.budget_s, log=lambda line: print(line, flush=True))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  total = time.perf_counter() - t
+  table = markdown(rows, device, FLAGS.steps) + f"\n\nWhole run: {total:.0f} s."
   print(table)
   with open(FLAGS.out, "w") as f:
-    json.dump({"device": device, "rows": rows, "flags": {k: FLAGS[k].value for k in (
-        "models", "dtype", "rank", "heads", "warmup", "steps")}}, f, indent=1)
-  print(f"wrote {FLAGS.out}")
+    json.dump({"device": device, "total_s": total, "rows": rows, "flags": {k: FLAGS[k].value for k in (
+        "models", "dtype", "rank", "heads", "warmup", "steps", "mixing", "row_budget_s",
+        "budget_s")}}, f, indent=1)
+  md = FLAGS.markdown or FLAGS.out.rsplit(".", 1)[0] + ".md"
+  with open(md, "w") as f:
+    f.write(table + "\n")
+  print(f"wrote {FLAGS.out} and {md}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ layer computes exactly the rank-r truncation of the teacher, for every H. (The p
 demo initialises each head to ``U_r S_r / H``, which scales the layer by ``1/H``; we do
 not.)
 
+The heads are mixed as head 0 plus the gated differences of the others
+(`inhernet_jax.mixing`), in weight space or in output space (the layers' ``mixing``
+field; ``"auto"`` picks by shapes and backend), with the gate softmax in the compute
+dtype. `fold` folds one-head layers into single kernels for serving.
+
 Gated layers (``H > 1``) also record cheap gate statistics when the caller asks for the
 ``"intermediates"`` collection (and cost nothing otherwise): the mean gate weight per head
 (the head *load*) and the mean entropy of the gate distribution. `gate_stats` turns them
@@ -41,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inhernet_jax import mixing as mixing_lib
+from inhernet_jax.fold import fold  # noqa: F401  (serving: `layers.fold`)
 from inhernet_jax.spec import InherSpec, LayerPlan
 
 # Why random and not zero: right after inheritance all heads are identical. If the gate
@@ -54,6 +61,7 @@ gate_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 def _plan(module: nn.Module, m: int, n: int) -> LayerPlan | None:
   """The spec's plan for ``module``'s kernel, or None when there is no spec."""
+  mixing_lib.check_strategy(module.mixing, f"{type(module).__name__} {'/'.join(module.path)!r}")
   if module.spec is None:
     return None
   if not isinstance(module.spec, InherSpec):
@@ -73,6 +81,7 @@ class _Experts(nn.Module):
   precision: Any
   kernel_init: Any
   bias_init: Any
+  mixing: str = "auto"
 
   def _stacked(self, name, init, shape):
     def init_fn(key, shape, dtype):
@@ -83,7 +92,7 @@ class _Experts(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, g: jax.Array | None, per_sample: bool, groups: int = 1) -> jax.Array:
-    """Mixes the experts.
+    """Mixes the experts (`mixing.mix`: head 0 plus the gated differences of the others).
 
     Args:
       z: bottleneck ``(*batch, *positions, r)``; ``(batch, *positions, groups, r)`` for a
@@ -98,54 +107,8 @@ class _Experts(nn.Module):
     kernel = self._stacked("kernel", self.kernel_init, (r, self.features))
     bias = self._stacked("bias", self.bias_init, (self.features,)) if self.use_bias else None
     z, kernel, bias, g = nn.dtypes.promote_dtype(z, kernel, bias, g, dtype=self.dtype)
-    if groups > 1:
-      return self._grouped(z, kernel, bias, g, groups)
-    if self.heads == 1:
-      y = jnp.einsum("...r,rn->...n", z, kernel[0], precision=self.precision)
-      return y + bias[0] if bias is not None else y
-    # Head 0 plus the others' differences from it: sum_h g_h up_h with g_0 = 1 - sum of
-    # the others, so the weights sum to exactly one in any compute dtype (a bf16 softmax
-    # is off by up to 3e-3 for H = 3), and identical heads (right after `inherit`) give
-    # head 0 exactly, whatever the gate. The same function as before, the same cost.
-    deltas = kernel[1:] - kernel[:1]
-    g = g[..., 1:]
-    if per_sample:
-      # Mix in weight space: one (r, out) kernel per sample, then a single contraction,
-      # instead of H full-size outputs.
-      batch = g.shape[:-1]
-      zs = z.reshape(*batch, -1, r)
-      mixed = kernel[0] + jnp.einsum("...h,hrn->...rn", g, deltas, precision=self.precision)
-      y = jnp.einsum("...pr,...rn->...pn", zs, mixed, precision=self.precision)
-      y = y.reshape(*z.shape[:-1], self.features)
-      if bias is not None:
-        b = bias[0] + g @ (bias[1:] - bias[:1])
-        y = y + b.reshape(*batch, *([1] * (z.ndim - 1 - len(batch))), self.features)
-      return y
-    # Per-token gates: fold the gate into the bottleneck, then one contraction over
-    # (heads x rank).
-    zg = jnp.concatenate([z, (g[..., :, None] * z[..., None, :]).reshape(*z.shape[:-1], -1)], -1)
-    stacked = jnp.concatenate([kernel[0], deltas.reshape(-1, self.features)])
-    y = jnp.dot(zg, stacked, precision=self.precision)
-    return y + bias[0] + g @ (bias[1:] - bias[:1]) if bias is not None else y
-
-  def _grouped(self, z, kernel, bias, g, groups):
-    """Grouped conv: ``z (batch, *positions, G, r)``; the ``(H, r, out)`` kernel is read as
-    ``(H, r, G, out / G)``, group ``i``'s outputs from group ``i``'s bottleneck."""
-    heads, r = kernel.shape[:2]
-    k = kernel.reshape(heads, r, groups, self.features // groups)
-    shape = (*z.shape[:-2], self.features)
-    if g is None:
-      y = jnp.einsum("...gr,rgp->...gp", z, k[0], precision=self.precision).reshape(shape)
-      return y + bias[0] if bias is not None else y
-    # Head 0 plus gated differences, as for ungrouped layers (weights sum to exactly one).
-    g = g[..., 1:]
-    mixed = k[0] + jnp.einsum("bh,hrgp->brgp", g, k[1:] - k[:1], precision=self.precision)
-    zs = z.reshape(z.shape[0], -1, groups, r)
-    y = jnp.einsum("bxgr,brgp->bxgp", zs, mixed, precision=self.precision).reshape(shape)
-    if bias is not None:
-      b = bias[0] + g @ (bias[1:] - bias[:1])
-      y = y + b.reshape(z.shape[0], *([1] * (z.ndim - 3)), self.features)
-    return y
+    return mixing_lib.mix(z, kernel, bias, g, per_sample=per_sample, groups=groups,
+                      strategy=self.mixing, precision=self.precision)
 
 
 def _down(module, layer_cls, rank: int, **layout) -> nn.Module:
@@ -171,8 +134,9 @@ def _gate(module, z_summary: jax.Array, heads: int) -> jax.Array:
       kernel_init=gate_kernel_init,
       name="gate",
   )(z_summary)
-  # Softmax in float32 so bf16 gates still sum to one.
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+  # In the compute dtype (no float32 island in a bf16 step): the mixing reads only
+  # g_1 .. g_{H-1} and gives head 0 the rest, so the weights sum to exactly one anyway.
+  return jax.nn.softmax(logits, axis=-1)
 
 
 # Name of the gate statistics in the "intermediates" collection, next to the layer's
@@ -205,6 +169,7 @@ def _experts(module, plan: LayerPlan) -> _Experts:
       precision=module.precision,
       kernel_init=module.kernel_init,
       bias_init=module.bias_init,
+      mixing=module.mixing,
       name="up",
   )
 
@@ -214,9 +179,14 @@ class InherDense(nn.Dense):
 
   Attributes:
     spec: an `InherSpec`, or None for a plain `nn.Dense`.
+    mixing: how the heads are mixed, ``"weights"`` (gates scale the bottleneck, one GEMM
+      over ``H r`` inputs), ``"outputs"`` (one GEMM over all heads' up-projections, then
+      a gate-weighted sum) or ``"auto"`` (`mixing.choose`: by shapes and backend). Same
+      parameters and outputs either way.
   """
 
   spec: InherSpec | None = None
+  mixing: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -250,9 +220,14 @@ class InherConv(nn.Conv):
 
   Attributes:
     spec: an `InherSpec`, or None for a plain `nn.Conv`.
+    mixing: how the heads are mixed, ``"weights"`` (one ``(r, out)`` kernel per sample,
+      then one contraction), ``"outputs"`` (one GEMM over all heads' 1x1 convs, then a
+      gate-weighted sum) or ``"auto"`` (`mixing.choose`: by shapes and backend). Same
+      parameters and outputs either way.
   """
 
   spec: InherSpec | None = None
+  mixing: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:

@@ -37,3 +37,35 @@ def test_importing_defines_no_flags():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "rank" not in out.stdout and "heads" not in out.stdout, out.stdout
+
+
+def test_forced_mixing_and_row_budget():
+  row = step.measure("cnn", 4, "inherited", "float32", rank=0.5, warmup=0, steps=3,
+                     mixing="outputs", budget_s=0.0)
+  assert row["mixing"] == "outputs"
+  assert row["train_steps"] == row["eval_steps"] == 1  # Budget spent: one timed call each.
+  assert row["row_s"] >= row["train_compile_s"] + row["eval_compile_s"]
+
+
+def test_run_budget_skips_rows_and_says_so():
+  rows = step.run(["cnn:4"], dtype="float32", rank=0.5, heads=2, warmup=0, steps=1,
+                  budget_s=0.0, log=lambda line: None)
+  assert [r["variant"] for r in rows] == ["teacher", "inherited"]
+  assert all("budget" in r["skipped"] for r in rows)
+  assert "skipped: run budget" in step.markdown(rows, "cpu", 1)
+  with pytest.raises(ValueError, match="name:batch"):
+    step.run(["cnn"], dtype="float32", rank=0.5, heads=2, warmup=0, steps=1)
+
+
+def test_torch_rows_of_the_demo_layer():
+  pytest.importorskip("torch")
+  tiny = dict(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1), image=8)
+  rows = step.run(["resnet18_cifar:2"], dtype="bfloat16", rank=0.25, heads=2, warmup=0, steps=1,
+                  variants=(), log=lambda line: None, torch_kwargs=tiny)
+  teacher, demo = rows
+  assert (teacher["model"], teacher["variant"], demo["variant"]) == (
+      "resnet18_cifar[torch]", "teacher", "demo")
+  assert demo["params"] < teacher["params"]
+  assert demo["train_ms"] > 0 and demo["eval_ms"] > 0
+  assert demo["train_vs_teacher"] == pytest.approx(demo["train_ms"] / teacher["train_ms"])
+  assert "demo" in step.markdown(rows, "cpu", 1)
