@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inhernet_jax import convert
-from inhernet_jax.convert import _assemble, _dense_leaves, _Leaf
+from inhernet_jax import convert_core
+from inhernet_jax.convert_core import _assemble, _dense_leaves, _Leaf
 from inhernet_jax.convert_checks import ConversionError
 from inhernet_jax.models import efficientnet
 
@@ -57,7 +57,7 @@ def wheel_weights() -> str:
 
 
 def _leaves(stages) -> list[_Leaf]:
-  conv, bn = convert.conv_leaves, convert.batch_norm_leaves
+  conv, bn = convert_core.conv_leaves, convert_core.batch_norm_leaves
   leaves = conv(("stem",), "_conv_stem") + bn(("bn_stem",), "_bn0")
   index = 0
   for repeats, _, _, expand, _, _ in stages:
@@ -73,7 +73,7 @@ def _leaves(stages) -> list[_Leaf]:
 
 
 def _efficientnet_lite(state_dict, stages, ignore):
-  state_dict = convert.load_state_dict(state_dict)
+  state_dict = convert_core.load_state_dict(state_dict)
   ignore = DEFAULT_IGNORE if ignore is None else ignore
   return _assemble(state_dict, _leaves(stages), ignore, "EfficientNet-Lite0")
 
@@ -115,8 +115,9 @@ def from_pytorch(weights=None, *, ignore=None, dtype: Any = jnp.float32):
   if head.ndim != 2 or head.shape[0] != 1280:
     raise ConversionError(f"_fc.weight: expected (num_classes, 1280), got {head.T.shape}")
   model = efficientnet.efficientnet_lite0(num_classes=head.shape[1], dtype=dtype)
-  abstract = convert.abstract_variables(model, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
-  return model, convert.match_variables(variables, abstract, sources=sources)
+  abstract = convert_core.abstract_variables(
+      model, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  return model, convert_core.match_variables(variables, abstract, sources=sources)
 
 
 def preprocess(images_uint8: np.ndarray, size: int = 224) -> np.ndarray:

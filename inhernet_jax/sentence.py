@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inhernet_jax import convert
+from inhernet_jax import convert, convert_hf
 from inhernet_jax.convert_checks import ConversionError
 from inhernet_jax.layers import InherDense
 from inhernet_jax.models import transformer
@@ -232,7 +232,7 @@ def load(model_dir, max_len: int = 128, *, scan: bool = False) -> Encoder:
   """
   model_dir = os.fspath(model_dir)
   config = convert.read_hf_config(model_dir)
-  weights, _ = convert._hf_files(model_dir)
+  weights, _ = convert_hf._hf_files(model_dir)
   state = convert.load_state_dict(weights)
   prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
   width = int(config["hidden_size"])

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inhernet_jax import convert, convert_efficientnet
+from inhernet_jax import convert, convert_core, convert_efficientnet
 from inhernet_jax.convert_checks import ConversionError
 from inhernet_jax.models import efficientnet
 
 CLASSES, SIZE = 10, 32
-_TO_TORCH = {convert._conv: lambda a: a.transpose(3, 2, 0, 1),
-             convert._linear: lambda a: a.T, convert._vector: lambda a: a}
+_TO_TORCH = {convert_core._conv: lambda a: a.transpose(3, 2, 0, 1),
+             convert_core._linear: lambda a: a.T, convert_core._vector: lambda a: a}
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,12 +18,12 @@ import safetensors.numpy
 from absl import app, flags
 from absl.testing import flagsaver
 
-from inhernet_jax import InherSpec, convert, export, models
+from inhernet_jax import InherSpec, convert, convert_core, convert_resnet, export, models
 from inhernet_jax.models import imagenet
 
 WIDTH, CLASSES = 4, 5
-_TO_TORCH = {convert._conv: lambda a: a.transpose(3, 2, 0, 1),
-             convert._linear: lambda a: a.T, convert._vector: lambda a: a}
+_TO_TORCH = {convert_core._conv: lambda a: a.transpose(3, 2, 0, 1),
+             convert_core._linear: lambda a: a.T, convert_core._vector: lambda a: a}
 
 
 def _numpy_resnet18(seed=0):
@@ -32,7 +32,7 @@ def _numpy_resnet18(seed=0):
   abstract = convert.abstract_variables(model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
   rng = np.random.default_rng(seed)
   state, ours = {}, {}
-  for leaf in convert._resnet_leaves("resnet18"):
+  for leaf in convert_resnet._resnet_leaves("resnet18"):
     node = abstract
     for key in leaf.path:
       node = node[key]
