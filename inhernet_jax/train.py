@@ -7,7 +7,9 @@ every epoch end. A run killed at any moment and started again resumes from its l
 checkpoint and ends with exactly the same parameters and metrics: the batch of step
 ``s`` is a pure function of ``(seed, s)`` (`inhernet_jax.data`), dropout keys are
 ``fold_in(key(seed), s)``, and the partial-epoch metric sums are checkpointed with the
-state.
+state. `train_and_evaluate` reads top-down: loss, set-up (model, optimizer, mesh,
+sharded state), fingerprint, jitted steps, then `train_loop.run` (restore, the step
+loop, end-of-epoch evaluation and checkpoints) with the run directory locked.
 
 Example::
 
@@ -20,16 +22,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
@@ -38,15 +39,15 @@ from inhernet_jax import integrity, layers
 from inhernet_jax import lock as lock_lib
 from inhernet_jax import losses as losses_lib
 from inhernet_jax import optim
-from inhernet_jax import progress
 from inhernet_jax import sharding as sharding_lib
+from inhernet_jax import train_loop
 
 _LN2 = math.log(2.0)
-# Metrics of one training run, one entry per epoch (epoch 0: before training).
-HISTORY_KEYS = (
-    "epoch", "step", "train_loss", "train_metric", "test_loss", "test_metric", "lr",
-    "examples_per_s", "gate_entropy",
-)
+# Moved to `train_loop`; kept here as the public names they were.
+HISTORY_KEYS = train_loop.HISTORY_KEYS
+Run = train_loop.Run
+evaluate = train_loop.evaluate
+metric_name = train_loop.metric_name
 
 
 class TrainState(train_state.TrainState):
@@ -76,21 +77,6 @@ class Hint:
   student_layer: str
   teacher_layer: str
   weight: float = 1.0
-
-
-@dataclasses.dataclass
-class Run:
-  """What `train_and_evaluate` returns."""
-
-  state: TrainState
-  history: dict[str, list]
-  wall_s: float
-  gates: dict | None
-  resumed_from: int | None
-
-
-def metric_name(kind: str) -> str:
-  return "accuracy" if kind == "classification" else "bpc"
 
 
 def _cast(tree, dtype):
@@ -222,40 +208,6 @@ def make_eval_step(model: nn.Module, kind: str, *, gates: bool = False, compute_
   return eval_step
 
 
-def evaluate(eval_step, params, batch_stats, pipeline, kind: str) -> tuple[float, float, dict | None]:
-  """(mean loss, metric, gate stats) over the whole eval split."""
-  ce = numerator = count = 0.0
-  gate_sums, batches = None, 0
-  batches_iter = pipeline.eval_batches()
-  total = getattr(pipeline, "num_eval_batches", 0)
-  if total >= 50 and jax.process_index() == 0:  # Long evaluations (ImageNet) get a bar.
-    batches_iter = progress.bar(batches_iter, total=total, desc="eval", leave=False)
-  for batch in batches_iter:
-    out = jax.device_get(eval_step(params, batch_stats, batch))
-    ce += float(out["ce_sum"])
-    numerator += float(out["metric_sum"])
-    count += float(out["count"])
-    if "gates" in out:
-      gate_sums = out["gates"] if gate_sums is None else jax.tree.map(np.add, gate_sums, out["gates"])
-      batches += 1
-  count = max(count, 1.0)
-  metric = numerator / count
-  gates = None
-  if gate_sums:
-    gates = layers.gate_stats_from_arrays(jax.tree.map(lambda a: np.asarray(a) / batches, gate_sums))
-  return ce / count, metric, gates
-
-
-def _empty_history() -> dict[str, list]:
-  return {k: [] for k in HISTORY_KEYS}
-
-
-def _mean_entropy(gates: dict | None):
-  if not gates:
-    return None
-  return float(np.mean([g["entropy"] for g in gates.values()]))
-
-
 def train_and_evaluate(
     model: nn.Module,
     variables: dict,
@@ -319,18 +271,54 @@ def train_and_evaluate(
     ValueError: the batch size is not divisible by the mesh's data-parallel devices, or a
       sharding rule does not fit a parameter (the message names it).
   """
-  kind = pipeline.task.kind
-  loss_kwargs = dict(loss_kwargs or {})
+  loss_fn = _make_loss_fn(loss, dict(loss_kwargs or {}), teacher, hint, desc)
+  setup = _setup(model, variables, pipeline, config, seed=seed, epochs=epochs, teacher=teacher,
+                 hint=hint, desc=desc, mesh=mesh, sharding_rules=sharding_rules)
+  run_fingerprint = _fingerprint(setup, pipeline, config, seed=seed, epochs=epochs, loss=loss,
+                                 loss_kwargs=dict(loss_kwargs or {}), hint=hint, more=fingerprint)
+  steps = _jit_steps(setup, loss_fn, seed=seed, hint=hint, desc=desc)
+  with _workdir_locked(workdir):
+    return train_loop.run(
+        checkpointer if checkpointer is not None else _default_checkpointer(), steps,
+        setup.state, pipeline, setup.mesh, config, workdir, fingerprint=run_fingerprint,
+        allow=_allowed_changes(config))
+
+
+def _make_loss_fn(loss: str, loss_kwargs: dict, teacher, hint: Hint | None, desc: str):
+  """The ``loss_fn(logits, teacher_logits, labels, mask)``; refuses a setup that lacks parts."""
   if loss == "fitnet":
     if hint is None or teacher is None:
       raise ValueError(f"{desc}: loss 'fitnet' needs a teacher and a hint (student/teacher layers)")
-    loss_fn = losses_lib.make_loss("ce", **loss_kwargs)
-  else:
-    if hint is not None:
-      raise ValueError(f"{desc}: a hint is only used with loss 'fitnet', got loss {loss!r}")
-    loss_fn = losses_lib.make_loss(loss, **loss_kwargs)
-    if loss in ("kd", "dkd") and teacher is None:
-      raise ValueError(f"{desc}: loss {loss!r} needs a teacher")
+    return losses_lib.make_loss("ce", **loss_kwargs)
+  if hint is not None:
+    raise ValueError(f"{desc}: a hint is only used with loss 'fitnet', got loss {loss!r}")
+  loss_fn = losses_lib.make_loss(loss, **loss_kwargs)
+  if loss in ("kd", "dkd") and teacher is None:
+    raise ValueError(f"{desc}: loss {loss!r} needs a teacher")
+  return loss_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """A run's model, optimizer schedule, mesh and freshly built, sharded state."""
+
+  model: nn.Module
+  teacher_model: nn.Module | None
+  teacher_variables: dict | None
+  state: TrainState
+  state_shardings: Any
+  mesh: jax.sharding.Mesh
+  schedule: optax.Schedule
+  compute_dtype: Any
+  kind: str
+  steps_per_epoch: int
+  total_steps: int
+  gates_on: bool
+
+
+def _setup(model, variables, pipeline, config, *, seed, epochs, teacher, hint, desc, mesh,
+           sharding_rules) -> _Setup:
+  """Model in its compute dtype, optimizer, mesh, and the state sharded by the rules."""
   compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
   # Models with a fixed computation dtype (the CNNs: float32) would promote the bf16
   # casts back to float32; they compute in compute_dtype (params stay float32).
@@ -348,6 +336,18 @@ def train_and_evaluate(
   t_model, t_vars = teacher if teacher is not None else (None, None)
   if hint:
     connector = _init_connector(model, variables, t_model, t_vars, hint, pipeline, seed, desc)
+  state, state_sh = _sharded_state(model, tx, variables, connector, mesh, rules, hint=hint, desc=desc)
+  if t_vars is not None:
+    t_vars = sharding_lib.put(t_vars, sharding_lib.state_shardings(mesh, t_vars, t_vars["params"], rules))
+  return _Setup(model=model, teacher_model=t_model, teacher_variables=t_vars, state=state,
+                state_shardings=state_sh, mesh=mesh, schedule=schedule,
+                compute_dtype=compute_dtype, kind=pipeline.task.kind,
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                gates_on=_has_gates(variables["params"]))
+
+
+def _sharded_state(model, tx, variables, connector, mesh, rules, *, hint, desc):
+  """``(state, state_shardings)``: a `TrainState` placed on ``mesh`` by ``rules``."""
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   # Placed by the rules without a host gather, then the state is built by one jitted call
@@ -369,35 +369,59 @@ def train_and_evaluate(
   abstract = jax.eval_shape(create, params, batch_stats, connector)
   state_sh = sharding_lib.state_shardings(mesh, abstract, abstract.params, rules)
   state = jax.jit(create, out_shardings=state_sh)(params, batch_stats, connector)
-  if t_vars is not None:
-    t_vars = sharding_lib.put(t_vars, sharding_lib.state_shardings(mesh, t_vars, t_vars["params"], rules))
   logging.info("%s: mesh %s; sharded params:\n%s", desc, sharding_lib.describe(mesh),
                sharding_lib.describe_shardings(params, param_sh))
-  gates_on = _has_gates(params)
+  return state, state_sh
 
+
+def _fingerprint(setup: _Setup, pipeline, config, *, seed, epochs, loss, loss_kwargs, hint,
+                 more) -> str:
+  """What a checkpoint must match to be resumed: the trainer's fields plus ``more``."""
   own = dict(
       epochs=epochs, seed=seed, loss=loss, loss_kwargs=loss_kwargs,
       hint=dataclasses.asdict(hint) if hint else None, optimizer=config.optimizer,
-      compute_dtype=str(compute_dtype), batch_size=pipeline.batch_size,
-      steps_per_epoch=steps_per_epoch, data=dict(getattr(pipeline, "info", {}) or {}),
-      model=integrity._plain(model), model_class=type(model).__name__,
+      compute_dtype=str(setup.compute_dtype), batch_size=pipeline.batch_size,
+      steps_per_epoch=setup.steps_per_epoch, data=dict(getattr(pipeline, "info", {}) or {}),
+      model=integrity._plain(setup.model), model_class=type(setup.model).__name__,
       # The teacher by content: another teacher (retrained, other epochs) is another run.
-      teacher=None if t_vars is None else integrity.digest(integrity.checksum(t_vars)))
-  run_fingerprint = integrity.fingerprint(**{**own, **(fingerprint or {})})
-  allow = tuple(a.strip() for a in str(config.get("allow_resume_changes", "") or "").split(",")
-                if a.strip())
-  # One writer per run directory (process 0 speaks for a multi-process job).
+      teacher=None if setup.teacher_variables is None
+      else integrity.digest(integrity.checksum(setup.teacher_variables)))
+  return integrity.fingerprint(**{**own, **(more or {})})
+
+
+def _allowed_changes(config) -> tuple[str, ...]:
+  """``allow_resume_changes`` as a tuple of fingerprint field names."""
+  return tuple(a.strip() for a in str(config.get("allow_resume_changes", "") or "").split(",")
+               if a.strip())
+
+
+def _jit_steps(setup: _Setup, loss_fn, *, seed, hint, desc) -> train_loop.Steps:
+  """The jitted train and eval steps with the facts the loop needs."""
+  repl = sharding_lib.replicated(setup.mesh)
+  # The state keeps its shardings step after step (out_shardings) and is donated; the
+  # batch arrives as global arrays split over the data axes (`shard_batch`).
+  train_step = jax.jit(
+      make_train_step(setup.model, loss_fn, setup.kind, schedule=setup.schedule, seed=seed,
+                      teacher=setup.teacher_model, hint=hint, compute_dtype=setup.compute_dtype),
+      out_shardings=(setup.state_shardings, repl), donate_argnums=0,
+  )
+  eval_step = jax.jit(make_eval_step(setup.model, setup.kind, gates=setup.gates_on,
+                                     compute_dtype=setup.compute_dtype), out_shardings=repl)
+  return train_loop.Steps(
+      train_step=train_step, eval_step=eval_step, kind=setup.kind, desc=desc,
+      schedule=setup.schedule, steps_per_epoch=setup.steps_per_epoch,
+      total_steps=setup.total_steps, teacher_variables=setup.teacher_variables,
+      gates_on=setup.gates_on)
+
+
+@contextlib.contextmanager
+def _workdir_locked(workdir):
+  """One writer per run directory (process 0 speaks for a multi-process job)."""
   workdir_lock = lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
   if workdir_lock is not None:
     workdir_lock.acquire()
   try:
-    return _train_loop(
-        ckpt_lib=checkpointer if checkpointer is not None else _default_checkpointer(),
-        model=model, pipeline=pipeline, config=config, workdir=workdir, seed=seed,
-        epochs=epochs, loss_fn=loss_fn, kind=kind, schedule=schedule, t_model=t_model,
-        t_vars=t_vars, hint=hint, desc=desc, compute_dtype=compute_dtype,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, mesh=mesh, state=state,
-        state_sh=state_sh, gates_on=gates_on, run_fingerprint=run_fingerprint, allow=allow)
+    yield
   finally:
     if workdir_lock is not None:
       workdir_lock.release()
@@ -408,147 +432,6 @@ def _default_checkpointer():
   from inhernet_jax import checkpoint
 
   return checkpoint
-
-
-def _train_loop(*, ckpt_lib, model, pipeline, config, workdir, seed, epochs, loss_fn, kind, schedule,
-                t_model, t_vars, hint, desc, compute_dtype, steps_per_epoch, total_steps, mesh,
-                state, state_sh, gates_on, run_fingerprint, allow) -> Run:
-  """`train_and_evaluate` past its set-up, with the workdir locked."""
-  mngr = ckpt_lib.manager(
-      os.path.join(workdir, "checkpoints"),
-      max_to_keep=config.get("keep_checkpoints", 2),
-      async_save=config.get("async_checkpoints", True),
-  )
-  history, sums, wall = _empty_history(), {"loss": 0.0, "metric": 0.0, "count": 0.0}, 0.0
-  start_step, resumed_from = 0, None
-  restored = ckpt_lib.restore_latest(mngr, state, fingerprint=run_fingerprint,
-                                     allow_changes=allow,
-                                     required_meta=("history", "sums", "wall_s"))
-  if restored is not None:
-    resumed_from, state, meta = restored
-    history, sums, wall = meta["history"], meta["sums"], meta["wall_s"]
-    start_step = resumed_from
-    logging.info("%s: resumed from step %d (%s)", desc, resumed_from, mngr.directory)
-
-  repl = sharding_lib.replicated(mesh)
-  # The state keeps its shardings step after step (out_shardings) and is donated; the
-  # batch arrives as global arrays split over the data axes (`shard_batch`).
-  train_step = jax.jit(
-      make_train_step(model, loss_fn, kind, schedule=schedule, seed=seed, teacher=t_model,
-                      hint=hint, compute_dtype=compute_dtype),
-      out_shardings=(state_sh, repl), donate_argnums=0,
-  )
-  eval_step = jax.jit(make_eval_step(model, kind, gates=gates_on, compute_dtype=compute_dtype),
-                      out_shardings=repl)
-  pipeline = _Sharded(pipeline, mesh)
-  gates = None
-
-  def save(step):
-    ckpt_lib.save(mngr, step, state, {"history": history, "sums": sums, "wall_s": wall,
-                                      "total_steps": total_steps,
-                                      "fingerprint": run_fingerprint})
-
-  t0 = time.perf_counter()
-  if not history["epoch"]:  # Epoch 0: the starting point (InherNet's metric at init).
-    test_loss, test_metric, gates = evaluate(eval_step, state.params, state.batch_stats, pipeline, kind)
-    _append(history, epoch=0, step=0, train_loss=None, train_metric=None, test_loss=test_loss,
-            test_metric=test_metric, lr=float(schedule(0)), examples_per_s=None,
-            gate_entropy=_mean_entropy(gates))
-    wall += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    save(0)
-
-  every = int(config.get("checkpoint_every_steps", 0) or 0)
-  log_every = int(config.get("log_every_steps", 0) or 0)
-  bar = _progress(config, total_steps, start_step, desc)
-  epoch_t0, epoch_step0 = time.perf_counter(), start_step
-  log_t0 = epoch_t0
-  step = start_step
-  try:
-    while step < total_steps:
-      batch = pipeline.train_batch(step)
-      state, metrics = train_step(state, batch, t_vars)
-      step += 1
-      m = jax.device_get(metrics)
-      sums["loss"] += float(m["loss"]) * float(m["count"])
-      sums["metric"] += float(m["metric_sum"])
-      sums["count"] += float(m["count"])
-      if not math.isfinite(float(m["loss"])):
-        raise FloatingPointError(f"{desc}: loss is {float(m['loss'])} at step {step}")
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix({"loss": f"{float(m['loss']):.4f}",
-                         metric_name(kind): f"{sums['metric'] / max(sums['count'], 1.0):.4f}",
-                         "lr": f"{float(m['lr']):.2e}"})
-      if log_every and step % log_every == 0:
-        now = time.perf_counter()
-        logging.info(
-            "%s step %d: loss %.4f %s %.4f lr %.3g grad_norm %.3g, %.1f examples/s", desc,
-            step, float(m["loss"]), metric_name(kind),
-            float(m["metric_sum"]) / max(float(m["count"]), 1.0), float(m["lr"]),
-            float(m["grad_norm"]), log_every * pipeline.batch_size / max(now - log_t0, 1e-9))
-        log_t0 = now
-      if step % steps_per_epoch == 0:
-        seconds = time.perf_counter() - epoch_t0
-        examples = (step - epoch_step0) * pipeline.batch_size
-        test_loss, test_metric, gates = evaluate(
-            eval_step, state.params, state.batch_stats, pipeline, kind)
-        count = max(sums["count"], 1.0)
-        _append(history, epoch=step // steps_per_epoch, step=step,
-                train_loss=sums["loss"] / count, train_metric=sums["metric"] / count,
-                test_loss=test_loss, test_metric=test_metric, lr=float(m["lr"]),
-                examples_per_s=examples / max(seconds, 1e-9),
-                gate_entropy=_mean_entropy(gates))
-        sums = {"loss": 0.0, "metric": 0.0, "count": 0.0}
-        if bar is not None:
-          bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}",
-                          test=f"{test_metric:.4f}")
-        logging.info("%s epoch %d: train loss %.4f, test %s %.4f", desc,
-                     history["epoch"][-1], history["train_loss"][-1], metric_name(kind),
-                     test_metric)
-        wall += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        save(step)
-        epoch_t0, epoch_step0 = time.perf_counter(), step
-      elif every and step % every == 0:
-        wall += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        save(step)
-  finally:
-    if bar is not None:
-      bar.close()
-    mngr.wait_until_finished()
-  if gates is None and gates_on:
-    _, _, gates = evaluate(eval_step, state.params, state.batch_stats, pipeline, kind)
-  mngr.close()
-  return Run(state=state, history=history, wall_s=wall, gates=gates, resumed_from=resumed_from)
-
-
-class _Sharded:
-  """A pipeline whose batches are global arrays on ``mesh`` (this process's rows)."""
-
-  def __init__(self, pipeline, mesh):
-    for what, size in (("batch_size", pipeline.batch_size),
-                       ("eval_batch_size", pipeline.eval_batch_size)):
-      slot, slots = sharding_lib.process_batch_slot(mesh, size)
-      if (pipeline.process_index, pipeline.process_count) != (slot, slots):
-        raise ValueError(
-            f"the pipeline feeds share {pipeline.process_index} of {pipeline.process_count} "
-            f"of every batch, but on mesh {sharding_lib.describe(mesh)} this process holds "
-            f"share {slot} of {slots} ({what}={size}); build it with data.get(..., "
-            f"process_index={slot}, process_count={slots}) (sharding.process_batch_slot)")
-    self._pipeline, self._mesh = pipeline, mesh
-
-  def __getattr__(self, name):
-    return getattr(self._pipeline, name)
-
-  def train_batch(self, step: int):
-    return sharding_lib.shard_batch(self._mesh, self._pipeline.train_batch(step),
-                                    self._pipeline.batch_size)
-
-  def eval_batches(self):
-    for batch in self._pipeline.eval_batches():
-      yield sharding_lib.shard_batch(self._mesh, batch, self._pipeline.eval_batch_size)
 
 
 def _init_connector(model, variables, t_model, t_vars, hint: Hint, pipeline, seed: int, desc: str):
@@ -584,16 +467,3 @@ def _has_gates(params) -> bool:
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
   return any("gate" in jax.tree_util.keystr(p, simple=True, separator="/").split("/")
              for p, _ in paths)
-
-
-def _append(history, **values):
-  for k in HISTORY_KEYS:
-    history[k].append(values[k])
-
-
-def _progress(config, total: int, initial: int, desc: str):
-  if not config.get("progress", True) or jax.process_index() != 0:
-    return None
-  # Log lines print above the bar while it is shown (inhernet_jax.progress).
-  return progress.bar(total=total, initial=initial, desc=desc, unit="step", leave=False,
-                      dynamic_ncols=True)
