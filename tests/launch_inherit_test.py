@@ -107,12 +107,12 @@ def test_rank_writes_checkpoint_spec_and_report(teachers, rank4):
   assert f"inherited {after:,}" in proc.stdout
 
 
-def test_rank_params_of_a_zoo_model(teachers, tmp_path):
+def test_rank_student_zoo_model(teachers, tmp_path):
   run_dir, model, teacher_params = teachers["default"]
   target = models.param_count("mlp", num_classes=10)  # 50,826, a third of the teacher.
   assert target < accounting.param_count(teacher_params)
   out = tmp_path / "out"
-  proc = launch("--config=configs/digits.py", f"--teacher={run_dir}", "--rank=params:mlp",
+  proc = launch("--config=configs/digits.py", f"--teacher={run_dir}", "--rank=student:mlp",
                 f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   spec_json = json.loads((out / "spec.json").read_text())["spec"]
