@@ -195,6 +195,14 @@ def test_bad_spec_flags_are_one_line_naming_the_flag(teachers, tmp_path, flag, f
   assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_named_rank_is_one_line_naming_the_flag(teachers, tmp_path):
+  # 'params:' is another method's size, in configs; on the command line no method is known.
+  proc = launch("--config=configs/digits.py:local", f"--teacher={teachers['local'][0]}",
+                "--rank=params:nope", f"--out={tmp_path / 'out'}")
+  _one_line_error(proc, "--rank 'params:nope'", "'student:<zoo model>'")
+  assert not (tmp_path / "out").exists()
+
+
 def test_missing_config_file_is_one_line(teachers, tmp_path):
   proc = launch("--config=configs/nope.py", f"--teacher={teachers['local'][0]}", "--rank=4",
                 f"--out={tmp_path / 'out'}")
