@@ -8,7 +8,8 @@ Public API::
   model = MyModel(spec=spec)   # built from ij.layers.InherDense / InherConv
 """
 
-from inhernet_jax import accounting, layers, svd
+from inhernet_jax import accounting, budget, layers, sizes, svd
+from inhernet_jax.budget import allocate
 from inhernet_jax.inherit import (
     format_report,
     inherit,
@@ -17,6 +18,7 @@ from inhernet_jax.inherit import (
     resolve,
 )
 from inhernet_jax.layers import InherConv, InherDense
+from inhernet_jax.sizes import parameter_budget
 from inhernet_jax.spec import InherSpec, LayerPlan
 
 __all__ = [
@@ -25,18 +27,17 @@ __all__ = [
     "InherSpec",
     "LayerPlan",
     "accounting",
+    "allocate",
+    "budget",
     "format_report",
     "inherit",
     "inherit_report",
     "layers",
+    "parameter_budget",
     "planned_param_count",
     "resolve",
+    "sizes",
     "svd",
 ]
 __version__ = "0.1.0"
 
-# Budget-matched per-layer ranks (imports the model zoo, for "student:<model>" budgets).
-from inhernet_jax import budget  # noqa: E402
-from inhernet_jax.budget import allocate, parameter_budget  # noqa: E402
-
-__all__ += ["allocate", "budget", "parameter_budget"]

@@ -1,4 +1,4 @@
-"""Accounting: parameter counts, forward FLOPs, and the rank that meets a size.
+"""Accounting: parameter counts, budgets, forward FLOPs, and the rank that meets a size.
 
 Example::
 
@@ -7,6 +7,9 @@ Example::
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,45 @@ from inhernet_jax.spec import InherSpec, as_spec
 def param_count(params) -> int:
   """Number of scalars in a params pytree (arrays or `jax.ShapeDtypeStruct`s)."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def budget_params(teacher_params, budget, *, where: str = "budget",
+                  expected: str = "an int or a fraction in (0, 1]") -> int:
+  """The parameter count a budget number stands for, for the whole inherited network.
+
+  Args:
+    teacher_params: the teacher's ``params`` (arrays or `jax.ShapeDtypeStruct`s).
+    budget: an int (parameters, every leaf counted) or a float in (0, 1] (that fraction
+      of the teacher's parameters, rounded down); strings holding either are read as
+      such (command lines). Names such as ``"student:<zoo model>"`` are read by
+      `sizes.parameter_budget`.
+    where: what ``budget`` is, to start error messages.
+    expected: what the caller reads, for error messages (`sizes` reads names too).
+
+  Raises:
+    TypeError: a budget of the wrong type, named with what was expected.
+    ValueError: a budget out of range or not a number, and what was expected.
+  """
+  value = budget
+  if isinstance(value, str):
+    try:
+      value = int(value.strip())
+    except ValueError:
+      try:
+        value = float(value.strip())
+      except ValueError:
+        raise ValueError(f"{where} {budget!r}: expected {expected}") from None
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{where} must be {expected}, got {type(budget).__name__} {budget!r}")
+  if isinstance(value, numbers.Integral):
+    if value < 1:
+      raise ValueError(f"{where} {budget!r}: a parameter count must be >= 1")
+    return int(value)
+  count = param_count(teacher_params)
+  if not (math.isfinite(value) and 0.0 < value <= 1.0):
+    raise ValueError(f"{where} {budget!r}: a float is a fraction of the teacher's {count:,} "
+                     "parameters, in (0, 1]; give an int for a parameter count")
+  return int(math.floor(value * count))
 
 
 def forward_flops(apply_fn, *args, **kwargs) -> float:

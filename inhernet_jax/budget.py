@@ -1,10 +1,12 @@
 """Budget-matched per-layer ranks: the inherited network that keeps the most energy.
 
-`parameter_budget` reads a size (a parameter count, a fraction of the teacher, or "as
-large as zoo model X"). `allocate` then picks one rank per inherited kernel so that the
-whole inherited network has at most that many parameters (heads, gates, biases and every
-untouched leaf counted exactly, as `inherit.planned_param_count` counts them) and keeps
-as much normalised spectral energy as it can::
+A budget is a number: a parameter count, or a fraction of the teacher's
+(`accounting.budget_params`; names such as "as large as zoo model X",
+``"student:<zoo model>"``, are read a layer up, by `sizes.parameter_budget`). `allocate`
+picks one rank per inherited kernel so that the whole inherited network has at most that
+many parameters (heads, gates, biases and every untouched leaf counted exactly, as
+`inherit.planned_param_count` counts them) and keeps as much normalised spectral energy
+as it can::
 
   maximise  sum over kernel matrices of  sum_{i<=r} s_i^2 / sum_i s_i^2
   s.t.      parameters(inherited network) <= budget
@@ -15,41 +17,30 @@ the baseline, one rank everywhere (`accounting.rank_for_params`). Both return an
 `InherSpec` with exact per-path rules, like `inherit.resolve`, so that
 ``model.clone(spec=spec)`` and ``inherit(params, spec)`` agree.
 
-Note which layers get rank: the objective rewards energy still missing, so a layer with
-a flat spectrum (every direction matters as much) ends up with more rank, or dense,
-than one whose spectrum decays fast (a few directions already hold most of its energy);
-only the first few increments of a tight budget go to the decaying layer. And a sum of
-fractions will trade one layer's last few percent for another's larger share: at tight
-budgets it can starve a costly layer (rank 1), which before fine-tuning costs accuracy;
-``objective="log_energy"`` (the product of the fractions) does not.
+The objectives (``objective=``) differ in which layers get rank. The plain sum
+(``"energy"``) rewards energy still missing, so a layer with a flat spectrum (every
+direction matters as much) gets more rank, or stays dense, than one whose spectrum decays
+fast; and it will trade one layer's last few percent for another's larger share, so at
+tight budgets it can starve a costly layer (rank 1). ``"log_energy"`` (the product of the
+fractions) does not starve a layer. Both count a costly layer's fraction as much as a
+cheap one's, so they buy rank where it is cheap (narrow outputs, few heads) and leave the
+wide layers a narrow bottleneck, which fine-tuning cannot widen. ``"param_energy"`` (the
+default of `allocate`, the launchers and the configs) weights each matrix's fraction by
+its dense size (about its share of the teacher's weight energy) and keeps every layer at
+least half the uniform rank (``rank_floor``), so that no cheap layer is starved in turn.
+Per-layer ranks still do not beat uniform ranks after fine-tuning in our measurements
+(docs/api.md, "Budget allocation: measured"): uniform ranks are the safer choice when
+the network is fine-tuned afterwards.
 
-Both still count a costly layer's fraction as much as a cheap one's, so they buy rank
-where it is cheap (narrow outputs, few heads) and leave the wide layers a narrow
-bottleneck, which fine-tuning cannot widen: at the same budget they lose to uniform after
-fine-tuning (digits CNN at 6.5% of the teacher: 93.4% / 52.1% against 95.7%; a char GPT:
-2.18 against 2.06 bits per char). ``objective="param_energy"`` weights each matrix's
-fraction by its dense size (about its share of the teacher's weight energy), and by
-default keeps every layer at least half the uniform rank (``rank_floor``), so that no
-cheap layer is starved in turn (on the digits CNN the size-weighted sum alone gave the
-conv layer rank 1: 94.2%). It gets back most of the loss but not all: on the digits CNN
-it picks the uniform ranks (6.5%) or the same ranks as ``"energy"`` (25%, equal to
-uniform), on the char GPT it gives the MLP's fc2 ~20 and attention ~10 (uniform 12):
-2.072 bits per char (2.060 data-aware, where uniform data-aware gives 2.042). Uniform
-ranks remain the safer choice when the network is fine-tuned afterwards.
-``"param_energy"`` is the default of `allocate`, the launchers and the configs.
-
-The greedy (see `allocate`) is a heuristic: on 3,000 random small problems
-(`benchmarks.budget`, seeds 0 and 1) it found the optimum in 99.4%, but in 0.27% it
-lost more than 0.02 normalised energy per layer, at worst 0.14 (where the optimum keeps
-another set of layers dense: an exchange of three layers, which the local search does
-not try).
-``method="exact"`` solves small problems exactly.
+The greedy (see `allocate`) is a heuristic with no guaranteed bound (how far it is from
+the optimum: ``python -m benchmarks.budget``); ``method="exact"`` solves small problems
+exactly.
 
 Example::
 
-  budget = parameter_budget(teacher_params, "student:resnet8x4", num_classes=100)
+  target = sizes.parameter_budget(teacher_params, "student:resnet8x4", num_classes=100)
   rules = models.preset("default", "resnet32x4")
-  spec = allocate(teacher_params, budget, heads=3, rules=rules)
+  spec = allocate(teacher_params, target, heads=3, rules=rules)
   student = teacher.clone(spec=spec)              # its params: inherit(teacher_params, spec)
   print(summary(teacher_params, spec)["energy_mean"])
 """
@@ -59,12 +50,13 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from inhernet_jax import accounting, models, svd
+from inhernet_jax import accounting, svd
 from inhernet_jax import spec as spec_lib
 from inhernet_jax.budget_solve import _cost, _Layer, _objective, solve
 from inhernet_jax.inherit import _by_shape, _collect, _plan_all, planned_param_count
@@ -75,54 +67,29 @@ OBJECTIVES = ("energy", "log_energy", "param_energy")
 
 
 # ---------------------------------------------------------------------------- budget
-def parameter_budget(teacher_params, budget, *, num_classes: int | None = None,
-                     model_kwargs: Mapping[str, Any] | None = None) -> int:
-  """A total parameter count for the whole inherited network.
+def _target(teacher_params, budget, num_classes: int | None) -> int:
+  """`accounting.budget_params`; and for one more release a named size (deprecated
+  here: names are read a layer up, by `sizes.parameter_budget`)."""
+  if isinstance(budget, str) and ":" in budget:
+    from inhernet_jax import sizes  # noqa: PLC0415 (the layer above; only this shim needs it)
+    warnings.warn(f"budget {budget!r}: budget.allocate / budget.uniform take numbers; a named "
+                  "size is deprecated here and goes in the next release: pass "
+                  "sizes.parameter_budget(teacher_params, name, num_classes=...)",
+                  DeprecationWarning, stacklevel=3)
+    return sizes.parameter_budget(teacher_params, budget, num_classes=num_classes)
+  return accounting.budget_params(teacher_params, budget)
 
-  Args:
-    teacher_params: the teacher's ``params`` (arrays or `jax.ShapeDtypeStruct`s).
-    budget: an int (parameters, every leaf counted); a float in (0, 1] (that fraction of
-      the teacher's parameters, rounded down); or ``"student:<zoo model>"`` /
-      ``"params:<zoo model>"`` (that model's size, `models.param_count`). Strings holding
-      an int or a float are read as such (command lines).
-    num_classes: classifier size of the named model (its default when None).
-    model_kwargs: fields of the named model (``{"widths": (16, 32, 64)}``).
 
-  Raises:
-    TypeError: a budget of the wrong type, named with what was expected.
-    ValueError: a budget out of range or naming an unknown model, and what was expected.
-  """
-  value = budget
-  if isinstance(value, str):
-    kind, sep, name = value.strip().partition(":")
-    if sep:
-      if kind not in ("student", "params"):
-        raise ValueError(f"budget {budget!r}: expected 'student:<zoo model>' or "
-                         "'params:<zoo model>', an int or a fraction in (0, 1]")
-      if name not in models.NAMES:
-        raise ValueError(f"budget {budget!r}: unknown model {name!r}; "
-                         f"known: {', '.join(models.NAMES)}")
-      return int(models.param_count(name, num_classes=num_classes, **dict(model_kwargs or {})))
-    try:
-      value = int(kind)
-    except ValueError:
-      try:
-        value = float(kind)
-      except ValueError:
-        raise ValueError(f"budget {budget!r}: expected an int, a fraction in (0, 1] or "
-                         "'student:<zoo model>'") from None
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"budget must be an int, a float fraction in (0, 1] or "
-                    f"'student:<zoo model>', got {type(budget).__name__} {budget!r}")
-  if isinstance(value, numbers.Integral):
-    if value < 1:
-      raise ValueError(f"budget {budget!r}: a parameter count must be >= 1")
-    return int(value)
-  total = accounting.param_count(teacher_params)
-  if not (math.isfinite(value) and 0.0 < value <= 1.0):
-    raise ValueError(f"budget {budget!r}: a float is a fraction of the teacher's {total:,} "
-                     "parameters, in (0, 1]; give an int for a parameter count")
-  return int(math.floor(value * total))
+def __getattr__(name: str):
+  """Deprecated aliases, kept for one release: ``parameter_budget`` moved up a layer, to
+  `sizes.parameter_budget` (which reads names of zoo models; this module takes numbers)."""
+  if name == "parameter_budget":
+    from inhernet_jax import sizes  # noqa: PLC0415 (the layer above; only this alias needs it)
+    warnings.warn("inhernet_jax.budget.parameter_budget moved to "
+                  "inhernet_jax.sizes.parameter_budget (also inhernet_jax.parameter_budget); "
+                  "the old name goes in the next release", DeprecationWarning, stacklevel=2)
+    return sizes.parameter_budget
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- layers
@@ -298,15 +265,16 @@ def allocate(
   Dense jumps make this a knapsack, so there are more starts: the greedy with one layer
   forced dense (the best few jumps) and the uniform allocation. The best few starts
   are improved by a local search (single steps up; one layer down and another up, while
-  the objective rises) and the best wins: never worse than uniform. On 3,000 random small
-  problems it was optimal in 99.4% of cases (`"exact"`), lost more than 0.02 energy per
-  layer in 0.27%, at worst 0.14 (`benchmarks.budget`); no bound is guaranteed.
+  the objective rises) and the best wins: never worse than uniform. No bound is
+  guaranteed (its gap to ``"exact"`` on random problems: `benchmarks.budget`).
   ``"exact"``: the optimum by dynamic programming (small models; raises when too large).
 
   Args:
     teacher_params: the teacher's ``params`` collection (concrete arrays).
-    budget: total parameters of the inherited network, every leaf counted; anything
-      `parameter_budget` reads (an int, a fraction of the teacher, "student:<model>").
+    budget: total parameters of the inherited network, every leaf counted; an int or a
+      fraction of the teacher (`accounting.budget_params`). A name
+      (``"student:<zoo model>"``) still works for one release, with a
+      `DeprecationWarning`: resolve it with `sizes.parameter_budget` first.
     heads: expert up-projections per layer; default the spec's heads (1 without spec).
       A rule's own ``heads`` wins for its paths.
     rules: ``(regex, action)`` rules selecting the inherited kernels (e.g.
@@ -319,12 +287,10 @@ def allocate(
     method: ``"greedy"`` or ``"exact"``.
     objective: ``"energy"``: the sum of kept energies (above); ``"log_energy"``: the sum
       of their logs (their product), which will not leave one layer with almost
-      nothing to give another a little more: on the digits CNN at a tight budget the
-      sum left its largest layer at rank 1 (7% energy, 20% accuracy before fine-tuning;
-      uniform 50%), the logs did not (49%).
+      nothing to give another a little more.
       ``"param_energy"`` (default): the sum of kept energies weighted by each matrix's
       dense size (mean weight 1), above a rank floor (``rank_floor`` 0.5 by default).
-    num_classes: for a ``"student:<model>"`` budget.
+    num_classes: for a (deprecated) ``"student:<zoo model>"`` budget.
     return_info: also return a dict: ``params`` (exactly what `inherit` will produce),
       ``budget``, ``objective`` (its value, over the free matrices), ``ranks``
       (path -> rank, 0 for dense) of the free kernels, ``method``.
@@ -349,7 +315,7 @@ def allocate(
                                      and 0.0 <= rank_floor <= 1.0):
     raise ValueError(f"rank_floor must be a fraction in [0, 1] of the uniform rank, "
                      f"got {rank_floor!r}")
-  target = parameter_budget(teacher_params, budget, num_classes=num_classes)
+  target = _target(teacher_params, budget, num_classes)
   base = _base_spec(spec, heads, rules)
   kernels, layers, other = _problem(teacher_params, base, spectra, objective)
   remaining = target - other
@@ -381,7 +347,7 @@ def uniform(teacher_params, budget, *, heads: int | None = None, rules=(),
   Same arguments as `allocate`; the spec keeps the base spec's other fields and carries
   the rank as its policy (no per-path rules are added).
   """
-  target = parameter_budget(teacher_params, budget, num_classes=num_classes)
+  target = _target(teacher_params, budget, num_classes)
   base = _base_spec(spec, heads, rules, uniform=True)
   rank = accounting.rank_for_params(teacher_params, target, heads=base.heads, rules=base.rules,
                                     rank_multiple=base.rank_multiple)

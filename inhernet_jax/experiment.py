@@ -37,7 +37,7 @@ from inhernet_jax import train as train_lib
 from inhernet_jax import budget as budget_lib
 from inhernet_jax import calibration, integrity
 from inhernet_jax import lock as lock_lib
-from inhernet_jax import validate
+from inhernet_jax import sizes, validate
 from inhernet_jax.inherit import inherit
 from inhernet_jax.spec import InherSpec
 
@@ -153,17 +153,11 @@ def _with_optimizer(config, override):
 
 
 def _student_size(rank, student_params: dict[str, int], name: str) -> int | None:
-  """The parameter count ``'params:<method>'`` names (None for a number)."""
-  if not isinstance(rank, str):
-    return None
-  if not rank.startswith("params:"):
+  """The parameter count ``'params:<method>'`` names (None for a number), `sizes.named_size`."""
+  if isinstance(rank, str) and not rank.startswith("params:"):
     raise ValueError(f"config.method_defs.{name}.rank: expected an int, a fraction or "
                      f"'params:<method>', got {rank!r}")
-  other = rank.split(":", 1)[1]
-  if other not in student_params:
-    raise ValueError(f"config.method_defs.{name}.rank {rank!r}: method {other!r} is not a "
-                     f"student run before it (students: {sorted(student_params)})")
-  return student_params[other]
+  return sizes.named_size(rank, methods=student_params, where=f"config.method_defs.{name}.rank")
 
 
 def _resolve_rank(rank, teacher_params, heads: int, rules, student_params: dict[str, int], name: str):
@@ -204,7 +198,8 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   if allocation != "greedy":
     raise ValueError(f"config.method_defs.{name}.allocation must be 'uniform' or 'greedy', "
                      f"got {allocation!r}")
-  target = _student_size(md["rank"], student_params, name) or md["rank"]  # A size, or a ratio.
+  target = sizes.parameter_budget(t_params, md["rank"], methods=student_params,
+                                 where=f"config.method_defs.{name}.rank")
   spectra = None if grams is None else calibration.whitened_spectra(t_params, grams, base)
   spec = budget_lib.allocate(t_params, target, spec=base, spectra=spectra,
                              objective=md.get("objective", "energy"))

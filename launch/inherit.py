@@ -3,7 +3,7 @@ r"""Inherits a teacher checkpoint from the command line: inherited checkpoint + 
   python -m launch.inherit --config=configs/digits.py \
       --teacher=workdir/digits/seed_0/teacher --rank=8 --heads=3 --out=/tmp/inherited
   python -m launch.inherit --config=configs/cifar100.py:pair=resnet56 \
-      --teacher=RUN_DIR --rank=params:resnet20 --out=...     # at resnet20's size
+      --teacher=RUN_DIR --rank=student:resnet20 --out=...    # at resnet20's size
   python -m launch.inherit ... --energy=0.9                  # per-layer ranks by energy
   python -m launch.inherit ... --budget=student:resnet20     # per-layer ranks at its size
   python -m launch.inherit ... --norecalibrate               # keep the teacher's BN statistics

@@ -1,20 +1,25 @@
 """The inherited network's flags, shared by `launch.inherit` and `launch.convert`.
 
-``--rank`` (an int, a fraction, or ``params:<zoo model>``: the largest uniform rank at
+``--rank`` (an int, a fraction, or ``student:<zoo model>``: the largest uniform rank at
 that model's size), ``--energy`` (per-layer ranks by spectral energy) or ``--budget``
 (per-layer ranks at a parameter budget: an int, a fraction of the teacher, or
 ``student:<zoo model>``; ``--allocation`` greedy or uniform), with ``--heads`` and
 ``--preset``, and ``--svd`` (the SVD setting). `make_spec` turns them into an exact `InherSpec`.
+Named sizes are read by `inhernet_jax.sizes` (``params:<zoo model>``, the old spelling of
+``student:<zoo model>``, still works for one release and prints a deprecation warning).
 """
+
+import warnings
 
 from absl import app, flags
 
-from inhernet_jax import accounting, budget, models
+from inhernet_jax import accounting, budget, models, sizes
 from inhernet_jax.inherit import resolve
 from inhernet_jax.spec import InherSpec
 
 RANK = flags.DEFINE_string(
-    "rank", None, "An int, a fraction in (0, 1], or params:<zoo model> (that model's size).")
+    "rank", None, "An int, a fraction in (0, 1], or student:<zoo model> (the largest uniform "
+    "rank at that model's size).")
 ENERGY = flags.DEFINE_float("energy", None, "Instead of --rank: spectral energy to keep per layer.")
 BUDGET = flags.DEFINE_string(
     "budget", None, "Instead of --rank: total parameters of the inherited network, an int, a "
@@ -58,7 +63,8 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
     raise app.UsageError(f"--heads={heads}: expected an int >= 1 (gated expert up-projections)")
   if BUDGET.value is not None:
     try:
-      target = budget.parameter_budget(teacher_params, BUDGET.value, num_classes=num_classes)
+      target = _named(sizes.parameter_budget, teacher_params, BUDGET.value,
+                      num_classes=num_classes)
       pick = budget.allocate if ALLOCATION.value == "greedy" else budget.uniform
       spec = pick(teacher_params, target, heads=heads, rules=rules,
                   spec=InherSpec(rank_multiple=multiple))
@@ -74,11 +80,11 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
                            f"layer's spectral energy ({e})") from None
     return resolve(teacher_params, spec)
   rank = RANK.value
-  if rank.startswith("params:"):
-    other = rank.split(":", 1)[1]
-    if other not in models.NAMES:
-      raise app.UsageError(f"--rank={rank!r}: unknown model {other!r}; known: {', '.join(models.NAMES)}")
-    target = models.param_count(other, num_classes=num_classes)
+  try:
+    target = _named(sizes.named_size, rank, num_classes=num_classes, where="--rank")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if target is not None:
     rank = accounting.rank_for_params(teacher_params, target, heads=heads, rules=rules,
                                       rank_multiple=multiple)
     return InherSpec(rank=rank, heads=heads, rules=rules, rank_multiple=multiple)
@@ -87,4 +93,18 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
     return InherSpec(rank=value, heads=heads, rules=rules, rank_multiple=multiple)
   except (TypeError, ValueError) as e:
     raise app.UsageError(f"--rank={rank!r}: expected an int >= 1, a fraction in (0, 1] or "
-                         f"params:<zoo model> ({e})") from None
+                         f"student:<zoo model> ({e})") from None
+
+
+def _named(read, *args, **kwargs):
+  """``read(*args, **kwargs)`` (a `sizes` reader), its deprecation warnings printed: a
+  command line's user would not see them otherwise (Python hides them by default)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", DeprecationWarning)
+    out = read(*args, **kwargs)
+  for w in caught:
+    if issubclass(w.category, DeprecationWarning):
+      print(f"warning: {w.message}")
+    else:
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  return out

@@ -107,12 +107,12 @@ def test_rank_writes_checkpoint_spec_and_report(teachers, rank4):
   assert f"inherited {after:,}" in proc.stdout
 
 
-def test_rank_params_of_a_zoo_model(teachers, tmp_path):
+def test_rank_student_zoo_model(teachers, tmp_path):
   run_dir, model, teacher_params = teachers["default"]
   target = models.param_count("mlp", num_classes=10)  # 50,826, a third of the teacher.
   assert target < accounting.param_count(teacher_params)
   out = tmp_path / "out"
-  proc = launch("--config=configs/digits.py", f"--teacher={run_dir}", "--rank=params:mlp",
+  proc = launch("--config=configs/digits.py", f"--teacher={run_dir}", "--rank=student:mlp",
                 f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   spec_json = json.loads((out / "spec.json").read_text())["spec"]
@@ -192,6 +192,14 @@ def test_bad_spec_flags_are_one_line_naming_the_flag(teachers, tmp_path, flag, f
                 *args, f"--out={tmp_path / 'out'}")
   _one_line_error(proc, *fragments)
   assert "--rank" not in proc.stderr.split("error: ")[1]  # Not blamed on --rank.
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_named_rank_is_one_line_naming_the_flag(teachers, tmp_path):
+  # 'params:' is another method's size, in configs; on the command line no method is known.
+  proc = launch("--config=configs/digits.py:local", f"--teacher={teachers['local'][0]}",
+                "--rank=params:nope", f"--out={tmp_path / 'out'}")
+  _one_line_error(proc, "--rank 'params:nope'", "'student:<zoo model>'")
   assert not (tmp_path / "out").exists()
 
 
