@@ -107,15 +107,16 @@ class MethodDef:
     kind = md.get("kind")
     if kind not in KINDS:
       raise ValueError(f"config.method_defs.{name}.kind must be one of {KINDS}, got {kind!r}")
-    if kind == "student" and not md.get("model"):
+    out = cls(**md, given=tuple(md))
+    if kind == "student" and not out.model:
       raise ValueError(f"config.method_defs.{name}.model: a student needs a model name")
-    if kind == "inhernet" and md.get("init", "svd") not in ("svd", "random"):
+    if kind == "inhernet" and out.init not in ("svd", "random"):
       raise ValueError(f"config.method_defs.{name}.init must be 'svd' or 'random', "
-                       f"got {md['init']!r}")
-    if kind == "inhernet" and md.get("rank") is None:
+                       f"got {out.init!r}")
+    if kind == "inhernet" and out.rank is None:
       raise ValueError(f"config.method_defs.{name}.rank: InherNet needs a rank (int, fraction, "
                        "or 'params:<method>')")
-    return cls(**md, given=tuple(md))
+    return out
 
   def replace(self, **changes) -> MethodDef:
     """A copy with ``changes`` (`dataclasses.replace`), which now count as given."""

@@ -113,8 +113,8 @@ def main(argv):
     for aware in (False, True):
       result["equal_rank"].append(row(spec.replace(data_aware=aware), rank=rank, data_aware=aware))
 
-  student = experiment.create_model(config.method_defs.student.model, pipeline.task,
-                                    config.method_defs.student.get("kwargs"))
+  student_md = MethodDef.from_config("student", config.method_defs.student)
+  student = experiment.create_model(student_md.model, pipeline.task, student_md.kwargs)
   target = accounting.param_count(experiment.init_variables(
       student, jax.random.key(0), pipeline.task, config)["params"])
   base = InherSpec(rank=1, heads=heads, rules=rules)
