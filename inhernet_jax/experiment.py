@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -39,15 +40,11 @@ from inhernet_jax import calibration, integrity
 from inhernet_jax import lock as lock_lib
 from inhernet_jax import sizes, validate
 from inhernet_jax.inherit import inherit
+from inhernet_jax.records import KINDS, RECALIBRATE, RECALIBRATION_BATCHES, MethodDef, RunRecord
 from inhernet_jax.spec import InherSpec
 
-KINDS = ("student", "inhernet")
 # Method fields the trainer fingerprints itself (or that do not define the run).
 _TRAINER_FIELDS = ("label", "optimizer", "loss", "loss_kwargs", "hint")
-# InherNet methods re-estimate BatchNorm statistics unless ``recalibrate: False``
-# (README, "BatchNorm re-estimation"), on this many training batches.
-RECALIBRATE = True
-RECALIBRATION_BATCHES = 32
 
 
 def _dict(node) -> dict:
@@ -68,18 +65,6 @@ def method_names(config) -> list[str]:
   if not names:
     raise ValueError("config.methods is empty")
   return names
-
-
-def _check_method(name: str, md) -> None:
-  kind = md.get("kind")
-  if kind not in KINDS:
-    raise ValueError(f"config.method_defs.{name}.kind must be one of {KINDS}, got {kind!r}")
-  if kind == "student" and not md.get("model"):
-    raise ValueError(f"config.method_defs.{name}.model: a student needs a model name")
-  if kind == "inhernet" and md.get("init", "svd") not in ("svd", "random"):
-    raise ValueError(f"config.method_defs.{name}.init must be 'svd' or 'random', got {md['init']!r}")
-  if kind == "inhernet" and md.get("rank") is None:
-    raise ValueError(f"config.method_defs.{name}.rank: InherNet needs a rank (int, fraction, or 'params:<method>')")
 
 
 def _example(task) -> jax.Array:
@@ -178,22 +163,22 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   ``init_key``, default the method's key, names the key of its random gate init:
   methods that share it start from the same gates.)
   """
-  heads = int(md.get("heads", 1))
-  rules = models.preset(md.get("preset", "default"), config.teacher.model)
-  aware = bool(md.get("data_aware", False))
-  base = InherSpec(rank=1, heads=heads, rules=rules, method=md.get("svd", "auto"), data_aware=aware)
+  heads = int(md.heads)
+  rules = models.preset(md.preset, config.teacher.model)
+  aware = bool(md.data_aware)
+  base = InherSpec(rank=1, heads=heads, rules=rules, method=md.svd, data_aware=aware)
   grams = None
   if aware:  # One set of Grams per seed and batch count, shared by the methods.
-    count = int(md.get("calibration_batches", 8))
+    count = int(md.calibration_batches)
     if count not in grams_cache:
       batches = (pipeline.train_batch(step) for step in range(count))
       grams_cache[count] = calibration.input_grams(t_model, t_vars, batches,
                                                    apply_kwargs={"train": False})
     grams = grams_cache[count]
-  allocation = md.get("allocation", "uniform")
+  allocation = md.allocation
   t_params = t_vars["params"]
   if allocation == "uniform":
-    rank = _resolve_rank(md["rank"], t_params, heads, rules, student_params, name)
+    rank = _resolve_rank(md.rank, t_params, heads, rules, student_params, name)
     return base.replace(rank=rank), grams, rank
   if allocation != "greedy":
     raise ValueError(f"config.method_defs.{name}.allocation must be 'uniform' or 'greedy', "
@@ -202,30 +187,41 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
                                  where=f"config.method_defs.{name}.rank")
   spectra = None if grams is None else calibration.whitened_spectra(t_params, grams, base)
   spec = budget_lib.allocate(t_params, target, spec=base, spectra=spectra,
-                             objective=md.get("objective", "energy"))
+                             objective=md.objective)
   return spec, grams, None
 
 
-def expand_methods(config) -> list[tuple[str, dict]]:
-  """(key, method definition) pairs; InherNet methods expanded over the rank x heads sweep."""
+def method_defs(config) -> list[tuple[str, MethodDef]]:
+  """(key, `MethodDef`) pairs of the methods to run, in order; InherNet methods expanded
+  over ``config.sweep``'s rank x heads (keys ``<name>_r<rank>_h<heads>``).
+
+  Raises:
+    ValueError: an unknown method, or a definition `MethodDef.from_config` rejects.
+    validate.ConfigError: a rank that is not one.
+  """
   out = []
   sweep = config.get("sweep") or {}
   ranks, heads = tuple(sweep.get("ranks", ()) or ()), tuple(sweep.get("heads", ()) or ())
   for name in method_names(config):
-    md = _dict(config.method_defs[name])
-    _check_method(name, md)
-    if md["kind"] == "inhernet":  # "8" from the command line (a string field) is rank 8.
-      md["rank"] = validate.parse_rank(md["rank"], f"config.method_defs.{name}.rank")
-    if md["kind"] == "inhernet" and (ranks or heads) and md.get("sweep", True):
-      for r in ranks or (md["rank"],):
+    md = MethodDef.from_config(name, config.method_defs[name])
+    if md.kind == "inhernet":  # "8" from the command line (a string field) is rank 8.
+      md = md.replace(rank=validate.parse_rank(md.rank, f"config.method_defs.{name}.rank"))
+    if md.kind == "inhernet" and (ranks or heads) and md.sweep:
+      for r in ranks or (md.rank,):
         r = validate.parse_rank(r, "config.sweep.ranks")
-        for h in heads or (md.get("heads", 1),):
-          base = re.sub(r"\s*H=\d+", "", md.get("label", name))  # The sweep sets H.
-          out.append((f"{name}_r{r}_h{h}", {**md, "rank": r, "heads": h,
-                                            "label": f"{base} r={r} H={h}"}))
+        for h in heads or (md.heads,):
+          base = re.sub(r"\s*H=\d+", "", md.label_or(name))  # The sweep sets H.
+          out.append((f"{name}_r{r}_h{h}",
+                      md.replace(rank=r, heads=h, label=f"{base} r={r} H={h}")))
     else:
       out.append((name, md))
   return out
+
+
+def expand_methods(config) -> list[tuple[str, dict]]:
+  """`method_defs` with each definition as the dict the config wrote (`MethodDef.as_dict`:
+  the given fields, the sweep's rank, heads and label, a parsed rank)."""
+  return [(key, md.as_dict()) for key, md in method_defs(config)]
 
 
 def mesh_from_config(config) -> jax.sharding.Mesh:
@@ -252,52 +248,52 @@ def _train(config, *args, **kwargs):
                                       sharding_rules=config.get("sharding_rules"))
 
 
-def _record(key: str, md: dict, model, variables, run, *, seed: int, task, flops: dict,
-            **extra) -> dict:
-  """One run record (`inhernet_jax.report`'s schema)."""
+def _record(key: str, label: str, kind: str, loss: str, model, variables, run, *, seed: int,
+            task, flops: dict, **extra) -> RunRecord:
+  """One run's `RunRecord` (``extra``: its InherNet fields)."""
   higher = task.kind == "classification"
   h = run.history
   finals = [m for m in h["test_metric"] if m is not None]
   if key not in flops:  # One compile per method, not per seed.
     flops[key] = _flops(model, variables, task)
-  return {
-      "method": key, "label": md.get("label", key), "kind": md.get("kind", "teacher"),
-      "loss": md.get("loss", "ce"), "seed": seed, "rank": extra.get("rank"),
-      "heads": extra.get("heads"), "init": extra.get("init"),
-      "params": accounting.param_count(variables["params"]), "flops": flops[key],
-      "metric_name": train_lib.metric_name(task.kind), "higher_is_better": higher,
-      "metric_at_init": extra.get("metric_at_init"), "final_metric": h["test_metric"][-1],
-      "best_metric": max(finals) if higher else min(finals), "epochs_to_scratch": None,
-      "wall_s": run.wall_s, "history": h, "gates": run.gates,
-      "calibration_batches": extra.get("calibration_batches"),
-  }
+  return RunRecord(
+      method=key, label=label, kind=kind, loss=loss, seed=seed, rank=extra.get("rank"),
+      heads=extra.get("heads"), init=extra.get("init"),
+      params=accounting.param_count(variables["params"]), flops=flops[key],
+      metric_name=train_lib.metric_name(task.kind), higher_is_better=higher,
+      metric_at_init=extra.get("metric_at_init"), final_metric=h["test_metric"][-1],
+      best_metric=max(finals) if higher else min(finals), epochs_to_scratch=None,
+      wall_s=run.wall_s, history=h, gates=run.gates,
+      calibration_batches=extra.get("calibration_batches"))
 
 
-def _recalibrate(md: dict, name: str, model, variables, pipeline) -> tuple[dict, int]:
+def _recalibrate(md: MethodDef, name: str, model, variables, pipeline) -> tuple[dict, int]:
   """``(variables, batches used)``: BatchNorm statistics re-estimated on the first
-  ``recalibration_batches`` (default 32) training batches of this seed's data order
-  (`batch_stats.recalibrate_batch_stats`) unless ``md["recalibrate"]`` is False.
+  ``md.recalibration_batches`` (default 32) training batches of this seed's data order
+  (`batch_stats.recalibrate_batch_stats`) unless ``md.recalibrate`` is False.
 
   On by default: it lifts the metric at init (BatchNorm CNNs start near chance without
   it) and cannot change fine-tuning, whose gradients use batch statistics only.
   """
-  if not md.get("recalibrate", RECALIBRATE) or "batch_stats" not in variables:
+  if not md.recalibrate or "batch_stats" not in variables:
     return variables, 0
-  count = int(md.get("recalibration_batches", RECALIBRATION_BATCHES))
+  count = int(md.recalibration_batches)
   if count < 1:
     raise ValueError(f"config.method_defs.{name}.recalibration_batches must be >= 1, got {count}")
   batches = (pipeline.train_batch(step) for step in range(count))
   return calibration.recalibrate_batch_stats(model, variables, batches), count
 
 
-def _teacher_record(config, model, variables, run, *, seed: int, task, flops: dict) -> dict:
-  md = {"label": f"teacher ({config.teacher.model})", "kind": "teacher"}
-  return _record("teacher", md, model, variables, run, seed=seed, task=task, flops=flops)
+def _teacher_record(config, model, variables, run, *, seed: int, task, flops: dict
+                    ) -> RunRecord:
+  return _record("teacher", f"teacher ({config.teacher.model})", "teacher", "ce", model,
+                 variables, run, seed=seed, task=task, flops=flops)
 
 
 def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | None = None
-             ) -> list[dict]:
-  """Every method of the config for one seed; returns one run record per method.
+             ) -> list[RunRecord]:
+  """Every method of the config for one seed; returns one `RunRecord` per method (it reads
+  as the dict records did: ``record["final_metric"]``).
 
   Args:
     config: the experiment config.
@@ -324,58 +320,59 @@ def run_seed(config, workdir: str, seed: int, *, teacher=None, flops: dict | Non
   student_params: dict[str, int] = {}
   grams_cache: dict[int, dict] = {}
   teacher_id = functools.cache(lambda: integrity.digest(integrity.checksum(t_vars)))
-  for key, md in expand_methods(config):
-    loss, loss_kwargs = md.get("loss", "ce"), _dict(md.get("loss_kwargs"))
+  for key, md in method_defs(config):
+    loss, loss_kwargs = md.loss, _dict(md.loss_kwargs)
     hint = None
     if loss == "fitnet":
-      h = _dict(md.get("hint"))
+      h = _dict(md.hint)
       hint = train_lib.Hint(h["student_layer"], h["teacher_layer"], float(h.get("weight", 1.0)))
     extra = {}
-    if md["kind"] == "student":
-      model = create_model(md["model"], task, md.get("kwargs"))
+    if md.kind == "student":
+      model = create_model(md.model, task, md.kwargs)
       variables = init_variables(model, _key(seed, key), task, config)
       student_params[key] = accounting.param_count(variables["params"])
     else:
       spec, grams, rank = _inherit_spec(md, key, config, t_model, t_vars, pipeline, student_params,
                                         grams_cache)
       model = t_model.clone(spec=spec)
-      if md.get("init", "svd") == "svd":
+      if md.init == "svd":
         variables = dict(t_vars, params=inherit(
-            t_params, spec, key=_key(seed, md.get("init_key") or key), calibration=grams,
+            t_params, spec, key=_key(seed, md.init_key or key), calibration=grams,
             sharding_rules=config.get("sharding_rules")))
       else:  # The paper's "without SVD init" ablation: same network, random init.
-        variables = init_variables(model, _key(seed, md.get("init_key") or key), task, config)
-      init = md.get("init", "svd")
+        variables = init_variables(model, _key(seed, md.init_key or key), task, config)
+      init = md.init
       if init == "svd" and spec.data_aware:
         init = "data_aware"  # Its own panel of the rank x heads plot.
       variables, count = _recalibrate(md, key, model, variables, pipeline)
       extra = {"rank": rank, "heads": spec.heads, "init": init,
                "calibration_batches": {
-                   "data_aware": int(md.get("calibration_batches", 8)) if spec.data_aware else 0,
+                   "data_aware": int(md.calibration_batches) if spec.data_aware else 0,
                    "batch_stats": count}}
     run = _train(
-        config, model, variables, pipeline, _with_optimizer(config, md.get("optimizer")),
+        config, model, variables, pipeline, _with_optimizer(config, md.optimizer),
         os.path.join(workdir, key), seed=seed, epochs=config.epochs, loss=loss,
         loss_kwargs=loss_kwargs, teacher=(t_model, t_vars) if loss != "ce" else None,
         hint=hint, desc=f"seed {seed} {key}",
         # What defines this run beyond the trainer's own fields (its label does not), and
         # the teacher an inherited network starts from (also without a KD teacher).
-        fingerprint={"method": {k: v for k, v in md.items() if k not in _TRAINER_FIELDS},
-                     **({"teacher": teacher_id()} if md["kind"] == "inhernet" else {})},
+        # (The definition as the config wrote it: defaults left out, as they always were.)
+        fingerprint={"method": md.as_dict(exclude=_TRAINER_FIELDS),
+                     **({"teacher": teacher_id()} if md.kind == "inhernet" else {})},
     )
-    if md["kind"] == "inhernet":
+    if md.kind == "inhernet":
       extra["metric_at_init"] = run.history["test_metric"][0]
     final = {"params": run.state.params}
     if run.state.batch_stats:  # The FLOP count runs the model: BatchNorm needs its stats.
       final["batch_stats"] = run.state.batch_stats
-    records.append(_record(key, md, model, final, run, seed=seed, task=task, flops=flops,
-                           **extra))
+    records.append(_record(key, md.label_or(key), md.kind, md.loss, model, final, run,
+                           seed=seed, task=task, flops=flops, **extra))
 
-  scratch = next((r for r in records if r["method"] == config.get("scratch_method", "student")), None)
+  scratch = next((r for r in records if r.method == config.get("scratch_method", "student")), None)
   if scratch is not None:
-    for r in records:
-      if r["kind"] != "teacher":
-        r["epochs_to_scratch"] = report.epochs_to_reach(r["history"], scratch["final_metric"], higher)
+    records = [r if r.kind == "teacher" else dataclasses.replace(
+        r, epochs_to_scratch=report.epochs_to_reach(r.history, scratch.final_metric, higher))
+               for r in records]
   return records
 
 
@@ -421,9 +418,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     runs += run_seed(config, os.path.join(workdir, f"seed_{seed}"), seed, teacher=shared,
                      flops=flops)
   summary = report.summarize(runs)
-  table = report.markdown_table(summary, runs[0]["metric_name"], runs[0]["higher_is_better"])
+  table = report.markdown_table(summary, runs[0].metric_name, runs[0].higher_is_better)
   files = {}
   if jax.process_index() == 0:
     files = report.write_report(runs, workdir, title=config.get("name", "experiment"))
   logging.info("experiment done in %.1f s", time.perf_counter() - t0)
-  return {"runs": runs, "summary": summary, "table": table, "files": files}
+  # The runs as the dicts of results.json (users index, change and serialise them).
+  return {"runs": [r.to_json() for r in runs], "summary": summary, "table": table,
+          "files": files}

@@ -22,9 +22,11 @@ from typing import Any
 import ml_collections
 
 from inhernet_jax import budget, losses, models, optim, svd
+from inhernet_jax.records import KINDS, MethodDef
 
-KINDS = ("student", "inhernet")
-# Every field a method definition may have (a typo is an error, not silently ignored).
+_default = MethodDef.default  # The method fields' defaults, kept in one place.
+# Every field a method definition may have (a typo is an error, not silently ignored), by
+# the kind that reads it (`records.MethodDef` holds them all).
 METHOD_FIELDS = {
     "common": ("kind", "label", "loss", "loss_kwargs", "hint", "optimizer"),
     "student": ("model", "kwargs"),
@@ -115,7 +117,7 @@ def _check_optimizer(p: _Problems, where: str, config, override) -> None:
 
 
 def _check_loss(p: _Problems, where: str, md: Mapping) -> None:
-  loss = md.get("loss", "ce")
+  loss = md.get("loss", _default("loss"))
   kwargs = _dict(md.get("loss_kwargs"))
   if loss == "fitnet":
     hint = _dict(md.get("hint"))
@@ -147,24 +149,24 @@ def _check_method(p: _Problems, config, name: str, md: Mapping, students: list[s
     p.check(md.get("model") in models.NAMES,
             f"{where}.model: unknown model {md.get('model')!r}; known: {', '.join(models.NAMES)}")
     return
-  swept = bool((_dict(config.get("sweep")).get("ranks") or ())) and md.get("sweep", True)
+  swept = (bool((_dict(config.get("sweep")).get("ranks") or ()))
+           and md.get("sweep", _default("sweep")))
   rank = None if swept else p.call(f"{where}.rank", parse_rank, md.get("rank"), f"{where}.rank")
   if isinstance(rank, str):  # (A sweep's ranks replace the method's own.)
     other = rank.split(":", 1)[1]
     p.check(other in students, f"{where}.rank {rank!r}: {other!r} is not a student method run "
                                f"before it (students before it: {students})")
-  heads = md.get("heads", 1)
+  heads = md.get("heads", _default("heads"))
   p.check(_is_int(heads) and heads >= 1, f"{where}.heads: expected an int >= 1, got {heads!r}")
-  for field, choices, default in (("init", INITS, "svd"), ("preset", models.PRESETS, "default"),
-                                  ("allocation", ALLOCATIONS, "uniform"),
-                                  ("objective", budget.OBJECTIVES, "param_energy"),
-                                  ("svd", svd.METHODS, "auto")):
-    value = md.get(field, default)
+  for field, choices in (("init", INITS), ("preset", models.PRESETS),
+                         ("allocation", ALLOCATIONS), ("objective", budget.OBJECTIVES),
+                         ("svd", svd.METHODS)):
+    value = md.get(field, _default(field))
     p.check(value in choices, f"{where}.{field}: expected one of {tuple(choices)}, got {value!r}")
   for field in ("data_aware", "sweep"):
-    value = md.get(field, False)
+    value = md.get(field, _default(field))
     p.check(isinstance(value, bool), f"{where}.{field}: expected true or false, got {value!r}")
-  batches = md.get("calibration_batches", 8)
+  batches = md.get("calibration_batches", _default("calibration_batches"))
   p.check(_is_int(batches) and batches >= 1,
           f"{where}.calibration_batches: expected an int >= 1, got {batches!r}")
 

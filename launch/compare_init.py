@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from inhernet_jax import accounting, budget, calibration, experiment, models
 from inhernet_jax import train as train_lib
 from inhernet_jax.inherit import inherit
+from inhernet_jax.records import MethodDef
 from inhernet_jax.spec import InherSpec
 from launch import cli
 
@@ -76,8 +77,8 @@ def main(argv):
       config, pipeline, os.path.join(_WORKDIR.value, f"seed_{seed}"), seed)
   t_params = t_vars["params"]
   name = config.teacher.model
-  md = config.method_defs.inherit
-  heads, rules = int(md.heads), models.preset(md.get("preset", "default"), name)
+  md = MethodDef.from_config("inherit", config.method_defs.inherit)
+  heads, rules = int(md.heads), models.preset(md.preset, name)
   calib = calibration.input_grams(
       t_model, t_vars, (pipeline.train_batch(s) for s in range(_BATCHES.value)),
       apply_kwargs={"train": False})
@@ -112,8 +113,8 @@ def main(argv):
     for aware in (False, True):
       result["equal_rank"].append(row(spec.replace(data_aware=aware), rank=rank, data_aware=aware))
 
-  student = experiment.create_model(config.method_defs.student.model, pipeline.task,
-                                    config.method_defs.student.get("kwargs"))
+  student_md = MethodDef.from_config("student", config.method_defs.student)
+  student = experiment.create_model(student_md.model, pipeline.task, student_md.kwargs)
   target = accounting.param_count(experiment.init_variables(
       student, jax.random.key(0), pipeline.task, config)["params"])
   base = InherSpec(rank=1, heads=heads, rules=rules)

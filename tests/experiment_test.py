@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from inhernet_jax import experiment
+from inhernet_jax.records import MethodDef
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -158,6 +159,10 @@ def test_a_changed_experiment_does_not_resume_silently(tmp_path):
   assert first["runs"][0]["history"]["epoch"] == [0, 1]
 
 
+def _inherit(**fields):
+  return MethodDef.from_config("inherit", {"kind": "inhernet", "rank": 4, **fields})
+
+
 def test_recalibrate_field_re_estimates_on_the_seeds_first_training_batches(tmp_path):
   import jax
   import jax.numpy as jnp
@@ -168,17 +173,17 @@ def test_recalibrate_field_re_estimates_on_the_seeds_first_training_batches(tmp_
   pipe = data.get({"name": "fashion_mnist", "data_dir": str(tmp_path)}, batch_size=4, seed=2)
   model = models.create("resnet8", num_classes=10, num_filters=(4, 4, 4, 4))
   v = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
-  out, count = experiment._recalibrate({"recalibrate": True, "recalibration_batches": 2},
+  out, count = experiment._recalibrate(_inherit(recalibrate=True, recalibration_batches=2),
                                        "inherit", model, v, pipe)
   want = calibration.recalibrate_batch_stats(model, v, [pipe.train_batch(0), pipe.train_batch(1)])
   assert count == 2
   jax.tree.map(np.testing.assert_array_equal, out["batch_stats"], want["batch_stats"])
-  assert experiment._recalibrate({"recalibrate": False}, "inherit", model, v, pipe) == (v, 0)
-  default, count = experiment._recalibrate({}, "inherit", model, v, pipe)  # On by default.
+  assert experiment._recalibrate(_inherit(recalibrate=False), "inherit", model, v, pipe) == (v, 0)
+  default, count = experiment._recalibrate(_inherit(), "inherit", model, v, pipe)  # On by default.
   assert count == experiment.RECALIBRATION_BATCHES == 32
   assert not np.allclose(default["batch_stats"]["bn_init"]["var"], 1)
   no_bn = {"params": v["params"]}  # Nothing to re-estimate.
-  assert experiment._recalibrate({}, "inherit", model, no_bn, pipe) == (no_bn, 0)
+  assert experiment._recalibrate(_inherit(), "inherit", model, no_bn, pipe) == (no_bn, 0)
   with pytest.raises(ValueError, match="method_defs.inherit.recalibration_batches must be >= 1"):
-    experiment._recalibrate({"recalibrate": True, "recalibration_batches": 0}, "inherit",
+    experiment._recalibrate(_inherit(recalibrate=True, recalibration_batches=0), "inherit",
                             model, v, pipe)

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from inhernet_jax import figures as figures_lib  # noqa: E402
 from inhernet_jax import loss_axis, report  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def _run(method, kind, losses, seed=0):
 @pytest.mark.parametrize("dkd_scale, expected", [(100.0, "log"), (1.5, "linear")])
 def test_curves_loss_panel(tmp_path, monkeypatch, dkd_scale, expected):
   figures = []
-  real_save = report._save_figure
-  monkeypatch.setattr(report, "_save_figure", lambda fig, path: (
+  real_save = figures_lib._save_figure  # report.plot_curves is figures.plot_curves.
+  monkeypatch.setattr(figures_lib, "_save_figure", lambda fig, path: (
       figures.append([ax.get_yscale() for ax in fig.axes]), real_save(fig, path)))
   ce = [0.08, 0.07, 0.06]
   runs = [_run("student_ce", "student", ce), _run("student_dkd", "student",
