@@ -183,7 +183,7 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   if allocation != "greedy":
     raise ValueError(f"config.method_defs.{name}.allocation must be 'uniform' or 'greedy', "
                      f"got {allocation!r}")
-  target = sizes.parameter_budget(t_params, md["rank"], methods=student_params,
+  target = sizes.parameter_budget(t_params, md.rank, methods=student_params,
                                  where=f"config.method_defs.{name}.rank")
   spectra = None if grams is None else calibration.whitened_spectra(t_params, grams, base)
   spec = budget_lib.allocate(t_params, target, spec=base, spectra=spectra,

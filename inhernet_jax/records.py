@@ -68,7 +68,7 @@ class MethodDef:
   data_aware: bool = False
   calibration_batches: int = 8
   allocation: str = "uniform"
-  objective: str = "energy"
+  objective: str = "param_energy"  # budget.allocate's default too.
   sweep: bool = True
   recalibrate: bool = RECALIBRATE
   recalibration_batches: int = RECALIBRATION_BATCHES

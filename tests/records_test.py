@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import pathlib
 
@@ -10,7 +11,7 @@ import ml_collections
 import pytest
 from hypothesis import strategies as st
 
-from inhernet_jax import experiment, report, validate
+from inhernet_jax import budget, experiment, report, validate
 from inhernet_jax.records import MethodDef, RunRecord
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -42,7 +43,9 @@ def _config(name: str, arg=None) -> ml_collections.ConfigDict:
 def test_defaults_are_the_experiments():
   md = MethodDef.from_config("inherit", {"kind": "inhernet", "rank": 8})
   assert (md.heads, md.preset, md.init, md.svd, md.loss, md.allocation, md.objective) == (
-      1, "default", "svd", "auto", "ce", "uniform", "energy")
+      1, "default", "svd", "auto", "ce", "uniform", "param_energy")
+  # One default for the greedy's objective: the experiment's is the library's.
+  assert md.objective == inspect.signature(budget.allocate).parameters["objective"].default
   assert (md.data_aware, md.calibration_batches, md.sweep, md.init_key) == (False, 8, True, None)
   assert md.recalibrate is experiment.RECALIBRATE is True
   assert md.recalibration_batches == experiment.RECALIBRATION_BATCHES == 32
