@@ -137,16 +137,18 @@ def _with_optimizer(config, override):
   return c
 
 
-def _student_size(rank, student_params: dict[str, int], name: str) -> int | None:
-  """The parameter count ``'params:<method>'`` names (None for a number), `sizes.named_size`."""
-  if isinstance(rank, str) and not rank.startswith("params:"):
-    raise ValueError(f"config.method_defs.{name}.rank: expected an int, a fraction or "
-                     f"'params:<method>', got {rank!r}")
-  return sizes.named_size(rank, methods=student_params, where=f"config.method_defs.{name}.rank")
+def _student_size(rank, student_params: dict[str, int], name: str,
+                  num_classes: int | None = None) -> int | None:
+  """The parameter count a named rank stands for (None for a number), `sizes.named_size`:
+  ``'params:<method>'`` (a method run before it) or ``'student:<zoo model>'`` (that zoo
+  model at the task's ``num_classes``)."""
+  return sizes.named_size(rank, methods=student_params, num_classes=num_classes,
+                          where=f"config.method_defs.{name}.rank")
 
 
-def _resolve_rank(rank, teacher_params, heads: int, rules, student_params: dict[str, int], name: str):
-  size = _student_size(rank, student_params, name)
+def _resolve_rank(rank, teacher_params, heads: int, rules, student_params: dict[str, int],
+                  name: str, num_classes: int | None = None):
+  size = _student_size(rank, student_params, name, num_classes)
   if size is None:
     return rank
   return accounting.rank_for_params(teacher_params, size, heads=heads, rules=rules)
@@ -178,12 +180,14 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   allocation = md.allocation
   t_params = t_vars["params"]
   if allocation == "uniform":
-    rank = _resolve_rank(md.rank, t_params, heads, rules, student_params, name)
+    rank = _resolve_rank(md.rank, t_params, heads, rules, student_params, name,
+                         pipeline.task.num_classes)
     return base.replace(rank=rank), grams, rank
   if allocation != "greedy":
     raise ValueError(f"config.method_defs.{name}.allocation must be 'uniform' or 'greedy', "
                      f"got {allocation!r}")
   target = sizes.parameter_budget(t_params, md.rank, methods=student_params,
+                                 num_classes=pipeline.task.num_classes,
                                  where=f"config.method_defs.{name}.rank")
   spectra = None if grams is None else calibration.whitened_spectra(t_params, grams, base)
   spec = budget_lib.allocate(t_params, target, spec=base, spectra=spectra,

@@ -39,7 +39,8 @@ class MethodDef:
   None: the method's key), ``loss`` (a `losses.LOSSES` name or ``"fitnet"``),
   ``loss_kwargs``, ``hint`` (FitNet: ``student_layer``, ``teacher_layer``, ``weight``) and
   ``optimizer`` (fields overriding ``config.optimizer``). A student: ``model`` and its
-  ``kwargs``. An InherNet: ``rank`` (an int, a fraction or ``"params:<method>"``),
+  ``kwargs``. An InherNet: ``rank`` (an int, a fraction, ``"params:<method>"`` or
+  ``"student:<zoo model>"``),
   ``heads``, the layer ``preset``, ``init`` (``"svd"`` or the ``"random"`` ablation),
   ``svd`` (the `svd.METHODS` solver), ``data_aware`` truncation on
   ``calibration_batches`` training batches, ``allocation`` (``"uniform"`` or per-layer
@@ -115,7 +116,7 @@ class MethodDef:
                        f"got {out.init!r}")
     if kind == "inhernet" and out.rank is None:
       raise ValueError(f"config.method_defs.{name}.rank: InherNet needs a rank (int, fraction, "
-                       "or 'params:<method>')")
+                       "'params:<method>' or 'student:<zoo model>')")
     return out
 
   def replace(self, **changes) -> MethodDef:

@@ -5,7 +5,7 @@ heads 0, an unknown method or loss, or ``batch_size=0`` is one error listing eve
 field, not a failure hours later after the teacher and earlier runs have trained.
 `parse_rank` reads a method's rank, so that ``--config.method_defs.inherit.rank=8`` (a
 string on the command line: the field is declared as a string) works for ints,
-fractions and ``params:<method>`` alike.
+fractions, ``params:<method>`` and ``student:<zoo model>`` alike.
 
 Example::
 
@@ -53,7 +53,8 @@ def _is_int(value) -> bool:
 
 
 def parse_rank(value: Any, where: str) -> int | float | str:
-  """A method's rank: an int >= 1, a fraction in (0, 1] or ``"params:<method>"``.
+  """A method's rank: an int >= 1, a fraction in (0, 1], ``"params:<method>"`` (as large as
+  another method) or ``"student:<zoo model>"`` (as large as that zoo model, `sizes`).
 
   Strings of numbers (command-line overrides of a string field) become numbers: ``"8"``
   is 8, ``"0.25"`` is 0.25, ``"1.0"`` is the full-rank fraction 1.0.
@@ -63,9 +64,11 @@ def parse_rank(value: Any, where: str) -> int | float | str:
   """
   if isinstance(value, str):
     text = value.strip()
-    if text.startswith("params:"):
-      if not text[len("params:"):]:
-        raise ConfigError(f"{where}: 'params:' needs a method name, got {value!r}")
+    kind, sep, named = text.partition(":")
+    if sep and kind.strip() in ("params", "student"):
+      if not named.strip():
+        what = "a method" if kind.strip() == "params" else "a zoo model"
+        raise ConfigError(f"{where}: '{kind.strip()}:' needs {what} name, got {value!r}")
       return text
     try:
       value = int(text)
@@ -73,8 +76,8 @@ def parse_rank(value: Any, where: str) -> int | float | str:
       try:
         value = float(text)
       except ValueError:
-        raise ConfigError(f"{where}: expected an int >= 1, a fraction in (0, 1] or "
-                          f"'params:<method>', got {value!r}") from None
+        raise ConfigError(f"{where}: expected an int >= 1, a fraction in (0, 1], "
+                          f"'params:<method>' or 'student:<zoo model>', got {value!r}") from None
   if _is_int(value):
     if value < 1:
       raise ConfigError(f"{where}: a rank must be >= 1, got {value}")
@@ -83,8 +86,9 @@ def parse_rank(value: Any, where: str) -> int | float | str:
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
       raise ConfigError(f"{where}: a fractional rank must be in (0, 1], got {value!r}")
     return value
-  raise ConfigError(f"{where}: expected an int >= 1, a fraction in (0, 1] or "
-                    f"'params:<method>', got {type(value).__name__} {value!r}")
+  raise ConfigError(f"{where}: expected an int >= 1, a fraction in (0, 1], "
+                    f"'params:<method>' or 'student:<zoo model>', "
+                    f"got {type(value).__name__} {value!r}")
 
 
 class _Problems(list):
@@ -153,9 +157,13 @@ def _check_method(p: _Problems, config, name: str, md: Mapping, students: list[s
            and md.get("sweep", _default("sweep")))
   rank = None if swept else p.call(f"{where}.rank", parse_rank, md.get("rank"), f"{where}.rank")
   if isinstance(rank, str):  # (A sweep's ranks replace the method's own.)
-    other = rank.split(":", 1)[1]
-    p.check(other in students, f"{where}.rank {rank!r}: {other!r} is not a student method run "
-                               f"before it (students before it: {students})")
+    kind, other = (part.strip() for part in rank.split(":", 1))
+    if kind == "params":
+      p.check(other in students, f"{where}.rank {rank!r}: {other!r} is not a student method "
+                                 f"run before it (students before it: {students})")
+    else:
+      p.check(other in models.NAMES, f"{where}.rank {rank!r}: unknown zoo model {other!r}; "
+                                     f"known: {', '.join(models.NAMES)}")
   heads = md.get("heads", _default("heads"))
   p.check(_is_int(heads) and heads >= 1, f"{where}.heads: expected an int >= 1, got {heads!r}")
   for field, choices in (("init", INITS), ("preset", models.PRESETS),

@@ -116,6 +116,19 @@ def test_bad_method_configs_name_the_field():
     experiment.expand_methods(config)
 
 
+def test_named_ranks_mean_what_they_mean_on_the_command_line():
+  """A config's rank 'student:<zoo model>' is that zoo model's size at the task's classes
+  (as for --rank / --budget); 'params:<method>' is a method run before it."""
+  from inhernet_jax import models
+  size = experiment._student_size("student:resnet8", {}, "inherit", num_classes=10)
+  assert size == models.param_count("resnet8", num_classes=10)
+  assert size != models.param_count("resnet8", num_classes=100)
+  assert experiment._student_size("params:student", {"student": 1234}, "inherit") == 1234
+  assert experiment._student_size(8, {"student": 1234}, "inherit") is None
+  with pytest.raises(ValueError, match=r"method_defs\.inherit\.rank 'params:kd'.*known: student"):
+    experiment._student_size("params:kd", {"student": 1234}, "inherit")
+
+
 @pytest.mark.slow
 def test_digits_data_aware_and_budget_matched_methods(tmp_path):
   config = _config("digits", "local")

@@ -33,6 +33,11 @@ def test_shipped_configs_are_valid(config):
     (lambda c: setattr(c.method_defs.inherit, "rank", "1.5"), r"inherit\.rank: a fractional rank"),
     (lambda c: setattr(c.method_defs.inherit, "rank", "params:teacher"),
      r"'teacher' is not a student method run before it"),
+    (lambda c: setattr(c.method_defs.inherit, "rank", "student:resnet9000"),
+     r"inherit\.rank 'student:resnet9000': unknown zoo model 'resnet9000'"),
+    (lambda c: setattr(c.method_defs.inherit, "rank", "student:"),
+     r"inherit\.rank: 'student:' needs a zoo model name"),
+    (lambda c: setattr(c.method_defs.inherit, "rank", "teacher:mlp"), r"inherit\.rank: expected"),
     (lambda c: setattr(c.method_defs.inherit, "kind", "distill"), r"inherit\.kind"),
     (lambda c: setattr(c.method_defs.student, "loss", "mse"), r"student\.loss: unknown loss 'mse'"),
     (lambda c: c.method_defs.student_kd.loss_kwargs.update({"temperature": -1.0}),
@@ -69,7 +74,8 @@ def test_all_problems_in_one_error():
 
 
 @pytest.mark.parametrize("text, value", [("8", 8), ("0.25", 0.25), ("1.0", 1.0), (8, 8),
-                                         ("params:student", "params:student")])
+                                         ("params:student", "params:student"),
+                                         ("student:resnet8", "student:resnet8")])
 def test_parse_rank(text, value):
   got = validate.parse_rank(text, "x")
   assert got == value and type(got) is type(value)
