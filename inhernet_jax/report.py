@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from inhernet_jax import files  # noqa: E402
 from inhernet_jax import loss_axis  # noqa: E402
+from inhernet_jax import utils  # noqa: E402
 
 Run = Mapping[str, Any]
 Row = dict[str, Any]
@@ -155,18 +156,8 @@ def _fmt_percent_of(part: float, whole: float) -> str:
 
 
 def _jsonable(obj: Any, where: str = "runs") -> Any:
-  """Plain-Python copy of ``obj`` (NumPy scalars/arrays, tuples -> JSON types)."""
-  if obj is None or isinstance(obj, (bool, int, float, str)):
-    return obj
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-  if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):  # jax.Array too.
-    return np.asarray(obj).tolist()
-  raise TypeError(f"{where}: {type(obj).__name__} is not JSON-serialisable")
+  """Plain-Python copy of ``obj`` (`utils.jsonable`)."""
+  return utils.jsonable(obj, where)
 
 
 def _save_figure(fig: Any, path: str) -> None:
@@ -544,8 +535,7 @@ def plot_rank_heads(rows: Sequence[Row], path: str, metric_name: str) -> bool:
 # -------------------------------------------------------------------------- report
 def write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON atomically (NumPy values become plain Python)."""
-  payload = json.dumps(_jsonable(obj, where=os.path.basename(path)), indent=1).encode("utf-8")
-  files.atomic_write(path, lambda f: f.write(payload))
+  utils.write_json(path, obj, indent=1)
 
 
 def gate_table(runs: Sequence[Run]) -> str:
