@@ -36,7 +36,7 @@ Run::
 
   python -m benchmarks.engine --out=benchmark.json
   python -m benchmarks.engine --parts=llama --out=benchmark_llama.json
-  python -m benchmarks.engine --device --out=benchmark_gpu.json        # ~4 min on an H200
+  python -m benchmarks.engine --device --out=benchmark_gpu.json
   python -m benchmarks.engine --device --device_layers=4 --out=b.json  # a quicker check
 """
 
