@@ -36,7 +36,7 @@ Run::
 
   python -m benchmarks.engine --out=benchmark.json
   python -m benchmarks.engine --parts=llama --out=benchmark_llama.json
-  python -m benchmarks.engine --device --out=benchmark_gpu.json        # ~4 min on an H200
+  python -m benchmarks.engine --device --out=benchmark_gpu.json
   python -m benchmarks.engine --device --device_layers=4 --out=b.json  # a quicker check
 """
 
@@ -130,22 +130,20 @@ def resnet50_kernels(spectrum: str, seed: int = 0) -> dict:
 
 
 def _kernels(params):
-  import jax
+  from inhernet_jax import utils
 
-  return [
-      leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-      if path[-1].key == "kernel"
-  ]
+  return [leaf for name, leaf in utils.flatten_with_names(params) if name.split("/")[-1] == "kernel"]
 
 
 def _accuracy(params, out, rank):
   """Largest relative error of the heads' singular values vs NumPy's exact SVD."""
-  import jax
   import numpy as np
 
+  from inhernet_jax import utils
+
   worst, checked = 0.0, 0
-  flat_in = {jax.tree_util.keystr(p[:-1]): l for p, l in jax.tree_util.tree_flatten_with_path(params)[0] if p[-1].key == "kernel"}
-  flat_out = {jax.tree_util.keystr(p[:-2]): l for p, l in jax.tree_util.tree_flatten_with_path(out)[0] if p[-2].key == "up" and p[-1].key == "kernel"}
+  flat_in = {n[:-len("/kernel")]: l for n, l in utils.flatten_with_names(params) if n.endswith("/kernel")}
+  flat_out = {n[:-len("/up/kernel")]: l for n, l in utils.flatten_with_names(out) if n.endswith("/up/kernel")}
   for name, up in flat_out.items():
     w = np.asarray(flat_in[name], np.float64)
     exact = np.linalg.svd(w.reshape(-1, w.shape[-1]), compute_uv=False)[:rank]

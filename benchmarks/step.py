@@ -239,6 +239,8 @@ def main(argv):
   del argv
   import jax
 
+  from inhernet_jax import utils
+
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
   t = time.perf_counter()
   try:
@@ -251,10 +253,9 @@ def main(argv):
   total = time.perf_counter() - t
   table = markdown(rows, device, FLAGS.steps) + f"\n\nWhole run: {total:.0f} s."
   print(table)
-  with open(FLAGS.out, "w") as f:
-    json.dump({"device": device, "total_s": total, "rows": rows, "flags": {k: FLAGS[k].value for k in (
-        "models", "dtype", "rank", "heads", "warmup", "steps", "mixing", "row_budget_s",
-        "budget_s")}}, f, indent=1)
+  utils.write_json(FLAGS.out, {"device": device, "total_s": total, "rows": rows, "flags": {
+      k: FLAGS[k].value for k in ("models", "dtype", "rank", "heads", "warmup", "steps", "mixing",
+                                  "row_budget_s", "budget_s")}}, indent=1)
   md = FLAGS.markdown or FLAGS.out.rsplit(".", 1)[0] + ".md"
   with open(md, "w") as f:
     f.write(table + "\n")

@@ -73,6 +73,22 @@ def base(config: ml_collections.ConfigDict | None = None) -> ml_collections.Conf
   return c
 
 
+def imagenet_run(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDict,
+                 eval_batch_size: int) -> None:
+  """Sets what the ImageNet-1k configs share: tfds ``imagenet2012`` at 224 with the
+  standard augmentation, ``arg``'s seeds, batch and epochs, bfloat16 compute, a checkpoint
+  every 1000 steps and a log line every 100."""
+  c.seeds = arg.seeds
+  c.data = ml_collections.ConfigDict(
+      {"name": "imagenet2012", "data_dir": "", "augment": True, "image_size": 224})
+  c.batch_size = arg.batch
+  c.eval_batch_size = eval_batch_size
+  c.epochs = arg.epochs
+  c.compute_dtype = "bfloat16"
+  c.checkpoint_every_steps = 1000
+  c.log_every_steps = 100
+
+
 def kd_methods(student: str, student_kwargs: dict, *, kd: dict, dkd: dict, hint: dict,
                heads: int, label: str) -> dict:
   """The comparison's method table: students (scratch, KD, DKD, FitNet) and InherNet.

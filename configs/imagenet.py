@@ -26,20 +26,12 @@ def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, seeds=1, epochs=90, batch=1024)
   c = common.base()
   c.name = "ImageNet: resnet50 -> resnet18 / InherNet at resnet18's size"
-  c.seeds = arg.seeds
-  c.data = ml_collections.ConfigDict(
-      {"name": "imagenet2012", "data_dir": "", "augment": True, "image_size": 224})
-  c.batch_size = arg.batch
-  c.eval_batch_size = 500
-  c.epochs = arg.epochs
-  c.compute_dtype = "bfloat16"
+  common.imagenet_run(c, arg, eval_batch_size=500)
   c.optimizer = ml_collections.ConfigDict({
       "name": "sgd", "learning_rate": 0.1 * arg.batch / 256, "momentum": 0.9,
       "nesterov": False, "weight_decay": 1e-4, "weight_decay_mask": "kernels",
       "schedule": "cosine", "warmup_epochs": 5,
   })
-  c.checkpoint_every_steps = 1000
-  c.log_every_steps = 100
   c.teacher = ml_collections.ConfigDict(
       {"model": "resnet50", "kwargs": {}, "epochs": arg.epochs, "checkpoint": ""})
   kd = {"alpha": 0.5, "temperature": 1.0}

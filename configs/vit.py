@@ -31,13 +31,7 @@ def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, seeds=1, epochs=300, batch=1024, model=1)
   c = common.base()
   c.name = "ImageNet: vit_b16 -> vit_s16 / InherNet at vit_s16's size"
-  c.seeds = arg.seeds
-  c.data = ml_collections.ConfigDict(
-      {"name": "imagenet2012", "data_dir": "", "augment": True, "image_size": 224})
-  c.batch_size = arg.batch
-  c.eval_batch_size = 512
-  c.epochs = arg.epochs
-  c.compute_dtype = "bfloat16"
+  common.imagenet_run(c, arg, eval_batch_size=512)
   c.mesh.model = arg.model
   c.sharding_rules = "tensor_parallel"
   c.optimizer = ml_collections.ConfigDict({
@@ -45,8 +39,6 @@ def get_config(arg: str | None = None):
       "weight_decay_mask": "kernels", "schedule": "cosine", "warmup_epochs": 5,
       "grad_clip_norm": 1.0,
   })
-  c.checkpoint_every_steps = 1000
-  c.log_every_steps = 100
   vit = {"scan": True, "dropout_rate": 0.0}
   c.teacher = ml_collections.ConfigDict(
       {"model": "vit_b16", "kwargs": vit, "epochs": arg.epochs, "checkpoint": ""})

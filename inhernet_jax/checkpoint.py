@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
-from inhernet_jax import integrity
+from inhernet_jax import integrity, utils
 
 
 class CheckpointError(RuntimeError):
@@ -112,12 +112,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
 
 def describe(tree) -> dict[str, tuple]:
   """'/'-joined path -> shape of every leaf (arrays or ShapeDtypeStructs), for `diff`."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  out = {}
-  for path, leaf in flat:
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
-    out[name] = tuple(getattr(leaf, "shape", np.shape(leaf)))
-  return out
+  return {name: tuple(getattr(leaf, "shape", np.shape(leaf)))
+          for name, leaf in utils.flatten_with_names(tree)}
 
 
 def diff(

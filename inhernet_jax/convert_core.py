@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from inhernet_jax import checkpoint
+from inhernet_jax import checkpoint, utils
 from inhernet_jax.convert_checks import ConversionError, check_torch_version, check_weight
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -271,14 +271,13 @@ def match_variables(converted: Mapping, abstract: Mapping, *,
     raise ConversionError(f"the converted weights do not match the model:\n{differences}")
   notes = dict(sources or {})
 
-  def cast(path, x, a):
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
+  def cast(name, x, a):
     x = np.asarray(x)
     if np.issubdtype(np.dtype(a.dtype), np.floating) or np.dtype(a.dtype).name == "bfloat16":
       check_weight(f"{name} ({notes[name]})" if name in notes else name, x)
     return np.asarray(x, dtype=a.dtype)
 
-  return jax.tree_util.tree_map_with_path(cast, dict(converted), wanted)
+  return utils.map_with_names(cast, dict(converted), wanted)
 
 
 def abstract_variables(model: nn.Module, example: jax.ShapeDtypeStruct) -> dict:

@@ -35,8 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from inhernet_jax import files
 from inhernet_jax import spec as spec_lib
+from inhernet_jax import utils
 from inhernet_jax.spec import InherSpec
 
 FORMAT = "inhernet_jax.export"
@@ -101,7 +101,12 @@ def _check_json_spec(data: Mapping) -> None:
 
 # ---------------------------------------------------------------------------- spec
 def _jsonable(value: Any, where: str):
-  """Tuples -> lists, recursively; anything JSON cannot hold exactly is refused."""
+  """Tuples -> lists, recursively; anything JSON cannot hold exactly is refused.
+
+  Stricter than `utils.jsonable` on purpose: a spec file must load back into the same
+  `InherSpec` in any JSON reader, so NaN/Inf, NumPy values and non-string keys (which
+  the lenient results writer converts) are errors here.
+  """
   if value is None or isinstance(value, (bool, int, str)):
     return value
   if isinstance(value, float):
@@ -181,7 +186,7 @@ def save_spec(path: str | os.PathLike, spec: InherSpec | None,
               metadata: Mapping | None = None) -> None:
   """Writes ``spec.json`` (see the module docstring); ``spec=None`` marks a teacher."""
   text = _spec_text(spec, metadata)
-  files.atomic_write(path, lambda f: f.write(text), "w")
+  utils.atomic_write(path, lambda f: f.write(text), "w")
 
 
 def load_spec(path: str | os.PathLike) -> tuple[InherSpec | None, dict]:
@@ -297,9 +302,9 @@ def save(directory: str | os.PathLike, variables: Mapping, spec: InherSpec | Non
   os.makedirs(directory, exist_ok=True)
   import safetensors.numpy
 
-  files.atomic_write(weights, lambda f: f.write(safetensors.numpy.save(
+  utils.atomic_write(weights, lambda f: f.write(safetensors.numpy.save(
       flat, metadata={"format": FORMAT, "version": str(VERSION)})), "wb")
-  files.atomic_write(os.path.join(directory, SPEC), lambda f: f.write(text), "w")
+  utils.atomic_write(os.path.join(directory, SPEC), lambda f: f.write(text), "w")
 
 
 def load(directory: str | os.PathLike) -> tuple[dict, InherSpec | None]:

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from inhernet_jax import files  # noqa: E402
+from inhernet_jax import utils  # noqa: E402
 from inhernet_jax import loss_axis  # noqa: E402
 from inhernet_jax.records import group_runs as _group  # noqa: E402
 from inhernet_jax.records import is_fraction as _is_fraction  # noqa: E402
@@ -48,7 +48,7 @@ def _scale(metric_name: str) -> float:
 
 def _save_figure(fig: Any, path: str) -> None:
   try:
-    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120,
+    utils.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120,
                                               bbox_inches="tight"))
   finally:
     plt.close(fig)

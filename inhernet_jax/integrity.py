@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inhernet_jax import utils
+
 # Two odd 32-bit multipliers (golden ratio and a Murmur3 constant): element i weighs
 # (i * A) | 1, an odd number, so flipping any one bit changes the sum modulo 2**32.
 _MULTIPLIERS = (0x9E3779B1, 0xCC9E2D51)
@@ -88,21 +90,17 @@ def _replicated(leaves):
   return None
 
 
-def _name(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def checksum(tree) -> dict[str, str]:
   """``path -> "dtype shape hex"`` for every array leaf of ``tree`` (other leaves skipped).
 
   Arrays may be jax (any sharding) or NumPy; the result depends only on their values,
   dtypes and shapes.
   """
-  flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat = [(p, x) for p, x in utils.flatten_with_names(tree)
           if hasattr(x, "dtype") and hasattr(x, "shape")]
   leaves = [jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x for _, x in flat]
   sums = jax.device_get(_sums_fn(_replicated(leaves))(leaves)) if flat else []
-  return {_name(p): f"{x.dtype} {tuple(x.shape)} {int(s[0]):08x}{int(s[1]):08x}"
+  return {p: f"{x.dtype} {tuple(x.shape)} {int(s[0]):08x}{int(s[1]):08x}"
           for (p, x), s in zip(flat, sums)}
 
 
@@ -119,7 +117,12 @@ def digest(value: Any) -> str:
 
 def _plain(value: Any):
   """JSON-able and comparable: tuples -> lists, ConfigDicts/Mappings -> dicts, the rest
-  by ``repr`` without memory addresses (so that it is the same in every process)."""
+  by ``repr`` without memory addresses (so that it is the same in every process).
+
+  Not `utils.jsonable`: this never fails and keeps arrays and objects as their ``repr``
+  (a fingerprint names a run, it does not store data), and saved checkpoints' digests
+  depend on exactly this form.
+  """
   if hasattr(value, "to_dict"):
     value = value.to_dict()
   if isinstance(value, Mapping):

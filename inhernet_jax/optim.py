@@ -41,11 +41,11 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 import optax
 
 from inhernet_jax import rules as rules_lib
+from inhernet_jax import utils
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -106,10 +106,6 @@ def _choice(value: Any, name: str, known: tuple[str, ...]) -> str:
 
 
 # ---------------------------------------------------------------------- weight decay
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(jax.tree_util.keystr(path, simple=True, separator="/").split("/"))
-
-
 def _mask_fn(which: str) -> Callable[[tuple[str, ...], Any], bool]:
   """``(path names, leaf) -> decays?`` for a validated ``weight_decay_mask``."""
   if which == "all":
@@ -152,7 +148,7 @@ def decay_mask(params: Any, which: str = "kernels") -> Any:
     The mask pytree (optax's ``mask`` argument).
   """
   keep = _mask_fn(_check_mask(which))
-  return jax.tree_util.tree_map_with_path(lambda p, leaf: keep(_path_names(p), leaf), params)
+  return utils.map_with_names(lambda p, leaf: keep(tuple(p.split("/")), leaf), params)
 
 
 # ------------------------------------------------------------------------- schedules

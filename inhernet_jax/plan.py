@@ -36,6 +36,7 @@ from inhernet_jax import rules as rules_lib
 from inhernet_jax import svd
 from inhernet_jax.layers import gate_kernel_init
 from inhernet_jax.spec import InherSpec, LayerPlan
+from inhernet_jax.svd import canonical_signs  # noqa: F401  (re-exported)
 
 MAX_KERNEL_NDIM = 5  # Dense (2) and 1D/2D/3D convs.
 
@@ -123,13 +124,11 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
   if not isinstance(params, Mapping):
     raise TypeError(
         f"params must be a (nested) dict of arrays, the 'params' collection of a Flax "
-        f"model, got {type(params).__name__}"
-    )
+        f"model, got {type(params).__name__}")
   if "params" in params and any(k in params for k in ("batch_stats", "cache", "intermediates")):
     raise TypeError(
         "params looks like a full variables dict (it has 'params' and "
-        f"{sorted(k for k in params if k != 'params')}); pass variables['params']"
-    )
+        f"{sorted(k for k in params if k != 'params')}); pass variables['params']")
   kernels = []
 
   def visit(node, keys):
@@ -141,8 +140,7 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
       if not is_array(v, abstract):
         raise TypeError(
             f"{path}: expected an array leaf, got {type(v).__name__}; params must be a "
-            "pytree of arrays"
-        )
+            "pytree of arrays")
       if k != "kernel":
         continue
       stack = spec.stack_axes(path)
@@ -169,8 +167,7 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
         raise ValueError(
             f"{path}: kernel of shape {tuple(v.shape)} ({stack} stack axes) has "
             f"{ndim} dims; InherDense/InherConv support 2 (Dense) to "
-            f"{MAX_KERNEL_NDIM} (3-D conv). Skip it with a rule ({re.escape(path)!r}, 'skip')"
-        )
+            f"{MAX_KERNEL_NDIM} (3-D conv). Skip it with a rule ({re.escape(path)!r}, 'skip')")
       if not jnp.issubdtype(v.dtype, jnp.floating):
         raise TypeError(f"{path}: kernel dtype must be floating, got {v.dtype}")
       if not all_finite(v):
@@ -204,8 +201,7 @@ def plan_all(kernels: list[Kernel], spec: InherSpec,
   if any(isinstance(k.kernel, (jax.core.Tracer, jax.ShapeDtypeStruct)) for k in data):
     raise ValueError(
         "the energy policy needs concrete teacher weights; call "
-        "spec = inhernet_jax.resolve(params, spec) outside jit and pass the resolved spec"
-    )
+        "spec = inhernet_jax.resolve(params, spec) outside jit and pass the resolved spec")
   values = {}
   if singular_values is not None:
     values = {k.path: singular_values(k) for k in data}
@@ -274,10 +270,8 @@ def groups(kernels: list[Kernel], spec: InherSpec) -> list[Group]:
   out: dict[Any, list[Kernel]] = {}
   for k in in_order(kernels):
     if k.plan.factorize:
-      if k.plan.data_aware:
-        method = "whitened"
-      else:
-        method = svd.resolve_method(k.m, k.n, k.plan.rank, spec.method, spec.oversample)
+      method = "whitened" if k.plan.data_aware else svd.resolve_method(
+          k.m, k.n, k.plan.rank, spec.method, spec.oversample)
       out.setdefault((k.m, k.n, k.plan.rank, method), []).append(k)
   return [
       Group(m, n, rank, method,
@@ -316,9 +310,7 @@ def start(key, k: Kernel, width: int):
 def starts(group: Group, key):
   """A randomized group's packed start matrices, its kernels' slices in order."""
   parts = [start(key, k, group.width) for k in group.kernels]
-  if all(isinstance(p, np.ndarray) for p in parts):
-    return np.concatenate(parts)
-  return jnp.concatenate(parts)
+  return (np if all(isinstance(p, np.ndarray) for p in parts) else jnp).concatenate(parts)
 
 
 def decompose_group(arrays, biases, grams, counts, bits, *, group_meta, method, m, n,
@@ -368,10 +360,8 @@ def on_host(x) -> bool:
 
 
 def meta(group):
-  return tuple(
-      (k.stack_shape, k.in_shape, k.n, k.plan.rank, k.plan.heads, k.kernel.dtype.name)
-      for k in group
-  )
+  return tuple((k.stack_shape, k.in_shape, k.n, k.plan.rank, k.plan.heads, k.kernel.dtype.name)
+               for k in group)
 
 
 def biases(group, host):
@@ -438,7 +428,7 @@ def gram_of(k: Kernel, calibration: Mapping, required: bool):
 
 def finish_group(u, s, v, biases, meta, *, xp):
   """Per-kernel ``(u, s, v)`` and down/up params of one group's batched factors."""
-  u, v = canonical_signs(u, v, xp=xp)
+  u, v = svd.canonical_signs(u, v, xp=xp)
   out, start = [], 0
   for (lead, in_shape, n, rank, heads, dtype), bias in zip(meta, biases):
     sl = slice(start, start + int(np.prod(lead)))
@@ -456,16 +446,6 @@ def finish_group(u, s, v, biases, meta, *, xp):
       params["up"]["bias"] = xp.broadcast_to(b, (*lead, heads, n)).astype(bias.dtype)
     out.append(((u[sl], s[sl], v[sl]), params))
   return out
-
-
-def canonical_signs(u, v, *, xp):
-  """Flips each singular pair so that the largest-magnitude entry of its ``u`` column
-  is positive (ties: positive). LAPACK builds differ in the signs they return (NumPy's
-  and XLA's float32 SVDs do), so without this the host, jitted and sharded paths would
-  agree only up to the sign of each (down column, up row) pair."""
-  flip = -xp.min(u, axis=-2, keepdims=True) > xp.max(u, axis=-2, keepdims=True)
-  sign = xp.where(flip, -1, 1).astype(u.dtype)
-  return u * sign, v * sign
 
 
 def store(group, key, results) -> None:

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from inhernet_jax import files
-from inhernet_jax import figures
+from inhernet_jax import figures, utils
 from inhernet_jax.figures import plot_curves, plot_rank_heads
 from inhernet_jax.records import group_runs as _group
 from inhernet_jax.records import is_fraction as _is_fraction
@@ -101,18 +100,8 @@ def _fmt_percent_of(part: float, whole: float) -> str:
 
 
 def _jsonable(obj: Any, where: str = "runs") -> Any:
-  """Plain-Python copy of ``obj`` (NumPy scalars/arrays, tuples -> JSON types)."""
-  if obj is None or isinstance(obj, (bool, int, float, str)):
-    return obj
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-  if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):  # jax.Array too.
-    return np.asarray(obj).tolist()
-  raise TypeError(f"{where}: {type(obj).__name__} is not JSON-serialisable")
+  """Plain-Python copy of ``obj`` (`utils.jsonable`)."""
+  return utils.jsonable(obj, where)
 
 
 # ------------------------------------------------------------------------- metrics
@@ -289,8 +278,7 @@ def markdown_table(rows: Sequence[Row], metric_name: str, higher_is_better: bool
 # -------------------------------------------------------------------------- report
 def write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON atomically (NumPy values become plain Python)."""
-  payload = json.dumps(_jsonable(obj, where=os.path.basename(path)), indent=1).encode("utf-8")
-  files.atomic_write(path, lambda f: f.write(payload))
+  utils.write_json(path, obj, indent=1)
 
 
 def gate_table(runs: Sequence[Run]) -> str:
@@ -359,7 +347,7 @@ def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, 
   paths = {"json": os.path.join(workdir, "results.json"),
            "markdown": os.path.join(workdir, "results.md"),
            "curves": os.path.join(workdir, "curves.png")}
-  files.atomic_write(paths["json"], lambda f: f.write(payload))
+  utils.atomic_write(paths["json"], lambda f: f.write(payload))
 
   plot_curves(runs, paths["curves"])
   rank_heads = os.path.join(workdir, "rank_heads.png")
@@ -385,5 +373,5 @@ def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, 
   if gates:
     lines += ["", "## Gates at the end of training", "", gates]
   text = "\n".join(lines) + "\n"
-  files.atomic_write(paths["markdown"], lambda f: f.write(text.encode("utf-8")))
+  utils.atomic_write(paths["markdown"], lambda f: f.write(text.encode("utf-8")))
   return paths

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from inhernet_jax import rules as rules_lib
+from inhernet_jax import utils
 
 AXES = ("data", "fsdp", "model")
 # Axes the batch is split over (the model axis sees the whole local batch).
@@ -222,16 +223,11 @@ def partition_spec(mesh: Mesh, path: str, shape: Sequence[int], rules: Rules) ->
   return P(*(None if _axis_size(mesh, a) == 1 else a for a in spec))
 
 
-def _name(path) -> str:
-  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-
-
 def tree_shardings(mesh: Mesh, tree: Any, rules: Rules | str | None = None) -> Any:
   """`NamedSharding` per leaf of a params pytree (arrays or ShapeDtypeStructs)."""
   rules = resolve_rules(rules)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: NamedSharding(mesh, partition_spec(mesh, _name(p), np.shape(x), rules)),
-      tree)
+  return utils.map_with_names(
+      lambda p, x: NamedSharding(mesh, partition_spec(mesh, p, np.shape(x), rules)), tree)
 
 
 def state_shardings(mesh: Mesh, state: Any, params: Any, rules: Rules | str | None = None) -> Any:
@@ -242,29 +238,29 @@ def state_shardings(mesh: Mesh, state: Any, params: Any, rules: Rules | str | No
   """
   rules = resolve_rules(rules)
   by_path = {}
-  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    by_path[_name(p)] = (tuple(np.shape(x)), partition_spec(mesh, _name(p), np.shape(x), rules))
+  for p, x in utils.flatten_with_names(params):
+    by_path[p] = (tuple(np.shape(x)), partition_spec(mesh, p, np.shape(x), rules))
   tails = {tuple(k.split("/")) for k in by_path}
   longest = max((len(t) for t in tails), default=0)
 
   def one(path, x):
-    parts = _name(path).split("/")
+    parts = path.split("/")
     for n in range(min(len(parts), longest), 0, -1):
       hit = by_path.get("/".join(parts[-n:]))
       if hit is not None and hit[0] == tuple(np.shape(x)):
         return NamedSharding(mesh, hit[1])
     return replicated(mesh)
 
-  return jax.tree_util.tree_map_with_path(one, state)
+  return utils.map_with_names(one, state)
 
 
 def describe_shardings(params: Any, shardings: Any, limit: int = 12) -> str:
   """A few lines 'path shape -> spec' for logs (sharded leaves first)."""
   rows = []
-  for (p, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(shardings)):
+  for (p, x), s in zip(utils.flatten_with_names(params), jax.tree.leaves(shardings)):
     spec = getattr(s, "spec", P())
     if any(a is not None for a in spec):
-      rows.append(f"  {_name(p)} {tuple(np.shape(x))} -> {spec}")
+      rows.append(f"  {p} {tuple(np.shape(x))} -> {spec}")
   more = f"\n  (+{len(rows) - limit} more sharded leaves)" if len(rows) > limit else ""
   return "\n".join(rows[:limit]) + more if rows else "  (all replicated)"
 

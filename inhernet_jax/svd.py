@@ -357,6 +357,16 @@ def whitened_svd(a: jax.Array, gram: jax.Array, rank: int, damping: float = DAMP
   return xp.linalg.solve(lt, u) / root, s * root[..., 0], v, ok
 
 
+def canonical_signs(u, v, *, xp):
+  """Flips each singular pair so that the largest-magnitude entry of its ``u`` column
+  is positive (ties: positive). LAPACK builds differ in the signs they return (NumPy's
+  and XLA's float32 SVDs do), so without this the host, jitted and sharded paths would
+  agree only up to the sign of each (down column, up row) pair."""
+  flip = -xp.min(u, axis=-2, keepdims=True) > xp.max(u, axis=-2, keepdims=True)
+  sign = xp.where(flip, -1, 1).astype(u.dtype)
+  return u * sign, v * sign
+
+
 # --------------------------------------------------------------- spectral quantities
 def _scaled(s: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``s / max|s|`` and ``max|s|`` (1 where all zero): squares neither under- nor

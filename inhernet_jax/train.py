@@ -40,7 +40,7 @@ from inhernet_jax import lock as lock_lib
 from inhernet_jax import losses as losses_lib
 from inhernet_jax import optim
 from inhernet_jax import sharding as sharding_lib
-from inhernet_jax import train_loop
+from inhernet_jax import train_loop, utils
 
 _LN2 = math.log(2.0)
 # Moved to `train_loop`; kept here as the public names they were.
@@ -464,6 +464,4 @@ def _with_dtype(model: nn.Module, dtype) -> nn.Module:
 
 
 def _has_gates(params) -> bool:
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  return any("gate" in jax.tree_util.keystr(p, simple=True, separator="/").split("/")
-             for p, _ in paths)
+  return any("gate" in name.split("/") for name, _ in utils.flatten_with_names(params))

@@ -21,7 +21,6 @@ A network with BatchNorm gets its statistics re-estimated on training batches of
 config's data (`launch.recalibrate_flags`: ``--recalibrate``, ``--recalibration_batches``).
 """
 
-import json
 import os
 
 import jax
@@ -31,7 +30,7 @@ from ml_collections import config_flags
 
 from inhernet_jax import accounting, models
 from inhernet_jax import checkpoint as ckpt_lib
-from inhernet_jax import data, export
+from inhernet_jax import data, export, utils
 from inhernet_jax.inherit import format_report, inherit
 from . import cli, recalibrate_flags, spec_flags
 
@@ -96,8 +95,7 @@ def _inherit(config):
   export.save_spec(os.path.join(out, "spec.json"), spec, metadata={
       "model": name, "num_classes": num_classes, "teacher": os.path.abspath(_TEACHER.value),
       **({"batch_stats": stats_note} if "batch_stats" in got else {})})
-  with open(os.path.join(out, "report.json"), "w") as f:
-    json.dump(rows, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
+  utils.write_json(os.path.join(out, "report.json"), rows, indent=2)
   text = format_report(rows)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(f"# {name} inherited\n\nteacher: {_TEACHER.value}\n\n"

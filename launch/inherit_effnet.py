@@ -30,7 +30,6 @@ top-5 agreement (the teacher's class within the student's top 5), relative logit
 ``||student - teacher||_F / ||teacher||_F``, and parameters.
 """
 
-import json
 import time
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from inhernet_jax import InherSpec, accounting, budget, calibration, convert_efficientnet
-from inhernet_jax import images, models
+from inhernet_jax import images, models, utils
 from inhernet_jax.batch_stats import recalibrate_batch_stats
 from inhernet_jax.inherit import inherit, inherit_report, resolve
 from launch import cli
@@ -232,8 +231,7 @@ def main(argv):
         f"factorising the shared k*k x C matrix would add compute), "
         f"{sorted(set(result['kept']) - set(depthwise))}")
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
+    utils.write_json(FLAGS.out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from inhernet_jax import accounting, calibration, files, sentence, text
+from inhernet_jax import accounting, calibration, sentence, text, utils
 from inhernet_jax import checkpoint as ckpt_lib
 from inhernet_jax import sentence_distill as sd
 from inhernet_jax.inherit import inherit
@@ -191,8 +191,7 @@ def parity(config, workdir: str | None, sentences: int = 64) -> float:
   print(json.dumps(out, indent=2))
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "parity.json"), "w") as f:
-      json.dump(out, f, indent=2)
+    utils.write_json(os.path.join(workdir, "parity.json"), out, indent=2)
   if not err <= PARITY_TOLERANCE:
     raise ValueError(f"parity: max relative error {err:.3g} > {PARITY_TOLERANCE} on {len(sents)} "
                      f"sentences of {directory}")
@@ -200,7 +199,7 @@ def parity(config, workdir: str | None, sentences: int = 64) -> float:
 
 
 def _write_json(path, obj):
-  files.atomic_write(path, lambda f: json.dump(obj, f, indent=2), "w")  # Never a half file.
+  utils.write_json(path, obj, indent=2)  # Never a half file.
 
 
 def run(config, workdir: str) -> list[dict]:

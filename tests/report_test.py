@@ -368,18 +368,6 @@ def test_write_report_bad_value_keeps_old_json(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text()) == {"old": 1}
 
 
-def test_atomic_write_cleans_up_on_failure(tmp_path):
-  path = tmp_path / "f.bin"
-
-  def boom(f):
-    f.write(b"partial")
-    raise RuntimeError("killed")
-
-  with pytest.raises(RuntimeError):
-    report.files.atomic_write(str(path), boom)
-  assert os.listdir(tmp_path) == []
-
-
 def test_gate_table_lists_each_gated_inhernet_layer_once():
   gates = {"conv": {"entropy": 0.5, "load": np.array([0.7, 0.2, 0.1]), "max_entropy": np.log(3)},
            "fc": {"entropy": 1.0, "load": np.array([0.3, 0.3, 0.4]), "max_entropy": np.log(3)}}

@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from inhernet_jax import svd
 from inhernet_jax.layers import InherDense
-from inhernet_jax.plan import canonical_signs
+from inhernet_jax.svd import canonical_signs
 from inhernet_jax.spec import InherSpec
 
 # float32 SVD: backward error is a small multiple of eps32 * ||A||.
@@ -352,14 +352,14 @@ def test_rank_for_energy_full_energy_counts_nonzero_values():
 
 
 # --------------------------------------------------------------- parameter counting
+def given_layer(max_dim: int):
+  """Hypothesis over one layer: ``m, n <= max_dim``, heads, bias, and ``data`` to draw a rank."""
+  return hypothesis.given(m=st.integers(1, max_dim), n=st.integers(1, max_dim),
+                          heads=st.integers(1, 4), use_bias=st.booleans(), data=st.data())
+
+
 @hypothesis.settings(max_examples=15)
-@hypothesis.given(
-    m=st.integers(1, 24),
-    n=st.integers(1, 24),
-    heads=st.integers(1, 4),
-    use_bias=st.booleans(),
-    data=st.data(),
-)
+@given_layer(24)
 def test_param_counts_match_real_layers(m, n, heads, use_bias, data):
   rank = data.draw(st.integers(1, min(m, n)), label="rank")
   x = jax.ShapeDtypeStruct((2, m), jnp.float32)
@@ -397,13 +397,7 @@ def test_rank_for_param_ratio_is_largest_within_budget(m, n, ratio, heads, use_b
 
 
 @hypothesis.settings(max_examples=25)
-@hypothesis.given(
-    m=st.integers(1, 500),
-    n=st.integers(1, 500),
-    heads=st.integers(1, 4),
-    use_bias=st.booleans(),
-    data=st.data(),
-)
+@given_layer(500)
 def test_compression_ratio(m, n, heads, use_bias, data):
   rank = data.draw(st.integers(1, min(m, n)), label="rank")
   ratio = svd.compression_ratio(m, n, rank, heads, use_bias)
@@ -650,3 +644,9 @@ def test_start_bits_are_per_seed_and_the_same_on_every_backend():
   traced = np.asarray(jax.jit(lambda kk: svd.start_matrix(kk, (2, rows, k)))(key))
   assert traced.shape == (2, rows, k) and set(np.unique(traced)) == {-1.0, 1.0}
   np.testing.assert_array_equal(traced, jax.jit(lambda kk: svd.start_matrix(kk, (2, rows, k)))(key))
+
+
+def test_canonical_signs_stays_importable_from_plan():
+  from inhernet_jax import plan
+
+  assert plan.canonical_signs is canonical_signs

@@ -36,16 +36,12 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from inhernet_jax.layers import InherConv, InherDense
-from inhernet_jax.models.imagenet import BasicBlock, batch_norm, model_conv
+from inhernet_jax.layers import InherConv
+from inhernet_jax.models.imagenet import (BasicBlock, ResidualBlock, batch_norm, classifier_head,
+                                         model_conv, residual_stages)
 from inhernet_jax.spec import InherSpec
 
 ModuleDef = Any
-
-
-def _head(module: nn.Module, x):
-  x = jnp.mean(x, axis=(-3, -2))
-  return InherDense(module.num_classes, dtype=module.dtype, spec=module.spec, name="head")(x)
 
 
 def _check_widths(model) -> None:
@@ -88,17 +84,9 @@ class CifarResNet(nn.Module):
     norm = batch_norm(train, self.dtype)
     x = conv(self.num_filters[0], (3, 3), padding=1, name="stem")(x)
     x = self.act(norm(name="bn_init")(x))
-    for i, size in enumerate(self.stage_sizes):
-      for j in range(size):
-        x = self.block_cls(
-            self.num_filters[i + 1],
-            conv=conv,
-            norm=norm,
-            act=self.act,
-            strides=2 if i > 0 and j == 0 else 1,
-            name=f"layer{i + 1}_{j}",
-        )(x)
-    return _head(self, x)
+    x = residual_stages(x, self.stage_sizes, self.num_filters[1:], self.block_cls, conv=conv,
+                        norm=norm, act=self.act)
+    return classifier_head(self, x)
 
 
 def _resnet(depth: int, num_filters=(16, 16, 32, 64)):
@@ -120,26 +108,18 @@ resnet32x4 = _resnet(32, (32, 64, 128, 256))
 
 
 # --------------------------------------------------------------------- Wide ResNet
-class WideBasicBlock(nn.Module):
+class WideBasicBlock(ResidualBlock):
   """Pre-activation wide block (RepDistiller ``wrn.BasicBlock``).
 
   BN-ReLU precedes each conv. Where the shape changes the shortcut is a 1x1 conv of the
   *activated* input (no BatchNorm of its own), otherwise the identity of the raw input.
 
   Attributes:
-    filters: output channels.
-    conv: conv constructor (an `InherConv` partial carrying the spec).
-    norm: BatchNorm constructor.
-    act: activation.
-    strides: stride of the first conv and of the shortcut conv.
+    filters, conv, norm, act, strides: as `ResidualBlock`'s (``strides``: of the first
+      conv and of the shortcut conv).
     dropout: a `nn.Dropout` constructor between the convs, or None.
   """
 
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable = nn.relu
-  strides: int = 1
   dropout: ModuleDef | None = None
 
   @nn.compact
@@ -191,19 +171,10 @@ class WideResNet(nn.Module):
     if self.dropout_rate > 0:
       dropout = functools.partial(nn.Dropout, self.dropout_rate, deterministic=not train)
     x = conv(self.num_filters[0], (3, 3), padding=1, name="stem")(x)
-    for i, size in enumerate(self.stage_sizes):
-      for j in range(size):
-        x = WideBasicBlock(
-            self.num_filters[i + 1],
-            conv=conv,
-            norm=norm,
-            act=self.act,
-            strides=2 if i > 0 and j == 0 else 1,
-            dropout=dropout,
-            name=f"block{i + 1}_{j}",
-        )(x)
+    x = residual_stages(x, self.stage_sizes, self.num_filters[1:], WideBasicBlock, "block",
+                        conv=conv, norm=norm, act=self.act, dropout=dropout)
     x = self.act(norm(name="bn_final")(x))
-    return _head(self, x)
+    return classifier_head(self, x)
 
 
 def _wrn(depth: int, widen_factor: int):
@@ -268,7 +239,7 @@ class VGG(nn.Module):
         x = self.act(norm(name=f"block{i}_bn{j}")(x))
       if i < pooled:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    return _head(self, x)
+    return classifier_head(self, x)
 
 
 vgg8 = functools.partial(VGG, cfg=VGG_CFGS[8])

@@ -53,15 +53,37 @@ def model_conv(model: nn.Module, use_bias: bool) -> ModuleDef:
   )
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs with a residual connection (torchvision / RepDistiller ``BasicBlock``).
+def residual_stages(x, stage_sizes: Sequence[int], widths: Sequence[int], block: ModuleDef,
+                    name: str = "layer", **kwargs):
+  """Runs ``stage_sizes[i]`` blocks of ``widths[i]`` channels per stage on ``x``.
+
+  The first block of every stage but the first has stride 2; block ``j`` of stage ``i``
+  is named ``f"{name}{i + 1}_{j}"``; ``kwargs`` (conv, norm, act, ...) go to every block.
+  Called from a model's compact ``__call__``, so the blocks are that model's submodules.
+  """
+  for i, size in enumerate(stage_sizes):
+    for j in range(size):
+      x = block(widths[i], strides=2 if i > 0 and j == 0 else 1, name=f"{name}{i + 1}_{j}",
+                **kwargs)(x)
+  return x
+
+
+def classifier_head(model: nn.Module, x):
+  """Global average pooling and the ``"head"`` `InherDense` of ``model.num_classes``."""
+  x = jnp.mean(x, axis=(-3, -2))
+  return InherDense(model.num_classes, dtype=model.dtype, spec=model.spec, name="head")(x)
+
+
+class ResidualBlock(nn.Module):
+  """The fields every residual block here has (`BasicBlock`, `Bottleneck`, the CIFAR
+  ``WideBasicBlock``).
 
   Attributes:
-    filters: output channels.
+    filters: output channels (`Bottleneck`: bottleneck channels, it outputs ``4 *``).
     conv: conv constructor (an `InherConv` partial carrying the spec).
     norm: BatchNorm constructor.
     act: activation.
-    strides: stride of the first conv and of the projection shortcut.
+    strides: stride of the strided conv and of the projection shortcut.
   """
 
   filters: int
@@ -69,36 +91,33 @@ class BasicBlock(nn.Module):
   norm: ModuleDef
   act: Callable = nn.relu
   strides: int = 1
+
+  def project_add(self, x, y):
+    """``act(shortcut + y)``: the shortcut is ``x``, or where the shape changes a strided
+    1x1 conv + BatchNorm of ``x`` (``proj_conv``, ``proj_bn``)."""
+    residual = x
+    if self.strides != 1 or x.shape[-1] != y.shape[-1]:
+      residual = self.conv(y.shape[-1], (1, 1), self.strides, padding=0, name="proj_conv")(x)
+      residual = self.norm(name="proj_bn")(residual)
+    return self.act(residual + y)
+
+
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convs with a residual connection (torchvision / RepDistiller ``BasicBlock``);
+  fields as `ResidualBlock`'s (``strides``: of the first conv)."""
 
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
     y = self.act(self.norm(name="bn1")(y))
     y = self.conv(self.filters, (3, 3), padding=1, name="conv2")(y)
-    y = self.norm(name="bn2")(y)
-    residual = x
-    if self.strides != 1 or x.shape[-1] != self.filters:
-      residual = self.conv(self.filters, (1, 1), self.strides, padding=0, name="proj_conv")(x)
-      residual = self.norm(name="proj_bn")(residual)
-    return self.act(residual + y)
+    return self.project_add(x, self.norm(name="bn2")(y))
 
 
-class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (strided) -> 1x1 (x4 channels) with a residual connection (v1.5).
-
-  Attributes:
-    filters: bottleneck channels; the block outputs ``4 * filters``.
-    conv: conv constructor (an `InherConv` partial carrying the spec).
-    norm: BatchNorm constructor.
-    act: activation.
-    strides: stride of the 3x3 conv and of the projection shortcut.
-  """
-
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable = nn.relu
-  strides: int = 1
+class Bottleneck(ResidualBlock):
+  """1x1 -> 3x3 (strided) -> 1x1 (x4 channels) with a residual connection (v1.5); fields
+  as `ResidualBlock`'s (``filters``: bottleneck channels, the block outputs ``4 *
+  filters``; ``strides``: of the 3x3 conv)."""
 
   @nn.compact
   def __call__(self, x):
@@ -108,12 +127,7 @@ class Bottleneck(nn.Module):
     y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
     y = self.act(self.norm(name="bn2")(y))
     y = self.conv(out, (1, 1), padding=0, name="conv3")(y)
-    y = self.norm(name="bn3")(y)
-    residual = x
-    if self.strides != 1 or x.shape[-1] != out:
-      residual = self.conv(out, (1, 1), self.strides, padding=0, name="proj_conv")(x)
-      residual = self.norm(name="proj_bn")(residual)
-    return self.act(residual + y)
+    return self.project_add(x, self.norm(name="bn3")(y))
 
 
 class ResNet(nn.Module):
@@ -147,18 +161,10 @@ class ResNet(nn.Module):
     x = conv(self.num_filters, (7, 7), 2, padding=3, name="stem")(x)
     x = self.act(norm(name="bn_init")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for i, size in enumerate(self.stage_sizes):
-      for j in range(size):
-        x = self.block_cls(
-            self.num_filters * 2**i,
-            conv=conv,
-            norm=norm,
-            act=self.act,
-            strides=2 if i > 0 and j == 0 else 1,
-            name=f"layer{i + 1}_{j}",
-        )(x)
-    x = jnp.mean(x, axis=(-3, -2))
-    return InherDense(self.num_classes, dtype=self.dtype, spec=self.spec, name="head")(x)
+    widths = [self.num_filters * 2**i for i in range(len(self.stage_sizes))]
+    x = residual_stages(x, self.stage_sizes, widths, self.block_cls, conv=conv, norm=norm,
+                        act=self.act)
+    return classifier_head(self, x)
 
 
 resnet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
