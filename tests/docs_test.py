@@ -21,7 +21,12 @@ def test_docs_build_strict(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "site" / "reference" / "index.html").is_file()
   assert "inhernet_jax.svd" in (tmp_path / "site" / "reference" / "index.html").read_text()
-  assert "inhernet_jax/svd.py" in (tmp_path / "site" / "layout" / "index.html").read_text()
+  # Pages that include README sections (pymdownx.snippets) got their text.
+  site = tmp_path / "site"
+  assert "inhernet_jax/svd.py" in (site / "layout" / "index.html").read_text()
+  assert "bash launch/quickstart.sh" in (site / "index.html").read_text()
+  assert "dataset-fashion-mnist" in (site / "results" / "index.html").read_text()
+  assert "--8&lt;--" not in (site / "index.html").read_text()
 
 
 def _layout() -> str:
