@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 KINDS = ("student", "inhernet")
+INITS = ("svd", "random")  # An InherNet's init: the SVD, or the paper's ablation.
 # InherNet methods re-estimate BatchNorm statistics unless ``recalibrate: False``
 # (README, "BatchNorm re-estimation"), on this many training batches.
 RECALIBRATE = True
@@ -111,7 +112,7 @@ class MethodDef:
     out = cls(**md, given=tuple(md))
     if kind == "student" and not out.model:
       raise ValueError(f"config.method_defs.{name}.model: a student needs a model name")
-    if kind == "inhernet" and out.init not in ("svd", "random"):
+    if kind == "inhernet" and out.init not in INITS:
       raise ValueError(f"config.method_defs.{name}.init must be 'svd' or 'random', "
                        f"got {out.init!r}")
     if kind == "inhernet" and out.rank is None:
@@ -298,5 +299,5 @@ def is_fraction(metric_name: str) -> bool:
   return "acc" in metric_name.lower()
 
 
-__all__ = ["KINDS", "MethodDef", "RECALIBRATE", "RECALIBRATION_BATCHES", "RunRecord",
+__all__ = ["INITS", "KINDS", "MethodDef", "RECALIBRATE", "RECALIBRATION_BATCHES", "RunRecord",
            "group_runs", "is_fraction", "is_missing", "mean_std", "metric_info"]

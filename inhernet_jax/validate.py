@@ -21,8 +21,8 @@ from typing import Any
 
 import ml_collections
 
-from inhernet_jax import budget, losses, models, optim, svd
-from inhernet_jax.records import KINDS, MethodDef
+from inhernet_jax import budget, losses, models, optim, sizes, svd
+from inhernet_jax.records import INITS, KINDS, MethodDef
 
 _default = MethodDef.default  # The method fields' defaults, kept in one place.
 # Every field a method definition may have (a typo is an error, not silently ignored), by
@@ -35,7 +35,6 @@ METHOD_FIELDS = {
                  "recalibration_batches", "init_key"),
 }
 ALLOCATIONS = ("uniform", "greedy")
-INITS = ("svd", "random")
 
 
 class ConfigError(ValueError):
@@ -65,7 +64,7 @@ def parse_rank(value: Any, where: str) -> int | float | str:
   if isinstance(value, str):
     text = value.strip()
     kind, sep, named = text.partition(":")
-    if sep and kind.strip() in ("params", "student"):
+    if sep and kind.strip() in sizes.KINDS:
       if not named.strip():
         what = "a method" if kind.strip() == "params" else "a zoo model"
         raise ConfigError(f"{where}: '{kind.strip()}:' needs {what} name, got {value!r}")
