@@ -15,9 +15,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-from inhernet_jax import accounting, budget
-from inhernet_jax.inherit import planned_param_count
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.decomposition import budget
+from inhernet_jax.decomposition.transform import planned_param_count
+from inhernet_jax.decomposition.spec import InherSpec
 
 FLAGS = flags.FLAGS
 

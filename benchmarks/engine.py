@@ -130,7 +130,7 @@ def resnet50_kernels(spectrum: str, seed: int = 0) -> dict:
 
 
 def _kernels(params):
-  from inhernet_jax import utils
+  from inhernet_jax.common import utils
 
   return [leaf for name, leaf in utils.flatten_with_names(params) if name.split("/")[-1] == "kernel"]
 
@@ -139,7 +139,7 @@ def _accuracy(params, out, rank):
   """Largest relative error of the heads' singular values vs NumPy's exact SVD."""
   import numpy as np
 
-  from inhernet_jax import utils
+  from inhernet_jax.common import utils
 
   worst, checked = 0.0, 0
   flat_in = {n[:-len("/kernel")]: l for n, l in utils.flatten_with_names(params) if n.endswith("/kernel")}

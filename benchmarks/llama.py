@@ -366,7 +366,7 @@ def run_device(shape: Shape, rank: int, heads: int, spectra, settings=("default"
   jax.monitoring.register_event_duration_secs_listener(_on_event)
   mesh = None
   if one_device_mesh:
-    from inhernet_jax import sharding
+    from inhernet_jax.parallel import sharding
 
     mesh = sharding.make_mesh({"data": 1}, devices=[dev])
   kwargs = {} if mesh is None else {"mesh": mesh}

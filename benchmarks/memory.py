@@ -5,7 +5,7 @@ Three figures, printed and written as JSON:
 1. ``plan``: the full 7B-shaped stack (32 scan-stacked layers, width 4096, SwiGLU MLP
    11008, vocabulary 32000; 6.74B parameters) as abstract params sharded over an
    8-device CPU mesh (``--mesh``, default ``fsdp=8``): nothing is allocated. Every
-   jitted stage of the sharded path (`inhernet_jax.inherit_sharded.sharded_stages`) is lowered
+   jitted stage of the sharded path (`inhernet_jax.decomposition.sharded.sharded_stages`) is lowered
    and compiled on its abstract sharded inputs; `plan_memory` walks the schedule
    (teacher resident + new params made so far + the bases of the kernels iterated
    together + the current stage's output and compiled temp bytes) and gives the peak
@@ -64,7 +64,7 @@ from absl import app, flags
 from benchmarks.memory_baseline import run_baseline_cpu, run_device_full_svd
 from benchmarks.memory_teacher import (Shape, bytes_per_device, count_params, param_shapes,
                                        random_teacher, sharded, spec, timed_inherit)
-from inhernet_jax import utils
+from inhernet_jax.common import utils
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "memory.json", "Where to write the JSON figures.")
@@ -114,7 +114,7 @@ def _mesh_axes() -> dict:
 
 
 def _rules():
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
 
   if FLAGS.rules == "tensor_parallel":
     return _GATE_TP_RULES + tuple(sharding.TENSOR_PARALLEL_RULES)
@@ -124,8 +124,8 @@ def _rules():
 def _plan(abstract, inherit_spec, mesh, rules) -> dict:
   """Compiles every stage on abstract inputs and walks the schedule."""
   from benchmarks.memory_plan import device_bytes, plan_memory
-  from inhernet_jax.inherit import planned_param_count
-  from inhernet_jax.inherit_sharded import sharded_stages
+  from inhernet_jax.decomposition.transform import planned_param_count
+  from inhernet_jax.decomposition.sharded import sharded_stages
 
   start = time.time()
   stages = sharded_stages(abstract, inherit_spec, mesh=mesh, sharding_rules=rules)
@@ -217,7 +217,7 @@ def run_device() -> dict:
   import jax
   import jax.numpy as jnp
   import inhernet_jax as ij
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
 
   device = jax.devices()[0]
   mesh = sharding.make_mesh({"data": 1}, devices=[device])
@@ -355,7 +355,7 @@ def main(argv):
   elif device_mode:
     result["device"] = run_device()
   else:
-    from inhernet_jax import sharding
+    from inhernet_jax.parallel import sharding
 
     axes = _mesh_axes()
     needed = 1

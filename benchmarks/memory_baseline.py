@@ -99,7 +99,7 @@ def run_baseline_cpu(shape: Shape, rank: int, inherit_spec, *, heads: int, dtype
   ``inherit_spec`` has ``rank`` and ``heads``; ``spectrum`` is ``"gaussian"`` (random
   kernels) or ``"power_law"`` (singular values ``1/i``); ``layers`` as `full_svd_inherit`'s.
   """
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
   from benchmarks.memory_plan import stage_temp_bytes
 
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -174,7 +174,7 @@ def run_device_full_svd(shape: Shape, rank: int, heads: int, dtype: str, rules,
                         layers: int) -> dict:
   """The full stack on one accelerator, inherited by per-layer full SVDs."""
   device = jax.devices()[0]
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
 
   mesh = sharding.make_mesh({"data": 1}, devices=[device])
   inherit_spec = spec(rank, heads)

@@ -18,7 +18,7 @@ import functools
 import jax
 import numpy as np
 
-from inhernet_jax.inherit_sharded import Stage
+from inhernet_jax.decomposition.sharded import Stage
 
 
 def device_bytes(tree) -> int:

@@ -63,7 +63,7 @@ def spec(rank: int, heads: int):
 
 def sharded(shapes, mesh, rules):
   import jax
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
 
   shardings = sharding.tree_shardings(mesh, shapes, rules)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -121,7 +121,7 @@ def timed_inherit(teacher_params, inherit_spec, trace=None, **kwargs):
   """``(inherit(teacher_params, inherit_spec, **kwargs), seconds)``; its stages traced by
   ``trace`` when given."""
   import inhernet_jax as ij
-  from inhernet_jax.inherit_sharded import tracing
+  from inhernet_jax.decomposition.sharded import tracing
 
   start = time.time()
   with tracing(trace) if trace else contextlib.nullcontext():

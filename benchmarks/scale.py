@@ -1,6 +1,6 @@
 r"""Benchmarks of the sharded train step: SPMD overhead on CPU, step time and MFU on an accelerator.
 
-The step measured is the one the trainer runs on a mesh (`inhernet_jax.sharding`)::
+The step measured is the one the trainer runs on a mesh (`inhernet_jax.parallel.sharding`)::
 
   state, state_sh = sharding.jit_init(create, mesh, params_of, rules, key)   # born sharded
   step = jax.jit(train.make_train_step(...), in_shardings=(state_sh, batch_sh, None),

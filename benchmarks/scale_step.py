@@ -66,7 +66,10 @@ def build_sharded_step(model, mesh, *, input_shape, num_classes, batch_size, com
   import jax.numpy as jnp
   import numpy as np
 
-  from inhernet_jax import losses, optim, sharding, train
+  from inhernet_jax.training import losses
+  from inhernet_jax.training import optim
+  from inhernet_jax.parallel import sharding
+  from inhernet_jax.training import trainer as train
 
   tx, schedule = optim.make_optimizer(optimizer, steps_per_epoch=100, total_steps=10_000)
 
@@ -97,8 +100,10 @@ def measure(case: dict) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from inhernet_jax import accounting, models, sharding
-  from inhernet_jax.spec import InherSpec
+  from inhernet_jax import models
+  from inhernet_jax.decomposition import accounting
+  from inhernet_jax.parallel import sharding
+  from inhernet_jax.decomposition.spec import InherSpec
 
   model, input_shape, classes, preset_name = build_model(case["model"], tiny=case["tiny"])
   compute_dtype = jnp.dtype(case["dtype"])

@@ -51,7 +51,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).")
   flags.DEFINE_list("variants", ["teacher", "inherited"], "teacher and/or inherited.")
   flags.DEFINE_enum("mixing", "auto", ["auto", "weights", "outputs"],
-                    "Inherited layers' head mixing (inhernet_jax.mixing).")
+                    "Inherited layers' head mixing (inhernet_jax.layers.mixing).")
   flags.DEFINE_bool("torch", True, "PyTorch teacher and demo-layer rows for resnet18_cifar "
                     "entries, when torch is importable.")
   flags.DEFINE_float("row_budget_s", 60.0, "Per row: once spent (compiles included), each "
@@ -99,7 +99,7 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
   """One row: a model's train step and eval forward (``rank``: a fraction of every
   layer's full rank; the median of ``steps`` calls after ``warmup``).
 
-  ``mixing``: the inherited layers' head mixing (`inhernet_jax.mixing`). ``budget_s``:
+  ``mixing``: the inherited layers' head mixing (`inhernet_jax.layers.mixing`). ``budget_s``:
   the row's time limit; once spent (compiles included) each pass is timed once more at
   most (a compile itself cannot be cut short) and ``*_steps`` says how many calls were.
   """
@@ -110,7 +110,9 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
   import numpy as np
   import optax
 
-  from inhernet_jax import InherConv, InherDense, InherSpec, accounting, inherit, models
+  from inhernet_jax import InherConv, InherDense, InherSpec, models
+  from inhernet_jax.decomposition import accounting
+  from inhernet_jax import inherit
 
   start = time.perf_counter()
   deadline = None if budget_s is None else start + budget_s
@@ -239,7 +241,7 @@ def main(argv):
   del argv
   import jax
 
-  from inhernet_jax import utils
+  from inhernet_jax.common import utils
 
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
   t = time.perf_counter()

@@ -1,6 +1,6 @@
 r"""Character-level LM on the Python standard library's own source: GPT teacher -> students / InherNet.
 
-The corpus is a fixed list of stdlib modules (`inhernet_jax.data`, ``chars``), ASCII
+The corpus is a fixed list of stdlib modules (`inhernet_jax.data.pipeline`, ``chars``), ASCII
 vocabulary of 128, deterministic train/valid split; the metric is validation
 bits-per-character (lower is better). Teacher: a 4-layer, width-128 GPT decoder; student:
 the same depth at width 64; InherNet inherits the teacher's blocks (embeddings and LM

@@ -65,7 +65,7 @@ def base(config: ml_collections.ConfigDict | None = None) -> ml_collections.Conf
   c.progress = True                # tqdm progress bars.
   c.scratch_method = "student"     # "Epochs to reach" is measured against this run.
   c.sweep = ml_collections.ConfigDict({"ranks": (), "heads": ()})
-  # Device mesh (inhernet_jax.sharding): -1 takes the devices the other axes leave.
+  # Device mesh (inhernet_jax.parallel.sharding): -1 takes the devices the other axes leave.
   # --config.mesh.fsdp=8 shards params and optimizer state; --config.mesh.model=4 (with
   # sharding_rules="tensor_parallel") splits the transformers' layers.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})

@@ -2,7 +2,7 @@ r"""Fashion-MNIST: the 2-core CPU comparison, and the paper's CIFAR-100 pairs fo
 
 Real images (60,000 / 10,000 28x28 grey clothing photos, 10 classes) from the Debian
 package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``) or TFDS;
-see `inhernet_jax.fashion_mnist`.
+see `inhernet_jax.data.fashion_mnist`.
 
 The default (CPU) comparison: RepDistiller's resnet8 teacher (78k parameters, BatchNorm
 after every conv) trained once, its student at half the widths (20k, a quarter), and

@@ -8,7 +8,7 @@ and head kept) at the largest rank whose network has no more parameters than ViT
 decomposes each kernel kind of all 12 layers in one batched SVD.
 
 Sharding: tensor parallel over ``model`` (Megatron-style attention/MLP split, see
-`inhernet_jax.sharding.TENSOR_PARALLEL_RULES`), data parallel over the rest. One host
+`inhernet_jax.parallel.sharding.TENSOR_PARALLEL_RULES`), data parallel over the rest. One host
 with 8 GPUs, or a TPU v4-32 pod slice (16 chips: 4 hosts x 4)::
 
   python -m launch.main --config=configs/vit.py --config.data.data_dir=DIR \

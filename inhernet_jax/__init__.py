@@ -1,16 +1,36 @@
 """InherNet in JAX: inherit a trained teacher instead of distilling a student.
 
-Public API::
+The public API is flat; the code lives in subpackages by concern (`docs/design.md`):
 
-  import inhernet_jax as ij
-  new_params = ij.inherit(teacher_params, 32, heads=3)
-  spec = ij.InherSpec(rank=32, heads=3)
-  model = MyModel(spec=spec)   # built from ij.layers.InherDense / InherConv
+| subpackage | owns | may import |
+|---|---|---|
+| `common` | path rules, atomic files, JSON, tree-path names | nothing of the package |
+| `parallel` | meshes, shardings, `jax.distributed` start-up | `common` |
+| `decomposition` | the method: SVD maths, `InherSpec`, the plan, its executors, `inherit`, budgets | `common`, `parallel` |
+| `layers` | the inherited layers (linen) and their mixing and folding | `decomposition` |
+| `models` | the zoo (teacher and inherited network by one field), named sizes | `layers`, `decomposition` |
+| `calibration` | running a model on calibration data: input Grams, BatchNorm statistics | `decomposition` |
+| `data` | input pipelines and datasets | `common` |
+| `training` | trainer, loop, optimisers, losses, checkpoints, integrity, lock | `layers`, `parallel`, `common` |
+| `interop` | PyTorch / Hugging Face weights in, safetensors export out | `models`, `layers`, `decomposition`, `training`, `common` |
+| `experiment` | teacher -> students -> InherNet runs, records, reports, figures | everything above |
+
+Example:
+
+    ```python
+    import inhernet_jax as ij
+
+    new_params = ij.inherit(teacher_params, 32, heads=3)
+    spec = ij.InherSpec(rank=32, heads=3)
+    student = teacher.clone(spec=spec)   # a zoo model: teacher and inherited by one field
+    ```
 """
 
-from inhernet_jax import accounting, budget, layers, sizes, svd
-from inhernet_jax.budget import allocate
-from inhernet_jax.inherit import (
+from inhernet_jax import layers
+from inhernet_jax.decomposition import accounting, budget, svd
+from inhernet_jax.decomposition.budget import allocate
+from inhernet_jax.decomposition.spec import InherSpec, LayerPlan
+from inhernet_jax.decomposition.transform import (
     format_report,
     inherit,
     inherit_report,
@@ -18,8 +38,8 @@ from inhernet_jax.inherit import (
     resolve,
 )
 from inhernet_jax.layers import InherConv, InherDense
-from inhernet_jax.sizes import parameter_budget
-from inhernet_jax.spec import InherSpec, LayerPlan
+from inhernet_jax.models import sizes
+from inhernet_jax.models.sizes import parameter_budget
 
 __all__ = [
     "InherConv",
@@ -40,4 +60,3 @@ __all__ = [
     "svd",
 ]
 __version__ = "0.1.0"
-

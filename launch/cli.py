@@ -19,7 +19,10 @@ import sys
 
 from absl import app, flags
 
-from inhernet_jax import checkpoint, convert, lock, validate
+from inhernet_jax.training import checkpoint
+from inhernet_jax.interop import convert
+from inhernet_jax.training import lock
+from inhernet_jax.experiment import validate
 
 EXPECTED = (app.UsageError, validate.ConfigError, checkpoint.CheckpointError, lock.WorkdirBusy,
             convert.ConversionError, FileNotFoundError, FileExistsError)

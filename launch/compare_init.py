@@ -13,7 +13,7 @@ first if absent, exactly as `launch.main` does), prints and writes ``compare_ini
 
 For a teacher with BatchNorm every metric is also given with the inherited network's
 BatchNorm statistics re-estimated on ``--recalibration_batches`` training batches
-(`calibration.recalibrate_batch_stats`): plain and data-aware, each with and without.
+(`batch_stats.recalibrate_batch_stats`): plain and data-aware, each with and without.
 
 Nothing is fine-tuned here; the ``beyond`` config variants fine-tune the same methods
 (`configs/digits.py:variant=beyond`).
@@ -32,11 +32,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from inhernet_jax import accounting, budget, calibration, experiment, models
-from inhernet_jax import train as train_lib
-from inhernet_jax.inherit import inherit
-from inhernet_jax.records import MethodDef
-from inhernet_jax.spec import InherSpec
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.decomposition import budget
+from inhernet_jax.calibration import batch_stats
+from inhernet_jax.calibration import grams as calibration
+from inhernet_jax.experiment import runs as experiment
+from inhernet_jax.training import trainer as train_lib
+from inhernet_jax.decomposition.transform import inherit
+from inhernet_jax.experiment.records import MethodDef
+from inhernet_jax.decomposition.spec import InherSpec
 from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config.")
@@ -90,7 +95,7 @@ def main(argv):
   def recalibrated(model, variables):
     """Its BatchNorm statistics re-estimated on this seed's first training batches."""
     batches = (pipeline.train_batch(s) for s in range(_RECAL.value))
-    return calibration.recalibrate_batch_stats(model, variables, batches)
+    return batch_stats.recalibrate_batch_stats(model, variables, batches)
 
   if recalibrate:
     result["recalibration_batches"] = _RECAL.value

@@ -13,7 +13,7 @@ r"""PyTorch weights -> Flax teacher -> inherited network, in one command.
 
 Installed (``pip install``), the same command is ``inhernet-convert``, with the same flags.
 
-Writes ``OUT/model.safetensors`` + ``OUT/spec.json`` (`inhernet_jax.export`: the inherited
+Writes ``OUT/model.safetensors`` + ``OUT/spec.json`` (`inhernet_jax.interop.export`: the inherited
 variables and their spec, or the converted teacher with a null spec when neither
 ``--rank``, ``--energy`` nor ``--budget`` is given; `launch.spec_flags`) and, when inheriting, ``OUT/report.md`` with the
 per-layer report it also prints. Nothing is downloaded: a missing weights file is an
@@ -28,8 +28,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from inhernet_jax import accounting, convert, export
-from inhernet_jax.inherit import format_report, inherit
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.interop import convert
+from inhernet_jax.interop import export
+from inhernet_jax.decomposition.transform import format_report, inherit
 from inhernet_jax.models import imagenet
 from . import recalibrate_flags, spec_flags
 

@@ -13,9 +13,9 @@ Installed (``pip install``), the same command is ``inhernet-inherit``, with the 
 The teacher's architecture comes from the config (``config.teacher``), the checkpoint
 from ``--teacher`` (a run directory of `launch.main` or an orbax CheckpointManager
 directory). Writes ``OUT/checkpoints`` (an orbax checkpoint with ``params`` and the
-teacher's ``batch_stats``, loadable with `inhernet_jax.checkpoint.load_variables`),
+teacher's ``batch_stats``, loadable with `inhernet_jax.training.checkpoint.load_variables`),
 ``OUT/spec.json`` (the exact per-layer spec, to rebuild the model, with the model's name
-and classes as metadata: `inhernet_jax.export.load_spec`) and
+and classes as metadata: `inhernet_jax.interop.export.load_spec`) and
 ``OUT/report.md`` / ``report.json`` (per layer: rank, heads, energy kept, error, params).
 A network with BatchNorm gets its statistics re-estimated on training batches of the
 config's data (`launch.recalibrate_flags`: ``--recalibrate``, ``--recalibration_batches``).
@@ -28,10 +28,13 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from inhernet_jax import accounting, models
-from inhernet_jax import checkpoint as ckpt_lib
-from inhernet_jax import data, export, utils
-from inhernet_jax.inherit import format_report, inherit
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.training import checkpoint as ckpt_lib
+from inhernet_jax.data import pipeline as data
+from inhernet_jax.interop import export
+from inhernet_jax.common import utils
+from inhernet_jax.decomposition.transform import format_report, inherit
 from . import cli, recalibrate_flags, spec_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config naming the teacher.")

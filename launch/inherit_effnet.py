@@ -6,7 +6,7 @@ r"""Inherits the real, pretrained EfficientNet-Lite0 and measures it on real pho
   python -m launch.inherit_effnet --policies=energy:0.9 --crops=4 --out=/tmp/effnet.json
 
 The teacher is the wheel's ``efficientnet-lite0-57934424.pth`` converted by
-`inhernet_jax.convert_efficientnet` (checked against the PyTorch reference
+`inhernet_jax.interop.efficientnet` (checked against the PyTorch reference
 ``efficientnet-lite-pytorch`` when it is installed: ``parity``, the largest logit
 difference over the largest logit). Inputs are photos that scikit-image ships
 (``skimage.data``; grey ones as RGB): ``--calibration`` photos give the input Grams of the
@@ -36,10 +36,16 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from inhernet_jax import InherSpec, accounting, budget, calibration, convert_efficientnet
-from inhernet_jax import images, models, utils
-from inhernet_jax.batch_stats import recalibrate_batch_stats
-from inhernet_jax.inherit import inherit, inherit_report, resolve
+from inhernet_jax import InherSpec
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.decomposition import budget
+from inhernet_jax.calibration import grams as calibration
+from inhernet_jax.interop import efficientnet as convert_efficientnet
+from inhernet_jax import models
+from inhernet_jax.data import images
+from inhernet_jax.common import utils
+from inhernet_jax.calibration.batch_stats import recalibrate_batch_stats
+from inhernet_jax.decomposition.transform import inherit, inherit_report, resolve
 from launch import cli
 
 CALIBRATION = ("astronaut", "coffee", "camera", "coins", "moon", "brick", "hubble_deep_field",

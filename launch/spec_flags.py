@@ -5,17 +5,17 @@ that model's size), ``--energy`` (per-layer ranks by spectral energy) or ``--bud
 (per-layer ranks at a parameter budget: an int, a fraction of the teacher, or
 ``student:<zoo model>``; ``--allocation`` greedy or uniform), with ``--heads`` and
 ``--preset``, and ``--svd`` (the SVD setting). `make_spec` turns them into an exact `InherSpec`.
-Named sizes are read by `inhernet_jax.sizes` (``params:<zoo model>``, the old spelling of
-``student:<zoo model>``, still works for one release and prints a deprecation warning).
+Named sizes are read by `inhernet_jax.models.sizes`.
 """
-
-import warnings
 
 from absl import app, flags
 
-from inhernet_jax import accounting, budget, models, sizes
-from inhernet_jax.inherit import resolve
-from inhernet_jax.spec import InherSpec
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.decomposition import budget
+from inhernet_jax.models import sizes
+from inhernet_jax.decomposition.transform import resolve
+from inhernet_jax.decomposition.spec import InherSpec
 
 RANK = flags.DEFINE_string(
     "rank", None, "An int, a fraction in (0, 1], or student:<zoo model> (the largest uniform "
@@ -63,8 +63,7 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
     raise app.UsageError(f"--heads={heads}: expected an int >= 1 (gated expert up-projections)")
   if BUDGET.value is not None:
     try:
-      target = _named(sizes.parameter_budget, teacher_params, BUDGET.value,
-                      num_classes=num_classes)
+      target = sizes.parameter_budget(teacher_params, BUDGET.value, num_classes=num_classes)
       pick = budget.allocate if ALLOCATION.value == "greedy" else budget.uniform
       spec = pick(teacher_params, target, heads=heads, rules=rules,
                   spec=InherSpec(rank_multiple=multiple))
@@ -81,7 +80,7 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
     return resolve(teacher_params, spec)
   rank = RANK.value
   try:
-    target = _named(sizes.named_size, rank, num_classes=num_classes, where="--rank")
+    target = sizes.named_size(rank, num_classes=num_classes, where="--rank")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if target is not None:
@@ -95,16 +94,3 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
     raise app.UsageError(f"--rank={rank!r}: expected an int >= 1, a fraction in (0, 1] or "
                          f"student:<zoo model> ({e})") from None
 
-
-def _named(read, *args, **kwargs):
-  """``read(*args, **kwargs)`` (a `sizes` reader), its deprecation warnings printed: a
-  command line's user would not see them otherwise (Python hides them by default)."""
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", DeprecationWarning)
-    out = read(*args, **kwargs)
-  for w in caught:
-    if issubclass(w.category, DeprecationWarning):
-      print(f"warning: {w.message}")
-    else:
-      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-  return out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import inhernet_jax as ij
-from inhernet_jax import accounting
+from inhernet_jax.decomposition import accounting
 from inhernet_jax.models.small import CNN as DigitsCNN
 
 WIDTHS = (8, 16, 32)
@@ -33,7 +33,7 @@ def teacher_params():
     ids=["rank", "heads", "fraction-rule", "param_ratio", "energy"],
 )
 def test_planned_count_equals_inherited_tree(teacher_params, spec):
-  from inhernet_jax.inherit import planned_param_count
+  from inhernet_jax.decomposition.transform import planned_param_count
 
   planned = planned_param_count(teacher_params, spec)
   assert planned == accounting.param_count(ij.inherit(teacher_params, spec))
@@ -48,7 +48,7 @@ def test_param_count_of_shapes_and_arrays_agree(teacher_params):
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.6])
 def test_rank_for_params_is_largest_rank_within_budget(teacher_params, heads, fraction):
-  from inhernet_jax.inherit import planned_param_count
+  from inhernet_jax.decomposition.transform import planned_param_count
 
   target = int(fraction * accounting.param_count(teacher_params))
   rank = accounting.rank_for_params(teacher_params, target, heads=heads)
@@ -82,7 +82,7 @@ def test_forward_flops_of_a_dense_layer_and_of_an_inherited_net(teacher_params):
 
 def test_rank_for_params_with_rank_multiple(teacher_params):
   """Uniform ranks in multiples of ``rank_multiple``: the largest multiple within budget."""
-  from inhernet_jax.inherit import planned_param_count
+  from inhernet_jax.decomposition.transform import planned_param_count
 
   target = int(0.4 * accounting.param_count(teacher_params))
   rank = accounting.rank_for_params(teacher_params, target, heads=2, rank_multiple=4)

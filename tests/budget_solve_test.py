@@ -1,4 +1,4 @@
-"""Tests for inhernet_jax.budget_solve: the allocation solvers on hand-made option chains.
+"""Tests for inhernet_jax.decomposition.budget_solve: the allocation solvers on hand-made option chains.
 
 Pure NumPy, no model: each layer is a chain of costs and concave values, and the
 exact solver is held against brute force over every combination of options.
@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from inhernet_jax.budget_solve import _cost, _Layer, _objective, solve
+from inhernet_jax.decomposition.budget_solve import _cost, _Layer, _objective, solve
 
 
 def _layers(rng, count):

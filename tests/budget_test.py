@@ -1,4 +1,4 @@
-"""Tests for inhernet_jax.budget: budgets, budget-matched per-layer ranks, summaries.
+"""Tests for inhernet_jax.decomposition.budget: budgets, budget-matched per-layer ranks, summaries.
 
 Cheap by design: NumPy params; spectra passed in where the weights do not matter; zoo
 models only through abstract shapes (the only compiled work is one CLI run).
@@ -19,11 +19,16 @@ import optax
 import pytest
 
 from benchmarks.budget import random_budget, random_problem
-from inhernet_jax import accounting, budget, checkpoint, models, sizes, svd
-from inhernet_jax import spec as spec_lib
-from inhernet_jax import train as train_lib
-from inhernet_jax.inherit import inherit, planned_param_count
-from inhernet_jax.spec import InherSpec
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.decomposition import budget
+from inhernet_jax.training import checkpoint
+from inhernet_jax.models import sizes
+from inhernet_jax.decomposition import svd
+from inhernet_jax.decomposition import spec as spec_lib
+from inhernet_jax.training import trainer as train_lib
+from inhernet_jax.decomposition.transform import inherit, planned_param_count
+from inhernet_jax.decomposition.spec import InherSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -70,8 +75,8 @@ def ranks(spec, paths):
 def test_parameter_budget_moved_to_sizes_with_a_deprecated_alias():
   # Names are read a layer up (`sizes`); `budget` takes numbers and imports no model zoo.
   params = net([(10, 20), (20, 5)])
-  with pytest.warns(DeprecationWarning, match="moved to inhernet_jax.sizes.parameter_budget"):
-    from inhernet_jax.budget import parameter_budget
+  with pytest.warns(DeprecationWarning, match="moved to inhernet_jax.models.sizes.parameter_budget"):
+    from inhernet_jax.decomposition.budget import parameter_budget
   assert parameter_budget is sizes.parameter_budget
   assert parameter_budget(params, "student:mlp") == models.param_count("mlp", num_classes=10)
   assert "models" not in vars(budget)

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.calibration` and data-aware inheritance (`inherit(calibration=)`).
+"""Tests for `inhernet_jax.calibration.grams` and data-aware inheritance (`inherit(calibration=)`).
 
 Teachers are tiny zoo models with random weights (numpy, no init compile). References
 are independent float64 numpy: im2col by slicing, Grams from activations captured with
@@ -17,10 +17,11 @@ import pytest
 from flax import traverse_util
 
 import inhernet_jax as ij
-from inhernet_jax import calibration, models
-from inhernet_jax.calibration import whitened_spectra
-from inhernet_jax.layers import InherConv
-from inhernet_jax.spec import InherSpec
+from inhernet_jax import models
+from inhernet_jax.calibration import grams as calibration
+from inhernet_jax.calibration.grams import whitened_spectra
+from inhernet_jax.layers.linen import InherConv
+from inhernet_jax.decomposition.spec import InherSpec
 
 
 def flat(tree):

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 
 from configs import common
-from inhernet_jax import accounting, data, experiment, models, optim
-from inhernet_jax.spec import InherSpec
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.data import pipeline as data
+from inhernet_jax.experiment import runs as experiment
+from inhernet_jax.training import optim
+from inhernet_jax.decomposition.spec import InherSpec
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

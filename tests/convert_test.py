@@ -1,4 +1,4 @@
-"""Torch-free tests for `inhernet_jax.convert` and `launch/convert.py`: names, errors and
+"""Torch-free tests for `inhernet_jax.interop.convert` and `launch/convert.py`: names, errors and
 the validation of untrusted files (weights, HF configs, sharded indexes).
 
 They run everywhere: state dicts are NumPy arrays (``.safetensors`` written with
@@ -18,7 +18,11 @@ import safetensors.numpy
 from absl import app, flags
 from absl.testing import flagsaver
 
-from inhernet_jax import InherSpec, convert, convert_core, convert_resnet, export, models
+from inhernet_jax import InherSpec, models
+from inhernet_jax.interop import convert
+from inhernet_jax.interop import state_dict as convert_core
+from inhernet_jax.interop import resnet as convert_resnet
+from inhernet_jax.interop import export
 from inhernet_jax.models import imagenet
 
 WIDTH, CLASSES = 4, 5

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.data`: one pipeline interface over digits, chars and TFDS.
+"""Tests for `inhernet_jax.data.pipeline`: one pipeline interface over digits, chars and TFDS.
 
 The TFDS image path runs for real on `tfds.testing.mock_data`, which works without
 TensorFlow: it patches the ArrayRecord data source that `tfds.data_source` returns with
@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from inhernet_jax import data
+from inhernet_jax.data import pipeline as data
 
 ROOT = pathlib.Path(__file__).parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.distributed`: when to start the multi-process runtime, and how.
+"""Tests for `inhernet_jax.parallel.distributed`: when to start the multi-process runtime, and how.
 
 `jax.distributed.initialize` is replaced by a recorder throughout: nothing here starts
 a coordinator or touches another process.
@@ -7,7 +7,7 @@ a coordinator or touches another process.
 import jax
 import pytest
 
-from inhernet_jax import distributed
+from inhernet_jax.parallel import distributed
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
        "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")

@@ -20,7 +20,7 @@ def test_docs_build_strict(tmp_path):
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "site" / "reference" / "index.html").is_file()
-  assert "inhernet_jax.svd" in (tmp_path / "site" / "reference" / "index.html").read_text()
+  assert "inhernet_jax.decomposition.svd" in (tmp_path / "site" / "reference" / "index.html").read_text()
   # Pages that include README sections (pymdownx.snippets) got their text.
   site = tmp_path / "site"
   assert "inhernet_jax/svd.py" in (site / "layout" / "index.html").read_text()

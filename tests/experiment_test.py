@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from inhernet_jax import experiment
-from inhernet_jax.records import MethodDef
+from inhernet_jax.experiment import runs as experiment
+from inhernet_jax.experiment.records import MethodDef
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -149,7 +149,7 @@ def test_digits_data_aware_and_budget_matched_methods(tmp_path):
 @pytest.mark.slow
 def test_a_changed_experiment_does_not_resume_silently(tmp_path):
   """teacher.epochs changed: refused at the teacher's checkpoint; allowed deliberately."""
-  from inhernet_jax import checkpoint
+  from inhernet_jax.training import checkpoint
 
   config = _config("digits", "local")
   config.methods, config.epochs, config.teacher.epochs = "inherit", 1, 1
@@ -180,7 +180,11 @@ def test_recalibrate_field_re_estimates_on_the_seeds_first_training_batches(tmp_
   import jax
   import jax.numpy as jnp
 
-  from inhernet_jax import calibration, data, fashion_mnist, models
+  from inhernet_jax import models
+  from inhernet_jax.calibration import batch_stats
+  from inhernet_jax.calibration import grams as calibration
+  from inhernet_jax.data import pipeline as data
+  from inhernet_jax.data import fashion_mnist
 
   fashion_mnist.write_fake(str(tmp_path), 24, 4)
   pipe = data.get({"name": "fashion_mnist", "data_dir": str(tmp_path)}, batch_size=4, seed=2)
@@ -188,7 +192,7 @@ def test_recalibrate_field_re_estimates_on_the_seeds_first_training_batches(tmp_
   v = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
   out, count = experiment._recalibrate(_inherit(recalibrate=True, recalibration_batches=2),
                                        "inherit", model, v, pipe)
-  want = calibration.recalibrate_batch_stats(model, v, [pipe.train_batch(0), pipe.train_batch(1)])
+  want = batch_stats.recalibrate_batch_stats(model, v, [pipe.train_batch(0), pipe.train_batch(1)])
   assert count == 2
   jax.tree.map(np.testing.assert_array_equal, out["batch_stats"], want["batch_stats"])
   assert experiment._recalibrate(_inherit(recalibrate=False), "inherit", model, v, pipe) == (v, 0)

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.export`: model.safetensors + spec.json, round trips and errors."""
+"""Tests for `inhernet_jax.interop.export`: model.safetensors + spec.json, round trips and errors."""
 
 import dataclasses
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from inhernet_jax import export
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.interop import export
+from inhernet_jax.decomposition.spec import InherSpec
 
 SPEC = InherSpec(rank=0.25, heads=3, method="exact", rules=(
     (r"stem/kernel", "skip"),

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.fashion_mnist`: IDX files the test writes itself, TFDS mocked."""
+"""Tests for `inhernet_jax.data.fashion_mnist`: IDX files the test writes itself, TFDS mocked."""
 
 import gzip
 import hashlib
@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from inhernet_jax import data, fashion_mnist
+from inhernet_jax.data import pipeline as data
+from inhernet_jax.data import fashion_mnist
 
 
 def write_idx(path, array):

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.fold` (`layers.fold`): folded networks give the same logits."""
+"""Tests for `inhernet_jax.layers.fold` (`layers.fold`): folded networks give the same logits."""
 
 import copy
 import functools
@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from benchmarks.common import build_model
-from inhernet_jax import InherDense, InherSpec, inherit, layers
-from inhernet_jax.fold import saves_flops
+from inhernet_jax import InherDense, InherSpec
+from inhernet_jax import inherit
+from inhernet_jax.layers import linen as layers
+from inhernet_jax.layers import fold as fold_lib
+from inhernet_jax.layers.fold import saves_flops
 
 KEY = jax.random.key(0)
 X = {"resnet8": (2, 8, 8, 3), "vit_tiny": (2, 32, 32, 3)}
@@ -40,7 +43,7 @@ def test_full_rank_one_head_folds_to_the_teacher_layout(name):
   student = teacher.clone(spec=spec)
   inherited = {**variables, "params": inherit(variables["params"], spec)}
   before = copy.deepcopy(jax.tree.map(np.asarray, inherited))
-  served_vars, served = layers.fold(inherited, student)
+  served_vars, served = fold_lib.fold(inherited, student)
   # At full rank one kernel is cheaper than two: every layer folds, the teacher's layout.
   assert _shapes(served_vars) == _shapes(variables)
   assert served.spec is not student.spec
@@ -62,7 +65,7 @@ def test_gated_layers_stay_and_one_head_layers_fold_by_flops(name):
   inherited = {**variables, "params": jax.tree.map(  # Perturbed: heads differ, gates matter.
       lambda a: a + 0.05 * jnp.asarray(np.random.default_rng(1).standard_normal(a.shape), a.dtype),
       inherit(variables["params"], spec))}
-  params, served_spec = layers.fold(inherited["params"], spec)
+  params, served_spec = fold_lib.fold(inherited["params"], spec)
   assert isinstance(served_spec, InherSpec)
   flat = {"/".join(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
   folded = {p.rsplit("/", 1)[0] for p in flat if p.endswith("kernel") and "/down/" not in p
@@ -81,9 +84,9 @@ def test_always_folds_low_rank_layers_too():
   teacher, variables, x = _teacher("resnet8")
   spec = InherSpec(rank=0.25, heads=1, skip_if_no_saving=False)
   inherited = {**variables, "params": inherit(variables["params"], spec)}
-  same, same_spec = layers.fold(inherited, spec)  # Factorised is cheaper everywhere.
+  same, same_spec = fold_lib.fold(inherited, spec)  # Factorised is cheaper everywhere.
   assert same_spec == spec and _shapes(same) == _shapes(inherited)
-  served_vars, served_spec = layers.fold(inherited, spec, policy="always")
+  served_vars, served_spec = fold_lib.fold(inherited, spec, policy="always")
   assert _shapes(served_vars) == _shapes(variables)
   want = _logits(teacher.clone(spec=spec), inherited, x)
   chex.assert_trees_all_close(_logits(teacher.clone(spec=served_spec), served_vars, x), want,
@@ -103,14 +106,14 @@ def test_bad_input_names_the_path():
   spec = InherSpec(rank=2, heads=1, skip_if_no_saving=False)
   bad = {"fc": {**params["fc"], "down": {"kernel": jnp.zeros((7, 3))}}}
   with pytest.raises(ValueError, match=r"fc: down/kernel \(7, 3\) and up/kernel \(1, 2, 6\)"):
-    layers.fold(bad, spec)
+    fold_lib.fold(bad, spec)
   with pytest.raises(ValueError, match=r"fc: the params \(rank 2, 1 head\(s\)\) do not match"):
-    layers.fold(params, InherSpec(rank=3, heads=1, skip_if_no_saving=False))
+    fold_lib.fold(params, InherSpec(rank=3, heads=1, skip_if_no_saving=False))
   with pytest.raises(ValueError, match="fc: a factorised layer, but the model has no spec"):
-    layers.fold(params, None)
+    fold_lib.fold(params, None)
   with pytest.raises(TypeError, match="InherSpec or a model"):
-    layers.fold(params, "rank=2")
+    fold_lib.fold(params, "rank=2")
   with pytest.raises(TypeError, match="mapping"):
-    layers.fold([params], spec)
+    fold_lib.fold([params], spec)
   with pytest.raises(ValueError, match="policy"):
-    layers.fold(params, spec, policy="sometimes")
+    fold_lib.fold(params, spec, policy="sometimes")

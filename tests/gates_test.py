@@ -1,4 +1,4 @@
-"""Tests for the gate statistics of `inhernet_jax.layers`: sown load and entropy per layer.
+"""Tests for the gate statistics of `inhernet_jax.layers.linen`: sown load and entropy per layer.
 
 References recompute ``g = softmax(gate(z))`` in NumPy from each layer's parameters.
 """
@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inhernet_jax import InherConv, InherDense, InherSpec, layers, models
+from inhernet_jax import InherConv, InherDense, InherSpec, models
+from inhernet_jax.layers import linen as layers
 
 KEY = jax.random.key(0)
 

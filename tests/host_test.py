@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.host`: the host executor's one pool over every group."""
+"""Tests for `inhernet_jax.decomposition.host`: the host executor's one pool over every group."""
 
 import os
 import subprocess
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import inhernet_jax as ij
-from inhernet_jax import InherSpec, host, plan
+from inhernet_jax import InherSpec
+from inhernet_jax.decomposition import host
+from inhernet_jax.decomposition import plan
 
 
 def _matrix(m, n, seed, stack=()):

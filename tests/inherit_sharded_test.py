@@ -98,7 +98,7 @@ def check_equality():
   """Sharded == unsharded (all leaves), shardings as the rules say, inputs unchanged."""
   import jax
   import inhernet_jax as ij
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
 
   assert len(jax.devices()) == 8, jax.devices()
   checked = 0
@@ -146,7 +146,7 @@ def check_extras():
   policy (`resolve`), data-aware inheritance and the report of the sharded path match
   the unsharded ones."""
   import inhernet_jax as ij
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
 
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   make, rules = TREES["transformer"]
@@ -212,9 +212,9 @@ def check_memory():
 
   import jax
   import inhernet_jax as ij
-  from inhernet_jax import sharding
+  from inhernet_jax.parallel import sharding
   from benchmarks.memory_plan import plan_memory, stage_temp_bytes
-  from inhernet_jax.inherit_sharded import sharded_stages, tracing
+  from inhernet_jax.decomposition.sharded import sharded_stages, tracing
 
   mesh = sharding.make_mesh({"fsdp": 8})
   host = transformer_params(layers=32, width=64, mlp=256, vocab=128, seed=2)

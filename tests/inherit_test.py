@@ -609,7 +609,7 @@ def test_host_jit_and_in_jit_paths_give_the_same_factors():
       np.testing.assert_array_equal(np.asarray(jitted[path]), np.asarray(x))
   # And the randomized method really ran on the big kernels.
   assert ij.inherit_report(params, spec)[0]["path"] == "big/kernel"
-  from inhernet_jax import svd
+  from inhernet_jax.decomposition import svd
 
   assert svd.use_randomized(300, 160, 6) and svd.use_randomized(160, 256, 6)
 
@@ -639,7 +639,7 @@ def test_tiny_and_huge_kernels_inherit_as_accurately(scale, method):
 
 
 def test_numerical_failure_names_the_layer(monkeypatch):
-  from inhernet_jax import svd
+  from inhernet_jax.decomposition import svd
 
   def broken(a, rank, *args, **kwargs):
     u, s, v = svd.exact_svd(a, rank, xp=kwargs.get("xp", jnp))

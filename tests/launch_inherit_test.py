@@ -13,10 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from inhernet_jax import accounting, checkpoint, export, models
-from inhernet_jax import train as train_lib
-from inhernet_jax.inherit import inherit, resolve
-from inhernet_jax.spec import InherSpec
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.training import checkpoint
+from inhernet_jax.interop import export
+from inhernet_jax.training import trainer as train_lib
+from inhernet_jax.decomposition.transform import inherit, resolve
+from inhernet_jax.decomposition.spec import InherSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOCAL = (8, 16, 32)      # configs/digits.py:local teacher widths.

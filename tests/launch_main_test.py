@@ -8,7 +8,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from inhernet_jax import checkpoint, models
+from inhernet_jax import models
+from inhernet_jax.training import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

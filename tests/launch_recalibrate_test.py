@@ -15,7 +15,11 @@ import pytest
 from absl import app, flags
 from absl.testing import flagsaver
 
-from inhernet_jax import calibration, data, fashion_mnist, models
+from inhernet_jax import models
+from inhernet_jax.calibration import batch_stats
+from inhernet_jax.calibration import grams as calibration
+from inhernet_jax.data import pipeline as data
+from inhernet_jax.data import fashion_mnist
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -46,7 +50,7 @@ def test_default_re_estimates_when_there_is_batch_norm_and_data(recal, setup):
     out, note = recal.maybe_recalibrate(model, variables, config)
   assert note == "BatchNorm statistics re-estimated on 3 training batches of 12 fashion_mnist images"
   pipe = data.get(config.data, batch_size=4, seed=1)
-  want = calibration.recalibrate_batch_stats(model, variables, [pipe.train_batch(s) for s in range(3)])
+  want = batch_stats.recalibrate_batch_stats(model, variables, [pipe.train_batch(s) for s in range(3)])
   jax.tree.map(np.testing.assert_array_equal, out["batch_stats"], want["batch_stats"])
   assert not np.allclose(out["batch_stats"]["bn_init"]["mean"], 0)
 

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.layers`: `InherDense` / `InherConv`.
+"""Tests for `inhernet_jax.layers.linen`: `InherDense` / `InherConv`.
 
 Without a spec the layers must be `nn.Dense` / `nn.Conv`; with one, a shared
 down-projection (with the teacher's conv geometry), H gated expert up-projections and a

@@ -1,4 +1,4 @@
-"""One writer per workdir: `inhernet_jax.lock`, and the trainer refusing a second writer."""
+"""One writer per workdir: `inhernet_jax.training.lock`, and the trainer refusing a second writer."""
 
 import os
 import pathlib
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from inhernet_jax import lock
+from inhernet_jax.training import lock
 
 ROOT = pathlib.Path(__file__).parents[1]
 _HOLD = ("import sys, time; from inhernet_jax import lock; "

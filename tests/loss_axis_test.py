@@ -1,4 +1,4 @@
-"""`inhernet_jax.loss_axis`, and curves.png's loss panel (`report.plot_curves`) using it."""
+"""`inhernet_jax.experiment.loss_axis`, and curves.png's loss panel (`report.plot_curves`) using it."""
 
 import matplotlib
 
@@ -8,8 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from inhernet_jax import figures as figures_lib  # noqa: E402
-from inhernet_jax import loss_axis, report  # noqa: E402
+from inhernet_jax.experiment import figures as figures_lib  # noqa: E402
+from inhernet_jax.experiment import loss_axis
+from inhernet_jax.experiment import report  # noqa: E402
 
 
 @pytest.mark.parametrize("values, expected", [

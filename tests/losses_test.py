@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.losses` against NumPy/PyTorch references written from formulas."""
+"""Tests for `inhernet_jax.training.losses` against NumPy/PyTorch references written from formulas."""
 
 import hypothesis
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from inhernet_jax import losses
-from inhernet_jax.losses import HintConnector, cross_entropy, dkd, fitnet_hint, hint_loss, kd
+from inhernet_jax.training import losses
+from inhernet_jax.training.losses import HintConnector, cross_entropy, dkd, fitnet_hint, hint_loss, kd
 
 # One logits shape for (almost) every test: eager JAX compiles each primitive once per
 # shape, so shared shapes keep the file fast. Token tests use (2, 6) positions with 8

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.mixing`: weight- and output-space mixing of the heads.
+"""Tests for `inhernet_jax.layers.mixing`: weight- and output-space mixing of the heads.
 
 Both strategies must compute the same function from the same parameters (those of
 `inherit`), keep the gate weights summing to one, and stay in the compute dtype.
@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inhernet_jax import InherConv, InherDense, InherSpec, inherit, mixing, models
+from inhernet_jax import InherConv, InherDense, InherSpec, models
+from inhernet_jax import inherit
+from inhernet_jax.layers import mixing
 from benchmarks.common import build_model
 
 KEY = jax.random.key(0)

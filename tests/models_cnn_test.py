@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inhernet_jax import InherSpec, inherit
+from inhernet_jax import InherSpec
+from inhernet_jax import inherit
 from inhernet_jax.models import cifar, imagenet
 
 # PyTorch reference counts (weights, biases, BatchNorm weight and bias; no running stats).

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inhernet_jax import InherSpec, inherit, inherit_report, models
-from inhernet_jax.layers import InherConv
+from inhernet_jax import InherSpec, inherit_report, models
+from inhernet_jax import inherit
+from inhernet_jax.layers.linen import InherConv
 from inhernet_jax.models import efficientnet
 
 SIZE = 32

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import inhernet_jax as ij
-from inhernet_jax import accounting, models
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
 
 # Reduced members of every family (same code paths, small enough to inherit for real).
 TINY = {

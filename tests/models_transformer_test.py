@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from inhernet_jax import InherSpec, inherit
+from inhernet_jax import InherSpec
+from inhernet_jax import inherit
 from inhernet_jax.models import small, transformer
 
 MODELS = {**transformer.MODELS, **small.MODELS}

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.optim`: schedules, PyTorch-semantics SGD, decay masks, errors.
+"""Tests for `inhernet_jax.training.optim`: schedules, PyTorch-semantics SGD, decay masks, errors.
 
 The SGD reference is PyTorch's documented ``torch.optim.SGD`` update, written in NumPy
 (dampening 0)::
@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from inhernet_jax import InherSpec, models
-from inhernet_jax.optim import decay_mask, make_optimizer, make_schedule
+from inhernet_jax.training.optim import decay_mask, make_optimizer, make_schedule
 
 SPE = 10  # steps per epoch
 

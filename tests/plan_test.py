@@ -1,11 +1,11 @@
-"""inhernet_jax.plan: the one count of a kernel before and after its layer plan."""
+"""inhernet_jax.decomposition.plan: the one count of a kernel before and after its layer plan."""
 
 import jax
 import numpy as np
 
-from inhernet_jax import svd
-from inhernet_jax.plan import Kernel
-from inhernet_jax.spec import LayerPlan
+from inhernet_jax.decomposition import svd
+from inhernet_jax.decomposition.plan import Kernel
+from inhernet_jax.decomposition.spec import LayerPlan
 
 
 def _kernel(shape, stack=0, bias=True, plan=None):

@@ -1,4 +1,4 @@
-"""`inhernet_jax.progress`: log lines go above an open bar, streams come back after."""
+"""`inhernet_jax.training.progress`: log lines go above an open bar, streams come back after."""
 
 import io
 import logging
@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-from inhernet_jax import progress
+from inhernet_jax.training import progress
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

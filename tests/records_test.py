@@ -1,4 +1,4 @@
-"""`inhernet_jax.records`: the typed method definitions and run records (no training)."""
+"""`inhernet_jax.experiment.records`: the typed method definitions and run records (no training)."""
 
 import dataclasses
 import importlib.util
@@ -11,8 +11,11 @@ import ml_collections
 import pytest
 from hypothesis import strategies as st
 
-from inhernet_jax import budget, experiment, report, validate
-from inhernet_jax.records import MethodDef, RunRecord
+from inhernet_jax.decomposition import budget
+from inhernet_jax.experiment import runs as experiment
+from inhernet_jax.experiment import report
+from inhernet_jax.experiment import validate
+from inhernet_jax.experiment.records import MethodDef, RunRecord
 
 ROOT = pathlib.Path(__file__).parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.report` on hand-made run records (no training, no JAX)."""
+"""Tests for `inhernet_jax.experiment.report` on hand-made run records (no training, no JAX)."""
 
 import json
 import math
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from inhernet_jax import report
-from inhernet_jax.report import (
+from inhernet_jax.experiment import report
+from inhernet_jax.experiment.report import (
     epochs_to_reach,
     markdown_table,
     plot_curves,

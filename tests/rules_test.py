@@ -1,11 +1,13 @@
-"""inhernet_jax.rules: the path-rule engine of InherSpec, sharding and weight decay."""
+"""inhernet_jax.common.rules: the path-rule engine of InherSpec, sharding and weight decay."""
 
 import warnings
 
 import pytest
 
-from inhernet_jax import optim, rules, sharding
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.training import optim
+from inhernet_jax.common import rules
+from inhernet_jax.parallel import sharding
+from inhernet_jax.decomposition.spec import InherSpec
 
 RULES = rules.check_rules([(r".*head.*", "skip"), (r"conv\d/kernel", 8), (".*", 4)], "my rules")
 

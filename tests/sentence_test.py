@@ -9,9 +9,11 @@ import pytest
 import safetensors.numpy
 
 from configs import minilm
-from inhernet_jax import accounting, sentence, text
-from inhernet_jax import sentence_distill as sd
-from inhernet_jax.convert_checks import ConversionError
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.interop import sentence
+from inhernet_jax.data import text
+from inhernet_jax.experiment import sentence_distill as sd
+from inhernet_jax.interop.checks import ConversionError
 
 WIDTH, DEPTH, HEADS, MLP, MAX_POS = 32, 4, 2, 64, 24
 NOUNS = "cat dog file list value name string module class function".split()
@@ -151,7 +153,7 @@ def test_students_fit_budgets(enc):
     target = sd.encoder_budget(enc.params, fraction)
     for method in ("uniform", "allocated"):
       spec = sd.student_spec(method, enc.params, target, heads=2)
-      from inhernet_jax.inherit import planned_param_count
+      from inhernet_jax.decomposition.transform import planned_param_count
 
       count = planned_param_count(enc.params, spec)
       assert count <= target

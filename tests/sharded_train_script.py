@@ -20,10 +20,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inhernet_jax import checkpoint as ckpt_lib  # noqa: E402
-from inhernet_jax import data, distributed, models, sharding, train  # noqa: E402
-from inhernet_jax.inherit import inherit  # noqa: E402
-from inhernet_jax.spec import InherSpec  # noqa: E402
+from inhernet_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from inhernet_jax import models
+from inhernet_jax.data import pipeline as data
+from inhernet_jax.parallel import distributed
+from inhernet_jax.parallel import sharding
+from inhernet_jax.training import trainer as train  # noqa: E402
+from inhernet_jax.decomposition.transform import inherit  # noqa: E402
+from inhernet_jax.decomposition.spec import InherSpec  # noqa: E402
 
 STEPS = 3
 

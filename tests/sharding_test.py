@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from inhernet_jax import sharding
+from inhernet_jax.parallel import sharding
 
 AXES = sharding.AXES
 

@@ -1,7 +1,6 @@
-"""Tests for inhernet_jax.sizes: the one reader of sizes by name, and the numbers it hands on
+"""Tests for inhernet_jax.models.sizes: the one reader of sizes by name, and the numbers it hands on
 (`accounting.budget_params`). Cheap: NumPy params, zoo models only through their shapes."""
 
-import warnings
 
 import hypothesis
 import hypothesis.strategies as st
@@ -9,7 +8,9 @@ import numpy as np
 import pytest
 
 import inhernet_jax
-from inhernet_jax import accounting, models, sizes
+from inhernet_jax import models
+from inhernet_jax.decomposition import accounting
+from inhernet_jax.models import sizes
 
 
 def net():
@@ -57,13 +58,10 @@ def test_params_is_another_methods_size():
     sizes.named_size("params:student", methods={})
 
 
-def test_params_of_a_zoo_model_without_methods_is_deprecated_student():
-  with pytest.warns(DeprecationWarning, match="write 'student:mlp'"):
-    got = sizes.parameter_budget(net(), "params:mlp")
-  assert got == models.param_count("mlp", num_classes=10)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")  # The new spelling does not warn.
-    sizes.parameter_budget(net(), "student:mlp")
+def test_params_names_a_method_only():
+  with pytest.raises(ValueError, match="'params:<method>' is the size of another method.*"
+                     "write 'student:<zoo model>'"):
+    sizes.parameter_budget(net(), "params:mlp")
 
 
 @pytest.mark.parametrize("value, error, match", [
@@ -100,11 +98,3 @@ def test_the_package_exports_the_resolver():
   assert inhernet_jax.parameter_budget is sizes.parameter_budget
   assert "parameter_budget" in inhernet_jax.__all__ and "sizes" in inhernet_jax.__all__
 
-
-def test_the_launchers_print_deprecations(capsys):
-  from launch import spec_flags  # Defines its flags (once per process).
-
-  got = spec_flags._named(sizes.named_size, "params:mlp", where="--rank")
-  assert got == models.param_count("mlp")
-  out = capsys.readouterr().out
-  assert "warning: --rank 'params:mlp': 'params:<zoo model>' is deprecated" in out

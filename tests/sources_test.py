@@ -1,4 +1,4 @@
-"""inhernet_jax.sources: the pieces every dataset builder shares, below `data`."""
+"""inhernet_jax.data.sources: the pieces every dataset builder shares, below `data`."""
 
 import pathlib
 import subprocess
@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from inhernet_jax import data, sources
+from inhernet_jax.data import pipeline as data
+from inhernet_jax.data import sources
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -39,5 +40,5 @@ def test_data_re_exports_them_under_the_old_names():
 
 def test_a_builder_module_needs_no_data_module():
   code = ("import sys\nfrom inhernet_jax import fashion_mnist\n"
-          "assert 'inhernet_jax.data' not in sys.modules, 'fashion_mnist imports data'\n")
+          "assert 'inhernet_jax.data.pipeline' not in sys.modules, 'fashion_mnist imports data'\n")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

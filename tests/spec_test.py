@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.spec`: validation, rule matching and per-layer plans."""
+"""Tests for `inhernet_jax.decomposition.spec`: validation, rule matching and per-layer plans."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.svd`: truncation, spectral quantities, parameter counts.
+"""Tests for `inhernet_jax.decomposition.svd`: truncation, spectral quantities, parameter counts.
 
 References are computed independently in float64 numpy; the library runs in float32
 (x64 is off), so comparisons carry float32 tolerances scaled by the matrix norm.
@@ -15,10 +15,10 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from inhernet_jax import svd
-from inhernet_jax.layers import InherDense
-from inhernet_jax.svd import canonical_signs
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.decomposition import svd
+from inhernet_jax.layers.linen import InherDense
+from inhernet_jax.decomposition.svd import canonical_signs
+from inhernet_jax.decomposition.spec import InherSpec
 
 # float32 SVD: backward error is a small multiple of eps32 * ||A||.
 F32_ATOL = 3e-5
@@ -652,8 +652,3 @@ def test_start_bits_are_per_seed_and_the_same_on_every_backend():
   assert traced.shape == (2, rows, k) and set(np.unique(traced)) == {-1.0, 1.0}
   np.testing.assert_array_equal(traced, jax.jit(lambda kk: svd.start_matrix(kk, (2, rows, k)))(key))
 
-
-def test_canonical_signs_stays_importable_from_plan():
-  from inhernet_jax import plan
-
-  assert plan.canonical_signs is canonical_signs

@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from inhernet_jax import sharding as sharding_lib
-from inhernet_jax import train, train_loop
+from inhernet_jax.parallel import sharding as sharding_lib
+from inhernet_jax.training import trainer as train
+from inhernet_jax.training import loop as train_loop
 
 BATCH, STEPS_PER_EPOCH, EPOCHS = 8, 4, 3
 

@@ -16,10 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from inhernet_jax import checkpoint as ckpt_lib
-from inhernet_jax import data, models, train
-from inhernet_jax.inherit import inherit
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.training import checkpoint as ckpt_lib
+from inhernet_jax import models
+from inhernet_jax.data import pipeline as data
+from inhernet_jax.training import trainer as train
+from inhernet_jax.decomposition.transform import inherit
+from inhernet_jax.decomposition.spec import InherSpec
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -151,7 +153,7 @@ def test_a_flipped_bit_falls_back_to_the_previous_good_step(teacher, digits, tmp
 
 
 def test_checksum_catches_every_single_bit_flip():
-  from inhernet_jax import integrity
+  from inhernet_jax.training import integrity
 
   x = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((5,), np.int32)}
   base = integrity.checksum(x)
@@ -343,7 +345,7 @@ def test_batch_norm_statistics_train_checkpoint_and_pass_to_inherited_net(digits
 def test_importing_the_trainer_needs_no_orbax():
   code = ("import sys; sys.modules['orbax'] = sys.modules['orbax.checkpoint'] = None\n"
           "from inhernet_jax import train\n"
-          "assert 'inhernet_jax.checkpoint' not in sys.modules\n")
+          "assert 'inhernet_jax.training.checkpoint' not in sys.modules\n")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -1,4 +1,4 @@
-"""inhernet_jax.utils: atomic files, JSON conversion, tree-path names."""
+"""inhernet_jax.common.utils: atomic files, JSON conversion, tree-path names."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inhernet_jax import utils
+from inhernet_jax.common import utils
 
 
 def test_writes_bytes_and_text_and_replaces(tmp_path):

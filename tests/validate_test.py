@@ -1,10 +1,11 @@
-"""`inhernet_jax.validate`: the whole experiment config checked before anything trains."""
+"""`inhernet_jax.experiment.validate`: the whole experiment config checked before anything trains."""
 
 import ml_collections
 import pytest
 
 from configs import chars, cifar100, digits, imagenet, vit
-from inhernet_jax import experiment, validate
+from inhernet_jax.experiment import runs as experiment
+from inhernet_jax.experiment import validate
 
 
 def _local():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from inhernet_jax import accounting
+from inhernet_jax.decomposition import accounting
 from inhernet_jax.models import cifar, efficientnet, imagenet, small, transformer
 
 # name -> (family, constructor); EfficientNet-Lite is an ImageNet model (224 x 224, 1000).

@@ -36,10 +36,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from inhernet_jax.layers import InherConv
+from inhernet_jax.layers.linen import InherConv
 from inhernet_jax.models.imagenet import (BasicBlock, ResidualBlock, batch_norm, classifier_head,
                                          model_conv, residual_stages)
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.decomposition.spec import InherSpec
 
 ModuleDef = Any
 

@@ -7,7 +7,7 @@ a 1x1 conv to 1280 channels, global average pooling, dropout and a Dense classif
 BatchNorm everywhere (epsilon 1e-3, PyTorch momentum 0.01), ReLU6 (the Lite variants'
 activation, for quantisation). Padding is TensorFlow's ``"SAME"`` (the reference's
 ``Conv2dStaticSamePadding``: the extra pixel of a strided conv goes after), so converted
-weights (`inhernet_jax.convert_efficientnet`) compute the same function.
+weights (`inhernet_jax.interop.efficientnet`) compute the same function.
 
 Every conv and the classifier are `InherConv` / `InherDense`: ``spec=None`` is the plain
 teacher, ``model.clone(spec=s)`` the inherited network. The depthwise convs are grouped
@@ -37,9 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from inhernet_jax.layers import InherConv, InherDense
+from inhernet_jax.layers.linen import InherConv, InherDense
 from inhernet_jax.models.imagenet import conv_kernel_init
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.decomposition.spec import InherSpec
 
 ModuleDef = Any
 

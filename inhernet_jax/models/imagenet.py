@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from inhernet_jax.layers import InherConv, InherDense
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.layers.linen import InherConv, InherDense
+from inhernet_jax.decomposition.spec import InherSpec
 
 ModuleDef = Any
 

@@ -1,4 +1,4 @@
-"""Small models for 8x8x1 digits (`inhernet_jax.data.digits`): an MLP and a CNN.
+"""Small models for 8x8x1 digits (`inhernet_jax.data.pipeline.digits`): an MLP and a CNN.
 
 Built from `InherDense` / `InherConv`: ``spec=None`` is the teacher, ``clone(spec=s)`` the
 inherited network. Names follow the model zoo's convention: the first conv is ``stem``,
@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
-from inhernet_jax.layers import InherConv, InherDense
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.layers.linen import InherConv, InherDense
+from inhernet_jax.decomposition.spec import InherSpec
 
 ModuleDef = Any
 

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inhernet_jax.layers import InherConv, InherDense
-from inhernet_jax.spec import InherSpec
+from inhernet_jax.layers.linen import InherConv, InherDense
+from inhernet_jax.decomposition.spec import InherSpec
 
 ModuleDef = Any
 
@@ -173,7 +173,7 @@ class ViT(nn.Module):
   ``cls`` and classifies its final state (HF ``ViTForImageClassification``, timm and the
   original ViT). As there, the class token gets a position embedding too: ``pos_embed``
   has ``1 + patches`` rows (big_vision adds them to the patches only). A converted HF ViT
-  is ``ViT(pool_type="tok", norm_eps=1e-12, activation=exact GELU)`` (`inhernet_jax.convert`).
+  is ``ViT(pool_type="tok", norm_eps=1e-12, activation=exact GELU)`` (`inhernet_jax.interop.convert`).
   Other differences from big_vision: the head is initialised like ``nn.Dense`` (big_vision
   zero-initialises it), there is no optional pre-logits layer, and param names follow this
   package (``embed``, ``cls``, ``pos_embed``, ``norm``, ``head``).
@@ -249,7 +249,7 @@ class BertClassifier(nn.Module):
   Token (``embed``) + position (``pos_embed``) + token-type (``segment``, optional)
   embeddings, LayerNorm ``input_norm``, post-LN blocks with exact GELU, a ``pooler``
   Dense with tanh on the first token, then the ``head``: HF
-  ``BertForSequenceClassification`` (`inhernet_jax.convert.from_hf` gives the same
+  ``BertForSequenceClassification`` (`inhernet_jax.interop.convert.from_hf` gives the same
   logits, padding mask and token types included). ``bert_base`` without the head is HF
   ``BertModel``'s 109,482,240 parameters.
 

@@ -1,0 +1,7 @@
+"""The experiment: a teacher, then students and InherNet over seeds (`runs`), the
+whole config checked before training (`validate`), typed records (`records`), the
+results tables (`report`) and plots (`figures`, `loss_axis`), and sentence-encoder
+students (`sentence_distill`).
+
+May import: every other subpackage (the top floor of the library).
+"""
