@@ -72,26 +72,15 @@ def ranks(spec, paths):
 
 
 # ----------------------------------------------------------------------- budgets
-def test_parameter_budget_moved_to_sizes_with_a_deprecated_alias():
+def test_budget_takes_numbers_names_are_read_by_sizes():
   # Names are read a layer up (`sizes`); `budget` takes numbers and imports no model zoo.
   params = net([(10, 20), (20, 5)])
-  with pytest.warns(DeprecationWarning, match="moved to inhernet_jax.models.sizes.parameter_budget"):
-    from inhernet_jax.decomposition.budget import parameter_budget
-  assert parameter_budget is sizes.parameter_budget
-  assert parameter_budget(params, "student:mlp") == models.param_count("mlp", num_classes=10)
-  assert "models" not in vars(budget)
-  with pytest.raises(AttributeError, match="no attribute 'nope'"):
-    budget.nope  # noqa: B018
-
-
-def test_allocate_and_uniform_still_read_a_name_for_one_release():
-  # The same spec as from the count the name stands for, with a DeprecationWarning.
-  params = net([(10, 20), (20, 5)])
-  size = models.param_count("mlp", num_classes=10)
+  assert "models" not in vars(budget) and not hasattr(budget, "parameter_budget")
+  size = sizes.parameter_budget(params, "student:mlp")
+  assert size == models.param_count("mlp", num_classes=10)
   for fn in (budget.allocate, budget.uniform):
-    with pytest.warns(DeprecationWarning, match="take numbers"):
-      got = fn(params, "student:mlp")
-    assert got == fn(params, size)
+    with pytest.raises(ValueError, match="'student:mlp'"):
+      fn(params, "student:mlp")
 
 
 # -------------------------------------------------------------------- allocation

@@ -346,7 +346,7 @@ def test_batch_norm_re_estimation_is_pytorch_momentum_none(resnets, tmp_path):
   network converted from PyTorch takes the same path."""
   import copy
 
-  from inhernet_jax.calibration.grams import recalibrate_batch_stats
+  from inhernet_jax.calibration.batch_stats import recalibrate_batch_stats
 
   net, pth = resnets[18][:2]
   model, variables = convert.from_torchvision(pth, 18)

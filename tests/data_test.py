@@ -275,7 +275,7 @@ def test_chars_process_shares_split_the_global_batch():
 
 
 def test_train_batch_is_the_same_in_a_fresh_process():
-  code = ("from inhernet_jax import data; import hashlib; "
+  code = ("from inhernet_jax.data import pipeline as data; import hashlib; "
           "p = data.get({'name': 'chars', 'seq_len': 32}, batch_size=8, seed=4); "
           "b = p.train_batch(12345); print(hashlib.sha256(b['input'].tobytes()).hexdigest())")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -595,7 +595,7 @@ def test_shares_are_pure_in_seed_and_step(name, mock_tfds_20, tmp_path):
 def test_cifar_share_is_the_same_in_a_fresh_process(mock_tfds_20, tmp_path):
   # Process 1 of 4 resuming at step 9 (augmented), in a new interpreter with another
   # hash seed: the same bytes as here.
-  code = ("import hashlib, tensorflow_datasets as tfds; from inhernet_jax import data\n"
+  code = ("import hashlib, tensorflow_datasets as tfds; from inhernet_jax.data import pipeline as data\n"
           f"with tfds.testing.mock_data(num_examples={N_MOCK}):\n"
           f"  p = data.get({{'name': 'cifar10', 'data_dir': {str(tmp_path)!r}}}, batch_size=8,"
           " seed=6, process_index=1, process_count=4)\n"

@@ -1,4 +1,4 @@
-"""Tests for `inhernet_jax.layers.fold` (`layers.fold`): folded networks give the same logits."""
+"""Tests for `inhernet_jax.layers.folding` (`layers.fold`): folded networks give the same logits."""
 
 import copy
 import functools
@@ -13,8 +13,8 @@ from benchmarks.common import build_model
 from inhernet_jax import InherDense, InherSpec
 from inhernet_jax import inherit
 from inhernet_jax.layers import linen as layers
-from inhernet_jax.layers import fold as fold_lib
-from inhernet_jax.layers.fold import saves_flops
+from inhernet_jax.layers import folding as fold_lib
+from inhernet_jax.layers.folding import saves_flops
 
 KEY = jax.random.key(0)
 X = {"resnet8": (2, 8, 8, 3), "vit_tiny": (2, 32, 32, 3)}

@@ -83,7 +83,8 @@ def test_blas_is_single_threaded_in_every_task_of_a_fresh_process():
   must be loaded before the pool starts (a cold call ran 3x slower without it)."""
   code = textwrap.dedent("""
       import numpy as np, threadpoolctl
-      from inhernet_jax import InherSpec, inherit, plan
+      from inhernet_jax import InherSpec, inherit
+      from inhernet_jax.decomposition import plan
       seen, real = [], plan.truncate
       def spy(*args, **kwargs):
         out = real(*args, **kwargs)  # Then every BLAS this task used is loaded.

@@ -82,7 +82,7 @@ def test_plain_stderr_writes_are_whole_lines(monkeypatch):
 
 _ABSL_PROGRAM = """
 from absl import app, logging
-from inhernet_jax import progress
+from inhernet_jax.training import progress
 
 def main(argv):
   bar = progress.bar(total=4, desc="train", mininterval=0, ncols=60)

@@ -39,6 +39,6 @@ def test_data_re_exports_them_under_the_old_names():
 
 
 def test_a_builder_module_needs_no_data_module():
-  code = ("import sys\nfrom inhernet_jax import fashion_mnist\n"
+  code = ("import sys\nfrom inhernet_jax.data import fashion_mnist\n"
           "assert 'inhernet_jax.data.pipeline' not in sys.modules, 'fashion_mnist imports data'\n")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

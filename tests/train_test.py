@@ -344,7 +344,7 @@ def test_batch_norm_statistics_train_checkpoint_and_pass_to_inherited_net(digits
 
 def test_importing_the_trainer_needs_no_orbax():
   code = ("import sys; sys.modules['orbax'] = sys.modules['orbax.checkpoint'] = None\n"
-          "from inhernet_jax import train\n"
+          "from inhernet_jax.training import trainer as train\n"
           "assert 'inhernet_jax.training.checkpoint' not in sys.modules\n")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

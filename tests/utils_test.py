@@ -33,15 +33,6 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
   assert os.listdir(tmp_path) == ["f.bin"]
 
 
-def test_files_atomic_write_is_a_deprecated_alias():
-  from inhernet_jax import files
-
-  with pytest.warns(DeprecationWarning, match="utils.atomic_write"):
-    assert files.atomic_write is utils.atomic_write
-  with pytest.raises(AttributeError):
-    files.nothing  # noqa: B018
-
-
 def test_jsonable_converts_numpy_jax_tuples_and_keys():
   got = utils.jsonable({"a": (np.float32(0.5), np.int64(3)), 1: jnp.arange(2),
                         "m": np.eye(2, dtype=np.float32), "n": None, "nan": float("nan")})

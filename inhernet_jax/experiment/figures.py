@@ -7,7 +7,7 @@ written atomically. `report.write_report` draws both; `report` re-exports them.
 
 Example::
 
-  from inhernet_jax import figures, report
+  from inhernet_jax.experiment import figures, report
 
   figures.plot_curves(runs, "/tmp/exp/curves.png")
   figures.plot_rank_heads(report.summarize(runs), "/tmp/exp/rank_heads.png", "accuracy")

@@ -13,7 +13,7 @@ them; the figures are `figures`' (re-exported here: `plot_curves`, `plot_rank_he
 
 Example::
 
-  from inhernet_jax import report
+  from inhernet_jax.experiment import report
 
   scratch = runs_by_key[("student_ce", seed)]
   run["epochs_to_scratch"] = report.epochs_to_reach(

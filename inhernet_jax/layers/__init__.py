@@ -2,13 +2,13 @@
 
 `InherDense` and `InherConv` (`linen`) read the same `InherSpec` as `inherit`, so a model
 built with a spec has exactly the tree that `inherit` returns; `mixing` decides how the
-gated heads are mixed (in weight space or over outputs); `fold` multiplies inherited
+gated heads are mixed (in weight space or over outputs); `folding.fold` multiplies inherited
 layers back into one kernel for serving where that is cheaper.
 
 May import: `inhernet_jax.decomposition`.
 """
 
-from inhernet_jax.layers.fold import fold
+from inhernet_jax.layers.folding import fold
 from inhernet_jax.layers.linen import InherConv, InherDense
 
 __all__ = ["InherConv", "InherDense", "fold"]
