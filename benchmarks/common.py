@@ -51,10 +51,11 @@ def markdown_table(head: list[str], rows: list[list[str]], *, left: int | None =
 
   The first ``left`` columns are aligned left and the rest right; ``None``: none aligned.
 
-  Example::
-
+  Example:
+    ```python
     markdown_table(["model", "step ms"], [["resnet20", "12.5"]], left=1)
     # '| model | step ms |\n|---|---:|\n| resnet20 | 12.5 |'
+    ```
   """
   rule = "|" + "".join("---|" if left is None or i < left else "---:|" for i in range(len(head)))
   lines = ["| " + " | ".join(cells) + " |" for cells in [head, *rows]]

@@ -32,12 +32,13 @@ layer's matrices. Without an accelerator it runs on the CPU and says so.
 torch runs with as many threads as XLA (``--torch_threads``, default: the CPUs this
 process may use); the JSON records ``torch.get_num_threads()``.
 
-Run::
-
+Example:
+  ```bash
   python -m benchmarks.engine --out=benchmark.json
   python -m benchmarks.engine --parts=llama --out=benchmark_llama.json
   python -m benchmarks.engine --device --out=benchmark_gpu.json
   python -m benchmarks.engine --device --device_layers=4 --out=b.json  # a quicker check
+  ```
 """
 
 from __future__ import annotations

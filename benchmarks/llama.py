@@ -15,12 +15,13 @@ float64): ``||W - A_r||_F / ||W - W_r||_F``, over the optimal (Eckart-Young) err
 the float64 singular values: 1.0 is optimal. Ours are read from the inherited params:
 ``A_r = down/kernel @ up/kernel[head 0]``.
 
-Example::
-
+Example:
+  ```python
   teacher = host_teacher(REDUCED, "gaussian")
   mats = slices(teacher)
   opt = optimal_errors(mats, 128)
   t, factors = time_pissa([torch_weight(w) for _, w in mats], 128, repeats=1)
+  ```
 """
 
 from __future__ import annotations

@@ -38,12 +38,13 @@ itself with ``--xla_force_host_platform_device_count`` when it has fewer.
 Pieces: the teacher and how a run is measured, `benchmarks.memory_teacher`; the schedule
 walk, `benchmarks.memory_plan`; the full-SVD baseline, `benchmarks.memory_baseline`.
 
-Run::
-
+Example:
+  ```bash
   python -m benchmarks.memory --out=memory.json                # CPU: plan + real
   python -m benchmarks.memory --device --dtype=bfloat16 --out=memory_gpu.json
   python -m benchmarks.memory --baseline --noplan --noreal --out=baseline.json  # CPU
   python -m benchmarks.memory --device --baseline --out=baseline_gpu.json      # GPU
+  ```
 """
 
 from __future__ import annotations

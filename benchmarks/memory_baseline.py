@@ -7,10 +7,11 @@ path on the reduced stack on one CPU device (time, peak bytes, and how close our
 truncation's error is to the optimal one), `run_device_full_svd` on the full stack on
 one accelerator.
 
-Example::
-
+Example:
+  ```python
   base = full_svd_inherit(teacher_params, spec(rank=16, heads=2), layers=1)
   base["seconds_estimate"], base["slices_run"], base["slices"]
+  ```
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@
 (compiling each jitted stage for its temp bytes); `live_bytes_per_device` measures
 what the devices really hold, e.g. inside an `inherit_sharded.tracing` hook.
 
-Example::
-
+Example:
+  ```python
   stages = inherit_sharded.sharded_stages(abstract_params, spec, mesh=mesh)
   rows = plan_memory(stages, teacher_bytes=device_bytes(abstract_params))
   max(r["peak"] for r in rows) / device_bytes(abstract_params)
+  ```
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ mesh by sharding rules, `random_teacher` / `power_law` fill them in (born sharde
 with singular values ``1/i``), `spec` is the `InherSpec` the benchmark inherits with;
 `bytes_per_device` and `timed_inherit` measure a run.
 
-Example::
-
+Example:
+  ```python
   abstract = sharded(param_shapes(Shape(layers=2, width=64, mlp=160, vocab=100),
                                   jnp.float32), mesh, "default")
   out, seconds = timed_inherit(random_teacher(abstract), spec(rank=16, heads=2))
+  ```
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 r"""Benchmarks of the sharded train step: SPMD overhead on CPU, step time and MFU on an accelerator.
 
-The step measured is the one the trainer runs on a mesh (`inhernet_jax.parallel.sharding`)::
+The step measured is the one the trainer runs on a mesh (`inhernet_jax.parallel.sharding`):
 
-  state, state_sh = sharding.jit_init(create, mesh, params_of, rules, key)   # born sharded
-  step = jax.jit(train.make_train_step(...), in_shardings=(state_sh, batch_sh, None),
-                 out_shardings=(state_sh, replicated), donate_argnums=0)
-  state, metrics = step(state, sharding.shard_batch(mesh, batch), None)
+```python
+state, state_sh = sharding.jit_init(create, mesh, params_of, rules, key)   # born sharded
+step = jax.jit(train.make_train_step(...), in_shardings=(state_sh, batch_sh, None),
+               out_shardings=(state_sh, replicated), donate_argnums=0)
+state, metrics = step(state, sharding.shard_batch(mesh, batch), None)
+```
 
 (`benchmarks.scale_step.build_sharded_step`). Batches are synthetic (random NumPy, the same batch every
 step, placed once): the input pipeline is not measured, and nothing here imports grain,
@@ -44,8 +46,8 @@ bfloat16, and ``--cnn_trainer_dtype`` adds a row for the trainer's behaviour (mo
 float32). Each row records the element types of the step's convolutions and dots
 (``matmul_dtypes``, from the lowered StableHLO).
 
-Run::
-
+Example:
+  ```bash
   # CPU overhead figure (minutes on a small machine, mostly compilation):
   python -m benchmarks.scale --out=scale_cpu.json
   # On a GPU (the accelerator part by default), one model per command to stay short:
@@ -53,6 +55,7 @@ Run::
   python -m benchmarks.scale --accel_models=vit_s16 --out=scale_vit.json
   # Both parts on one machine:
   python -m benchmarks.scale --parts=cpu,accelerator --out=scale.json
+  ```
 """
 
 from __future__ import annotations

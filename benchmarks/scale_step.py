@@ -6,12 +6,13 @@ this process and returns its figures (step times, XLA's FLOP counts, memory, the
 element types, the losses). `benchmarks.scale` runs the cases, in child processes with
 the device counts they need, and writes the tables.
 
-Example::
-
+Example:
+  ```python
   row = measure({"model": "resnet20", "batch": 32, "inherited": False, "dtype": "float32",
                  "model_dtype": None, "mesh": {"data": -1}, "rules": "default", "warmup": 1,
                  "steps": 2, "tiny": True, "fwd_flops": False, "rank": 0.25, "heads": 2,
                  "seed": 0})
+  ```
 """
 
 from __future__ import annotations

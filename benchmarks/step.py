@@ -15,13 +15,14 @@ say so). For ``resnet18_cifar`` entries, when torch is importable, two PyTorch r
 (`benchmarks.torch_demo`): the same ResNet-18 and the public demo's inherited layer
 (eager, bf16 autocast, channels_last). JSON and a Markdown table are written.
 
-Run::
-
+Example:
+  ```bash
   # 2-core CPU (the default models, a couple of minutes):
   python -m benchmarks.step --out=step_cpu.json
   # One GPU, bf16, within 4 minutes including compiles:
   python -m benchmarks.step --models=resnet18_cifar:256,vit_s16:128 --dtype=bfloat16 \
       --steps=10 --row_budget_s=40 --budget_s=230 --out=step_gpu.json
+  ```
 
 Model names: `inhernet_jax.models.NAMES`, plus ``resnet18_cifar`` (the CIFAR ResNet-18
 of `benchmarks.common.build_model`).

@@ -8,9 +8,10 @@ issue's measurements the stem and the classifier are kept. Timed as `benchmarks.
 times JAX: an SGD-momentum train step (cross-entropy, BatchNorm in train mode) and an
 eval-mode forward, bf16 autocast, channels_last, the median of ``steps`` calls.
 
-Example::
-
+Example:
+  ```python
   rows = torch_rows(batch=256, rank=0.25, heads=2, dtype_name="bfloat16")
+  ```
 """
 
 from __future__ import annotations

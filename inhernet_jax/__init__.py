@@ -16,7 +16,6 @@ The public API is flat; the code lives in subpackages by concern (`docs/design.m
 | `experiment` | teacher -> students -> InherNet runs, records, reports, figures | everything above |
 
 Example:
-
     ```python
     import inhernet_jax as ij
 

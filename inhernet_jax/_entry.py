@@ -13,10 +13,11 @@ Each runs a launcher of ``launch/`` (``python -m launch.main``, ``launch.inherit
 A config given by path may import its own package (``from configs import common``)
 from any directory: its package root goes last on ``sys.path``.
 
-Example::
-
+Example:
+  ```bash
   inhernet-train --config=configs/digits.py --workdir=workdir/digits
   inhernet-inherit --config=configs/digits.py --teacher=RUN --rank=8 --out=/tmp/inh
+  ```
 """
 
 from __future__ import annotations

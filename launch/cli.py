@@ -5,12 +5,13 @@
 the library's expected failures (a bad config, a checkpoint of another run, a busy
 workdir, unreadable weights), exiting with status 1. Bugs keep their tracebacks.
 
-Example::
-
+Example:
+  ```python
   def main(argv):
     with cli.errors():
       config = cli.load_config(_CONFIG)
       ...
+  ```
 """
 
 import contextlib

@@ -24,12 +24,13 @@ computed exactly as `nn.BatchNorm` computes it (`flax.linen.normalization`'s
 ``_compute_stats``: the module's dtype, ``use_fast_variance``, ``mask`` and
 ``axis_name``).
 
-Example::
-
+Example:
+  ```python
   student = teacher.clone(spec=spec)
   variables = dict(teacher_vars, params=inherit(teacher_vars["params"], spec))
   batches = (pipeline.train_batch(step) for step in range(64))
   variables = recalibrate_batch_stats(student, variables, batches)  # {"train": True}
+  ```
 """
 
 from __future__ import annotations

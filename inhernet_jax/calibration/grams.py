@@ -17,14 +17,15 @@ relative output error from a Gram alone (trace form, no activations).
 `recalibrate_batch_stats` (from `inhernet_jax.calibration.batch_stats`) re-estimates an inherited
 network's BatchNorm statistics on calibration batches.
 
-Example::
-
+Example:
+  ```python
   grams = calibration.input_grams(teacher, variables, [x[:256], x[256:512]],
                                   apply_kwargs={"train": False})
   spec = InherSpec(rank=8, heads=3, data_aware=True, rules=models.preset("default", "cnn"))
   student_params = inherit(variables["params"], spec, calibration=grams)
   held_out = calibration.input_grams(teacher, variables, [x_test], apply_kwargs={"train": False})
   errors = calibration.inherited_output_errors(variables["params"], student_params, held_out)
+  ```
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ are matched by RE2 where it accepts them (linear time), else by Python's ``re``.
 
 One error format, ``{what}[{i}] ({pattern!r}): ...``, names the rule list and the rule.
 
-Example::
-
+Example:
+  ```python
   rules = check_rules([(r".*head.*", "skip"), (".*", {"rank": 8})], "my rules")
   first_match(rules, "head/kernel")      # (0, 'skip')
   unmatched(rules, ["conv/kernel"])     # [0]: the head rule matched nothing
+  ```
 """
 
 from __future__ import annotations

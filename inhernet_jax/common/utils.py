@@ -8,10 +8,11 @@
 * `path_name` / `flatten_with_names` / `map_with_names`: a leaf's ``"a/b/kernel"`` name,
   the form rules (`inhernet_jax.common.rules`), checkpoints and checksums all use.
 
-Example::
-
+Example:
+  ```python
   write_json("results.json", {"accuracy": np.float32(0.9), "shape": (3, 3)}, indent=2)
   {name: x.shape for name, x in flatten_with_names(params)}   # {"conv/kernel": ...}
+  ```
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ A fixed list of pure-Python modules present at the same paths in CPython 3.11 to
 of each file is validation. The text differs between Python versions, so `Corpus.sha256`
 identifies it. `inhernet_jax.data.pipeline` turns it into training and evaluation windows.
 
-Example::
-
+Example:
+  ```python
   corpus = load_corpus()
   decode(corpus.train[:20]), corpus.sha256
+  ```
 """
 
 from __future__ import annotations

@@ -20,11 +20,12 @@ probability 1/2 when ``flip`` (default True). ``train_examples`` keeps only the 
 training images (quick CPU runs; the test set is always complete). Pixels are normalised with the training
 set's mean and std (`MEAN`, `STD`).
 
-Example::
-
+Example:
+  ```python
   pipe = data.get(ml_collections.ConfigDict({"name": "fashion_mnist", "pad": 2,
                                              "flip": False}), batch_size=128, seed=0)
   pipe.train_batch(0)["input"].shape   # (128, 28, 28, 1)
+  ```
 """
 
 from __future__ import annotations

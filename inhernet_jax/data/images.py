@@ -5,9 +5,10 @@ algorithm) and flip for training, resize + center crop for evaluation; per-chann
 normalisation with the datasets' statistics. Each function takes one uint8 HWC image and
 draws its randomness from the ``rng`` it is given, so `inhernet_jax.data.pipeline` controls it.
 
-Example::
-
+Example:
+  ```python
   x = normalize(pad_crop_flip(image, rng), CIFAR100_MEAN, CIFAR100_STD)
+  ```
 """
 
 from __future__ import annotations

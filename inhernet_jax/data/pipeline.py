@@ -36,13 +36,14 @@ The corpus itself lives in `inhernet_jax.data.corpus`, the image augmentation in
 `inhernet_jax.data.images`, and what every builder shares (`Task`, `DatasetSpec`,
 `tfds_source`) in `inhernet_jax.data.sources` (all re-exported here). Nothing here touches the network.
 
-Example::
-
+Example:
+  ```python
   pipe = data.get(ml_collections.ConfigDict({"name": "digits"}), batch_size=64, seed=0)
   for step in range(start_step, num_steps):
     batch = pipe.train_batch(step)     # {"input": (64, 8, 8, 1), "label", "mask"}
   for batch in pipe.eval_batches():    # each test example once; padding has mask 0
     ...
+  ```
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ TFDS split) and per-example transforms; `inhernet_jax.data.pipeline` batches it.
 live in their own module (`inhernet_jax.data.fashion_mnist`) import this one, not `data`,
 so `data` can import them.
 
-Example::
-
+Example:
+  ```python
   task = Task(name="toy", kind="classification", num_classes=2, input_shape=(4,),
               input_dtype="float32", train_size=8, eval_size=8)
   rows = Arrays({"image": np.zeros((8, 4)), "label": np.zeros(8, np.int32)})
   DatasetSpec(task=task, train_source=rows, eval_source=rows,
               train_fn=lambda r, rng: {"input": r["image"], "label": r["label"]},
               eval_fn=lambda r: {"input": r["image"], "label": r["label"]}, info={})
+  ```
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ file), so near-duplicate docstrings do not leak between the two. `file_sentences
 any UTF-8 text file instead (one sentence per line, or prose split the same way).
 `Sentences.sha256` identifies the text (it differs between Python versions).
 
-Example::
-
+Example:
+  ```python
   data = stdlib_sentences()
   len(data.train), len(data.held_out), data.train[0]
+  ```
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Accounting: parameter counts, budgets, forward FLOPs, and the rank that meets a size.
 
-Example::
-
+Example:
+  ```python
   target = models.param_count("resnet8x4", num_classes=100)       # a named student
   rank = rank_for_params(teacher_params, target, heads=3)          # InherNet at <= its size
+  ```
 """
 
 from __future__ import annotations

@@ -6,10 +6,12 @@ A budget is a number: a parameter count, or a fraction of the teacher's
 picks one rank per inherited kernel so that the whole inherited network has at most that
 many parameters (heads, gates, biases and every untouched leaf counted exactly, as
 `inherit.planned_param_count` counts them) and keeps as much normalised spectral energy
-as it can::
+as it can:
 
-  maximise  sum over kernel matrices of  sum_{i<=r} s_i^2 / sum_i s_i^2
-  s.t.      parameters(inherited network) <= budget
+```text
+maximise  sum over kernel matrices of  sum_{i<=r} s_i^2 / sum_i s_i^2
+s.t.      parameters(inherited network) <= budget
+```
 
 A scan-stacked kernel has one rank for its whole stack and each of its layers counts as
 one matrix. A layer may also stay dense (all its energy, its teacher size). `uniform` is
@@ -36,13 +38,14 @@ The greedy (see `allocate`) is a heuristic with no guaranteed bound (how far it 
 the optimum: ``python -m benchmarks.budget``); ``method="exact"`` solves small problems
 exactly.
 
-Example::
-
+Example:
+  ```python
   target = sizes.parameter_budget(teacher_params, "student:resnet8x4", num_classes=100)
   rules = models.preset("default", "resnet32x4")
   spec = allocate(teacher_params, target, heads=3, rules=rules)
   student = teacher.clone(spec=spec)              # its params: inherit(teacher_params, spec)
   print(summary(teacher_params, spec)["energy_mean"])
+  ```
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ each layer's concave hull (dense jumps are all-or-nothing, the knapsack part), i
 by a local search of single and paired moves, or for small problems the exact optimum
 over Pareto fronts. Pure NumPy; `budget.allocate` builds the layers and reads the result.
 
-Example::
-
+Example:
+  ```python
   level = solve(layers, remaining, method="greedy", rank_floor=0.5)
   ranks = [0 if j == l.dense_option else j + 1 for l, j in zip(layers, level)]
+  ```
 """
 
 from __future__ import annotations
@@ -248,9 +249,10 @@ def solve(layers, remaining: int, *, method: str = "greedy", rank_floor: float =
       ``max(1, floor(rank_floor * u))`` at least (`_floor_options`).
     max_moves: most local-search moves (default ``10 * layers + 100``).
 
-  Example::
-
+  Example:
+    ```python
     level = solve(layers, budget - other_params, method="exact")
+    ```
   """
   uniform_level = _uniform_levels(layers, remaining)
   offset = _floor_options(layers, uniform_level, rank_floor)

@@ -10,11 +10,12 @@ take twice as long as one thread's), so one matrix per core is 2-3x faster for t
 same arithmetic. A slice's numbers do not depend on its task or its batch: each draws
 its own start (`plan.start_seeds`), so the jitted executor gives the same factors.
 
-Example::
-
+Example:
+  ```python
   outs = run(plan.groups(kernels, spec), key, spec.damping)
   for group, (results, ok) in zip(groups, outs):
     plan.store(group.kernels, key, results)
+  ```
 """
 
 from __future__ import annotations

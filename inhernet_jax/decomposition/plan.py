@@ -10,12 +10,13 @@ kernel's factors do not depend on what it is batched with). The local executors
 (`inherit_sharded`) run the same plan and turn the same ``(u, s, v)`` into params
 (`finish_group`) and gates (`gate_params`), so every path gives the same factors.
 
-Example::
-
+Example:
+  ```python
   kernels = collect(params, spec)
   plan_all(kernels, spec)                  # LayerPlans (singular values for energy)
   for group in groups(kernels, spec):      # what one batched decomposition does
     print(group.method, [k.path for k in group.kernels])
+  ```
 """
 
 from __future__ import annotations

@@ -20,10 +20,11 @@ path's up to float rounding, gates bit for bit. `inherit.inherit` dispatches her
 allocating anything: see ``benchmarks/memory_plan.py``); `tracing` installs a hook
 called after each stage runs (memory measurements).
 
-Example::
-
+Example:
+  ```python
   params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
   stages = inherit_sharded.sharded_stages(abstract_params, spec, mesh=mesh)
+  ```
 """
 
 from __future__ import annotations

@@ -25,14 +25,15 @@ to minimise its output error on calibration inputs instead of its weight error (
 ``calibration=inhernet_jax.calibration.grams.input_grams(...)``. Shapes are unchanged, so the
 layers ignore it.
 
-Example::
-
+Example:
+  ```python
   spec = InherSpec(rank=32, heads=3, rules=(
       (r"stem/.*", "skip"),
       (r".*/attn/.*", {"rank": 64}),
       (r"head/kernel", "skip"),
   ))
   aware = InherSpec(rank=32, heads=3, data_aware=True, rules=((r"head/kernel", "skip"),))
+  ```
 """
 
 from __future__ import annotations

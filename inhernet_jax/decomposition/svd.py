@@ -14,11 +14,12 @@ over inputs ``X`` instead of the weight error: with the damped input Gram
 
 Everything here is a pure function of arrays, jit-able and batched over leading axes.
 
-Example::
-
+Example:
+  ```python
   u, s, v = truncated_svd(kernel_matrix, rank=32)
   err = eckart_young_error(s_all, 32)    # == ||A - U_r S_r V_r^T||_F
   down, s, v, ok = whitened_svd(kernel_matrix, input_gram, rank=32)   # data-aware
+  ```
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ rule): each such kernel is truncated for its output error on calibration inputs
 `inhernet_jax.calibration.grams.input_grams` passed as ``calibration=``. Each Gram is divided by
 its row count first, so the factors do not depend on how many batches were collected.
 
-Example::
-
+Example:
+  ```python
   student_params = inherit(teacher_params, 32, heads=3)
   spec = resolve(teacher_params, InherSpec(energy=0.9, heads=3))   # data-dependent ranks
   model = Model(spec=spec)                                          # matches the tree
@@ -34,6 +34,7 @@ Example::
   student_params = inherit(teacher_params, spec.replace(data_aware=True), calibration=grams)
   # A teacher sharded over a mesh: factors born sharded, by the tensor-parallel rules.
   student_params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
+  ```
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def inherit(
     (the data-aware one ``A_r = L^{-T} U_r S_r V_r^T`` for data-aware kernels).
 
   Raises:
-    TypeError / ValueError naming the offending argument or leaf path.
+    TypeError: a wrong type, naming the offending argument or leaf path.
+    ValueError: a wrong value, naming the offending argument or leaf path.
   """
   spec, kernels = _run(params, rank, heads, rules, key, mesh=mesh, sharding_rules=sharding_rules,
                        keep_factors=return_report, calibration=calibration)

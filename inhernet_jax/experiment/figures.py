@@ -5,12 +5,13 @@ sweep (Figure 4), from run records (`records.RunRecord` or the equal dicts) and
 Pure NumPy + matplotlib with the ``Agg`` backend (nothing is ever shown); every PNG is
 written atomically. `report.write_report` draws both; `report` re-exports them.
 
-Example::
-
+Example:
+  ```python
   from inhernet_jax.experiment import figures, report
 
   figures.plot_curves(runs, "/tmp/exp/curves.png")
   figures.plot_rank_heads(report.summarize(runs), "/tmp/exp/rank_heads.png", "accuracy")
+  ```
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ def plot_curves(runs: Sequence[Run], path: str) -> None:
   mean final metric in the metric panel and is left out of the loss panel. Accuracy
   is plotted in percent.
 
-  Example::
-
+  Example:
+    ```python
     plot_curves(runs, "/tmp/exp/curves.png")
+    ```
 
   Args:
     runs: run records with ``history`` (all of one metric).
@@ -152,10 +154,11 @@ def plot_rank_heads(rows: Sequence[Row], path: str, metric_name: str) -> bool:
   last panel scatters mean final metric against params for every InherNet row
   (annotated ``r/H``) and for the students and teacher (labelled points).
 
-  Example::
-
+  Example:
+    ```python
     if not plot_rank_heads(summarize(runs), "/tmp/exp/rank_heads.png", "accuracy"):
       print("no (rank, heads) sweep")
+    ```
 
   Args:
     rows: `summarize` output.

@@ -4,10 +4,11 @@ Methods' training losses differ by orders of magnitude (DKD's weighted terms vs 
 cross-entropy, a loss falling from 2.3 to 0.01), so a linear axis flattens all but the
 largest curve; `apply` switches such an axis to a log scale after plotting.
 
-Example::
-
+Example:
+  ```python
   ax.plot(epochs, ce_loss); ax.plot(epochs, dkd_loss)
   loss_axis.apply(ax)          # log y if max / min > 10 (all values positive)
+  ```
 """
 
 from __future__ import annotations

@@ -7,12 +7,13 @@ of ``results.json``'s ``"runs"``. Both are frozen dataclasses: a changed copy is
 helpers at the end read a list of run records (plain dicts or RunRecords alike) for
 `report` and `figures`.
 
-Example::
-
+Example:
+  ```python
   md = MethodDef.from_config("inherit", config.method_defs.inherit)
   md.heads, md.recalibration_batches                 # 3, 32 (the default)
   record = RunRecord.from_json(json.load(f)["runs"][0])
   record.final_metric, record["final_metric"]        # attribute or key: the same value
+  ```
 """
 
 from __future__ import annotations

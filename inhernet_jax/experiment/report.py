@@ -11,8 +11,8 @@ per-epoch ``history`` dict of lists (``epoch``, ``train_loss``, ``train_metric``
 ``test_loss``, ``test_metric``, ``lr``, ``examples_per_s``). This module only reads
 them; the figures are `figures`' (re-exported here: `plot_curves`, `plot_rank_heads`).
 
-Example::
-
+Example:
+  ```python
   from inhernet_jax.experiment import report
 
   scratch = runs_by_key[("student_ce", seed)]
@@ -21,6 +21,7 @@ Example::
   paths = report.write_report(runs, workdir, title="CIFAR-10: ResNet-18 -> InherNet")
   # {"json": .../results.json, "markdown": .../results.md, "curves": .../curves.png,
   #  "rank_heads": .../rank_heads.png (only for a (rank, heads) sweep)}
+  ```
 
 Conventions: spreads are the sample standard deviation (``ddof=1``) over seeds, and
 ``None`` when there is a single value (JSON has no NaN, and a one-seed spread of 0.0
@@ -118,10 +119,11 @@ def epochs_to_reach(
   (an inherited network evaluated before fine-tuning can already reach it). Missing
   metrics (``None``, NaN) never reach anything.
 
-  Example::
-
+  Example:
+    ```python
     epochs_to_reach({"epoch": [0, 1, 2], "test_metric": [0.5, 0.8, 0.9]}, 0.8, True)
     # -> 1.0
+    ```
 
   Args:
     history: a run's ``history`` with equally long ``"epoch"`` and ``"test_metric"``.
@@ -227,9 +229,10 @@ def markdown_table(rows: Sequence[Row], metric_name: str, higher_is_better: bool
   column is ``—`` for a teacher that never reached it, and for every row when no row
   reached it (no scratch run to compare with).
 
-  Example::
-
+  Example:
+    ```python
     print(markdown_table(summarize(runs), "accuracy", True))
+    ```
 
   Args:
     rows: `summarize` output.
@@ -321,9 +324,10 @@ def write_report(runs: Sequence[Run], workdir: str, *, title: str) -> dict[str, 
   Every file is written to a temp file and moved into place with `os.replace`, so a
   killed run leaves either the old file or the new one. Call it on one process only.
 
-  Example::
-
+  Example:
+    ```python
     paths = write_report(runs, "/tmp/exp", title="digits: CNN -> InherNet")
+    ```
 
   Args:
     runs: run records (see the module docstring), all of one metric.

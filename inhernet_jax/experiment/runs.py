@@ -8,11 +8,12 @@ rank x heads. Writes ``results.json``, ``results.md`` and the plots (`report`) i
 workdir. Every run checkpoints under ``workdir/seed_<s>/<method>/``, so the whole
 experiment, killed at any point, resumes where it stopped when run again.
 
-Example::
-
+Example:
+  ```python
   config = configs.digits.get_config()
   results = experiment.train_and_evaluate(config, "/tmp/digits")
   print(results["table"])
+  ```
 """
 
 from __future__ import annotations

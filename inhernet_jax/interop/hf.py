@@ -7,10 +7,11 @@ without a classifier are refused unless ``init_head=True`` (a zero head of the c
 ``num_labels`` outputs). Strict both ways, like every `inhernet_jax.interop.convert` family;
 re-exported by `inhernet_jax.interop.convert`.
 
-Example::
-
+Example:
+  ```python
   model, variables = convert.from_hf("vit-base-patch16-224/")   # model.safetensors + config.json
   logits = model.apply(variables, images_nhwc, train=False)
+  ```
 """
 
 from __future__ import annotations
@@ -329,7 +330,9 @@ def from_hf(path, kind: str | None = None, *, config=None, ignore=None,
       or pytorch_model.bin, sharded or not, and config.json) or one weights file.
     kind: ``"vit"`` or ``"bert"``; by default the config's ``model_type``.
     config: the config (dict or path); by default ``config.json`` next to the weights.
-    ignore, init_head, scan: see `hf_vit` / `hf_bert`.
+    ignore: see `hf_vit` / `hf_bert`.
+    init_head: see `hf_vit` / `hf_bert`.
+    scan: see `hf_vit` / `hf_bert`.
 
   Returns:
     `hf_model(config)` (``spec=None``) and its ``{"params"}``.

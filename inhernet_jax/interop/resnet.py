@@ -5,10 +5,11 @@ must be there, every tensor that is there must be used (BatchNorm's
 ``num_batches_tracked`` is ignored, see `convert_core.DEFAULT_IGNORE`), and the error
 names each missing or unexpected key. Re-exported by `inhernet_jax.interop.convert`.
 
-Example::
-
+Example:
+  ```python
   model, variables = convert.from_torchvision("resnet50.pth", "resnet50")
   logits = model.apply(variables, images_nhwc, train=False)
+  ```
 """
 
 from __future__ import annotations

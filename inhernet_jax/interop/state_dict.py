@@ -8,11 +8,12 @@ holds the result against the model's own ``jax.eval_shape`` tree. Layouts: conv
 BatchNorm ``weight``/``bias`` -> ``scale``/``bias`` and ``running_mean``/``running_var``
 -> ``batch_stats`` ``mean``/``var``.
 
-Example::
-
+Example:
+  ```python
   state = convert_core.load_state_dict("resnet50.pth")   # name -> np.ndarray
   leaves = convert_core.conv_leaves(("stem",), "conv1")
   variables, sources = convert_core._assemble(state, leaves, (), "my model")
+  ```
 """
 
 from __future__ import annotations

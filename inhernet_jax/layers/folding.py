@@ -21,13 +21,14 @@ is not folded: the zoo's models apply it as a separate module after bias-free co
 folded BatchNorm needs a model variant without it; XLA already fuses the eval-mode
 BatchNorm affine into the conv's consumer fusion.
 
-Example::
-
+Example:
+  ```python
   spec = InherSpec(rank=1.0, heads=1, skip_if_no_saving=False)
   student = teacher.clone(spec=spec)
   variables = {**teacher_vars, "params": inherit(teacher_vars["params"], spec)}
   served_vars, served = fold(variables, student)       # served: a model, same logits
   logits = served.apply(served_vars, x, train=False)
+  ```
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ def fold(variables: Mapping[str, Any], spec_or_model, *, policy: str = "flops"):
 
   A pure function: nothing passed in is mutated.
 
-  Example::
-
+  Example:
+    ```python
     served_vars, served_model = fold(variables, student)     # student: model.clone(spec=s)
     served_model.apply(served_vars, x, train=False)          # the student's logits
     params, spec = fold(variables["params"], s)              # with a spec: a spec back
+    ```
 
   Args:
     variables: the inherited network's variables (``{"params": ..., "batch_stats":

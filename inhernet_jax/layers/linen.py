@@ -2,12 +2,14 @@
 
 Without a spec (or where the spec keeps the layer) `InherDense` and `InherConv` *are*
 `nn.Dense` / `nn.Conv`: same fields, same parameters, so teacher checkpoints load. With a
-spec that factorises the layer they compute::
+spec that factorises the layer they compute:
 
-    z = down(x)                       # shared compressor in -> r (a kh x kw conv for convs)
-    g = softmax(gate(z))              # H gate weights: per token (Dense), per sample (Conv,
-                                      # from the global-average-pooled z)
-    y = sum_h g_h * (z @ up_h + b_h)  # H expert up-projections r -> out (1x1 for convs)
+```text
+z = down(x)                       # shared compressor in -> r (a kh x kw conv for convs)
+g = softmax(gate(z))              # H gate weights: per token (Dense), per sample (Conv,
+                                  # from the global-average-pooled z)
+y = sum_h g_h * (z @ up_h + b_h)  # H expert up-projections r -> out (1x1 for convs)
+```
 
 with parameters ``{"down": {"kernel"}, "up": {"kernel": (H, r, out), "bias": (H, out)},
 "gate": {"kernel": (r, H), "bias": (H,)}}`` (no gate when ``H == 1``). After
@@ -26,12 +28,13 @@ Gated layers (``H > 1``) also record cheap gate statistics when the caller asks 
 (the head *load*) and the mean entropy of the gate distribution. `gate_stats` turns them
 into one entry per layer.
 
-Example::
-
+Example:
+  ```python
   conv = InherConv(64, (3, 3), spec=InherSpec(rank=16, heads=3))
   variables = conv.init(key, x)
   y, state = conv.apply(variables, x, mutable=["intermediates"])
   gate_stats(state["intermediates"])   # {"": {"entropy": 0.9, "load": [...], ...}}
+  ```
 """
 
 from __future__ import annotations
@@ -271,11 +274,12 @@ class InherConv(nn.Conv):
 def gate_arrays(intermediates: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
   """The sown gate statistics as flat arrays, one entry per gated layer (jit-friendly).
 
-  Example::
-
+  Example:
+    ```python
     _, state = model.apply(variables, x, mutable=["intermediates"])
     arrays = gate_arrays(state["intermediates"])   # inside jit, if you like
     stats = gate_stats_from_arrays(jax.device_get(arrays))
+    ```
 
   Args:
     intermediates: the ``"intermediates"`` collection of ``model.apply(...,
@@ -349,11 +353,12 @@ def gate_stats(intermediates: Mapping[str, Any]) -> dict[str, dict[str, np.ndarr
   ``gate_stats_from_arrays(gate_arrays(intermediates))``; see those two (the first runs
   inside jit, the second on the host).
 
-  Example::
-
+  Example:
+    ```python
     _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
     for path, s in gate_stats(state["intermediates"]).items():
       print(path, s["entropy"] / s["max_entropy"], s["load"])
+    ```
 
   Args:
     intermediates: the ``"intermediates"`` collection (or the mutated-state dict).

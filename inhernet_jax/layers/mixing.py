@@ -19,11 +19,12 @@ gate weights sum to exactly one in any compute dtype and identical heads (right 
 Both have the same parameters; they differ in FLOPs and memory traffic (`costs`), and
 `choose` picks one from the shapes and the backend (``"auto"``).
 
-Example::
-
+Example:
+  ```python
   y = mix(z, kernel, bias, g, per_sample=True, strategy="auto")
   choose(batch=256, positions=16, rank=128, features=512, heads=2, itemsize=2,
          per_sample=True, backend="gpu")          # "outputs"
+  ```
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def choose(*, batch: int, positions: int, rank: int, features: int, heads: int, 
   Args:
     backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; default `jax.default_backend()` (at trace
       time, so a jitted function specialises to the backend it runs on).
-    Others: see `costs`.
+
+  The other arguments are those of `costs`.
   """
   if heads == 1:
     return "weights"  # Nothing to mix; both compute z @ up_0.

@@ -7,13 +7,14 @@ CIFAR models (`cifar`), torchvision's ImageNet ResNets (`imagenet`), EfficientNe
 (`efficientnet`, of the ImageNet family), big_vision's ViT, a BERT-style encoder and a
 GPT-2-style decoder (`transformer`), and small digits models (`small`).
 
-Example::
-
+Example:
+  ```python
   teacher = models.create("resnet32x4", num_classes=100)
   rules = models.preset("default", "resnet32x4")          # stem and classifier kept
   spec = InherSpec(rank=8, heads=3, rules=rules)
   student = teacher.clone(spec=spec)
   size = models.param_count("resnet8x4", num_classes=100)  # "same size as resnet8x4"
+  ```
 """
 
 from __future__ import annotations

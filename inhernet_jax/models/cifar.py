@@ -22,10 +22,11 @@ teacher, ``model.clone(spec=s)`` the inherited network whose params come from
 ``inherit(teacher_params, s)``; BatchNorm statistics carry over unchanged. The first
 conv is named ``"stem"``, the classifier ``"head"``.
 
-Example::
-
+Example:
+  ```python
   teacher = resnet32x4(num_classes=100)
   student = teacher.clone(spec=InherSpec(rank=8, heads=3))
+  ```
 """
 
 from __future__ import annotations

@@ -20,12 +20,13 @@ Names: ``stem`` / ``bn_stem``; blocks ``block_{i}`` (PyTorch ``_blocks.i``) with
 ``expand`` / ``bn0``, ``depthwise`` / ``bn1``, ``project`` / ``bn2``; ``top_conv`` /
 ``bn_top`` (PyTorch ``_conv_head`` / ``_bn1``); classifier ``head`` (``_fc``).
 
-Example::
-
+Example:
+  ```python
   model = efficientnet_lite0(num_classes=1000)
   variables = model.init(key, jnp.zeros((1, 224, 224, 3)), train=False)
   spec = InherSpec(rank=0.25, rules=models.preset("default", "efficientnet_lite0"))
   student = model.clone(spec=spec)
+  ```
 """
 
 from __future__ import annotations

@@ -15,11 +15,12 @@ network uses the teacher's ``batch_stats`` as they are.
 Names: the first conv is ``"stem"``, the classifier ``"head"``; blocks are
 ``"layer{stage}_{index}"`` (torchvision's ``layer1.0``), their convs ``conv1``..``conv3``.
 
-Example::
-
+Example:
+  ```python
   model = resnet50(num_classes=1000)
   variables = model.init(key, jnp.zeros((1, 224, 224, 3)), train=False)
   student = model.clone(spec=InherSpec(rank=0.25, heads=3))
+  ```
 """
 
 from __future__ import annotations

@@ -11,12 +11,13 @@ The launch layer (`experiment`, ``launch.spec_flags``) reads sizes here and hand
 library numbers: `budget` and `accounting` take parameter counts and fractions, and know
 no model by name.
 
-Example::
-
+Example:
+  ```python
   target = sizes.parameter_budget(teacher_params, "student:resnet8x4", num_classes=100)
   spec = budget.allocate(teacher_params, target, heads=3, rules=rules)
   sizes.named_size("params:student", methods={"student": 1_233_540})   # 1233540
   sizes.named_size(0.25)                                              # None: a number
+  ```
 """
 
 from __future__ import annotations

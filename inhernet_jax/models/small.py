@@ -4,10 +4,11 @@ Built from `InherDense` / `InherConv`: ``spec=None`` is the teacher, ``clone(spe
 inherited network. Names follow the model zoo's convention: the first conv is ``stem``,
 the classifier ``head``.
 
-Example::
-
+Example:
+  ```python
   model = MODELS["cnn"](num_classes=10)
   params = model.init(key, images)["params"]
+  ```
 """
 
 from __future__ import annotations

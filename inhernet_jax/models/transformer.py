@@ -15,13 +15,14 @@ block_{depth-1}``, or one ``nn.scan`` named ``blocks`` with ``scan=True`` (every
 param stacked on a leading layer axis, e.g. ``blocks/attn/query/kernel`` of shape
 ``(depth, width, width)``).
 
-Example::
-
+Example:
+  ```python
   teacher = MODELS["vit_s16"](num_classes=100)
   params = teacher.init(key, images)["params"]
   spec = InherSpec(rank=64, heads=2, rules=((r"head/kernel", "skip"),))
   student = teacher.clone(spec=spec)
   logits = student.apply({"params": inherit(params, spec)}, images, train=False)
+  ```
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ processes and this process's id: from flags, or from the environment variables
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (SLURM and
 Open MPI jobs are detected by JAX itself).
 
-Example::
-
+Example:
+  ```python
   distributed.initialize()                      # single host: does nothing
   distributed.initialize("10.0.0.1:1234", 2, 0)  # process 0 of 2
   if distributed.is_primary():
     write_results(...)
+  ```
 """
 
 from __future__ import annotations

@@ -26,12 +26,13 @@ Optimizer state mirrors the params (optax's ``mu``, ``nu``, ``trace``): a state 
 path ends with a param's path and has its shape gets that param's sharding; every other
 leaf (step counters, BatchNorm statistics, a FitNet connector) is replicated.
 
-Example::
-
+Example:
+  ```python
   mesh = sharding.make_mesh({"data": -1, "fsdp": 2})          # 8 devices -> (4, 2, 1)
   param_sh = sharding.tree_shardings(mesh, params, sharding.DEFAULT_RULES)
   params = sharding.put(params, param_sh)                    # no host gather
   batch = sharding.shard_batch(mesh, pipeline.train_batch(step))
+  ```
 """
 
 from __future__ import annotations

@@ -17,13 +17,14 @@ checkpoint is damaged; and a ``fingerprint`` of the run (its optimizer, epochs, 
 teacher, data...) saved in ``meta`` must match the resuming run's, or the differing
 fields are listed.
 
-Example::
-
+Example:
+  ```python
   mngr = checkpoint.manager(workdir / "checkpoints", max_to_keep=2)
   restored = checkpoint.restore_latest(mngr, abstract_state)   # None when empty
   ...
   checkpoint.save(mngr, step, state, {"history": history})
   mngr.wait_until_finished()
+  ```
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def diff(
     got: path -> shape of what was read (a checkpoint, converted weights).
     wanted: path -> shape of what the model expects.
     limit: keys shown per kind of difference (then a count).
-    got_name, wanted_name: how the two sides are called in the text.
+    got_name: how the first side (``got``) is called in the text.
+    wanted_name: how the second side (``wanted``) is called in the text.
     notes: path -> text shown after the path (e.g. the PyTorch name it came from).
   """
   notes = notes or {}

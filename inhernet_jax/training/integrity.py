@@ -13,12 +13,13 @@ Two checks guard a resumed run (`checkpoint.restore_latest`):
   another run (another learning rate, fewer epochs, another teacher) is refused with
   `fingerprint_diff`'s list of fields, instead of resuming silently.
 
-Example::
-
+Example:
+  ```python
   sums = integrity.checksum(state_dict)            # {"params/conv/kernel": "9f...", ...}
   bad = integrity.mismatched(sums, integrity.checksum(restored))   # [] when intact
   fp = integrity.fingerprint(epochs=3, optimizer={"name": "adam", "learning_rate": 1e-3})
   print(integrity.fingerprint_diff(saved_fp, fp))  # "  epochs: checkpoint 3, now 5"
+  ```
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ when the process dies however it dies (SIGKILL included), so a lock file left be
 a dead run is never an obstacle; its recorded pid and host are only used to say who
 holds a live lock, or whose stale lock is taken over.
 
-Example::
-
+Example:
+  ```python
   with lock.WorkdirLock("/tmp/run"):      # WorkdirBusy if another process holds it
     ...  # train, checkpoint
+  ```
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ from there with the run directory locked. What a checkpoint carries besides the 
 is a `Record` (per-epoch history, the partial epoch's metric sums, the wall time so
 far), so a run killed at any moment resumes from its last checkpoint to the same end.
 
-Example::
-
+Example:
+  ```python
   steps = train_loop.Steps(train_step, eval_step, kind="classification", desc="student",
                            schedule=schedule, steps_per_epoch=100, total_steps=1000,
                            teacher_variables=None, gates_on=False)
   run = train_loop.run(checkpoint, steps, state, pipeline, mesh, config, workdir,
                        fingerprint=fp, allow=())
+  ```
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ restricts the mean to the positions it marks (padding tokens, say).
 Hyper-parameters (``alpha``, ``temperature``, ...) are Python floats fixed per
 experiment: close over them (`make_loss` does) rather than passing them through `jax.jit`.
 
-Example::
-
+Example:
+  ```python
   loss_fn = make_loss("kd", alpha=0.3, temperature=7.0)   # the public demo's KD loss
   loss = loss_fn(student_logits, teacher_logits, labels)  # scalar float32
+  ```
 
 The paper's InherNet-Small is trained with KD, InherNet-Large with the plain task loss
 (``"ce"``); DKD is the strongest distillation baseline it compares against.
@@ -129,9 +130,10 @@ def cross_entropy(
 ) -> Array:
   """Softmax cross-entropy with integer labels, averaged over positions.
 
-  Example::
-
+  Example:
+    ```python
     loss = cross_entropy(logits, labels, label_smoothing=0.1)
+    ```
 
   Args:
     logits: ``(..., classes)``, any float dtype (computed in float32).
@@ -174,9 +176,10 @@ def kd(
   i.e. ``kd(..., alpha=0.3, temperature=7.0)``; the paper's GLUE runs use weight 0.3 and
   ``T = 4``.
 
-  Example::
-
+  Example:
+    ```python
     loss = kd(student_logits, teacher_logits, labels, alpha=0.3, temperature=7.0)
+    ```
 
   Args:
     student_logits: ``(..., classes)``, any float dtype (computed in float32).
@@ -235,9 +238,10 @@ def dkd(
   loss by the schedule's value. Defaults are mdistiller's CIFAR-100 settings
   (``alpha=1, beta=8, T=4``; ``beta`` is tuned per teacher-student pair there).
 
-  Example::
-
+  Example:
+    ```python
     loss = cross_entropy(s, y) + min(epoch / 20, 1.0) * dkd(s, t, y, beta=8.0)
+    ```
 
   Args:
     student_logits: ``(..., classes)``, any float dtype (computed in float32).
@@ -287,11 +291,12 @@ class HintConnector(nn.Module):
   student and teacher maps must already agree on it. Parameters: ``{"proj": {"kernel":
   (C_student, features), "bias": (features,)}}`` whatever the input rank.
 
-  Example::
-
+  Example:
+    ```python
     connector = HintConnector(features=teacher_feats.shape[-1])
     params = connector.init(key, student_feats)["params"]
     loss = fitnet_hint(student_feats, teacher_feats, params)
+    ```
 
   Attributes:
     features: the teacher's channel width.
@@ -309,9 +314,10 @@ def hint_loss(projected_student: Array, teacher_features: Array) -> Array:
 
   The teacher features get `jax.lax.stop_gradient`.
 
-  Example::
-
+  Example:
+    ```python
     loss = hint_loss(connector.apply({"params": p}, s_feats), t_feats)
+    ```
 
   Args:
     projected_student: the student's features after the connector.
@@ -338,10 +344,11 @@ def fitnet_hint(
 ) -> Array:
   """FitNet hint loss ``MSE(connector(student), teacher)`` in one call.
 
-  Example::
-
+  Example:
+    ```python
     params = HintConnector(t.shape[-1]).init(key, s)["params"]
     loss = fitnet_hint(s, t, params)   # differentiable wrt params and s
+    ```
 
   Args:
     student_features: ``(..., C_student)``.
@@ -378,10 +385,11 @@ def make_loss(name: str, **kwargs: Any) -> Callable[..., Array]:
 
   Options are validated here, once, so a bad config fails before training starts.
 
-  Example::
-
+  Example:
+    ```python
     loss_fn = make_loss(config.loss, **config.loss_kwargs)   # e.g. "kd", alpha=0.3, ...
     loss = loss_fn(student_logits, teacher_logits, labels, mask)
+    ```
 
   Args:
     name: a key of `LOSSES`: ``"ce"``, ``"kd"`` or ``"dkd"``.

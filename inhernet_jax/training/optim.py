@@ -6,15 +6,17 @@ which the trainer logs. Missing (or None) optional fields take the defaults belo
 option is validated up front, so a bad config fails before the first step.
 
 Example (the paper's CIFAR recipe: SGD, lr 0.05, momentum 0.9, weight decay 5e-4,
-lr x0.1 at epochs 150, 180 and 210)::
+lr x0.1 at epochs 150, 180 and 210):
 
-  config = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
-      weight_decay_mask="all", schedule="step", decay_epochs=(150, 180, 210)))
-  tx, schedule = make_optimizer(config, steps_per_epoch=391, total_steps=240 * 391)
-  opt_state = tx.init(params)
-  ...
-  lr = schedule(step)   # for the logs
+```python
+config = ml_collections.ConfigDict(dict(
+    name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
+    weight_decay_mask="all", schedule="step", decay_epochs=(150, 180, 210)))
+tx, schedule = make_optimizer(config, steps_per_epoch=391, total_steps=240 * 391)
+opt_state = tx.init(params)
+...
+lr = schedule(step)   # for the logs
+```
 
 Config fields:
 
@@ -131,9 +133,10 @@ def _check_mask(which: Any) -> str:
 def decay_mask(params: Any, which: str = "kernels") -> Any:
   """A pytree of bools like ``params``: True where weight decay applies.
 
-  Example::
-
+  Example:
+    ```python
     decay_mask({"fc": {"kernel": k, "bias": b}})   # {"fc": {"kernel": True, "bias": False}}
+    ```
 
   Args:
     params: a parameter pytree (nested dicts, as flax's ``params``).
@@ -232,11 +235,12 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax optimizer and its learning-rate schedule, from a config.
 
-  Example::
-
+  Example:
+    ```python
     tx, schedule = make_optimizer(config.optimizer, steps_per_epoch=391, total_steps=n)
     updates, opt_state = tx.update(grads, opt_state, params)   # params are required
     params = optax.apply_updates(params, updates)
+    ```
 
   The chain is ``clip_by_global_norm`` (if ``grad_clip_norm``), then for ``"sgd"`` /
   ``"adam"`` `optax.add_decayed_weights` (if ``weight_decay``) and `optax.sgd` /

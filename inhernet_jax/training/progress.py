@@ -6,14 +6,15 @@ line is printed above the bar, which is redrawn below it, instead of being glued
 bar's half-drawn line. Closing the (last) bar restores every stream. A disabled bar
 (``disable=True``) changes nothing.
 
-Example::
-
+Example:
+  ```python
   bar = progress.bar(total=steps, desc="inhernet")
   for step in range(steps):
     ...
     logging.info("epoch %d done", epoch)   # printed above the bar
     bar.update(1)
   bar.close()                              # logging writes to stderr directly again
+  ```
 """
 
 from __future__ import annotations

@@ -11,13 +11,14 @@ state. `train_and_evaluate` reads top-down: loss, set-up (model, optimizer, mesh
 sharded state), fingerprint, jitted steps, then `train_loop.run` (restore, the step
 loop, end-of-epoch evaluation and checkpoints) with the run directory locked.
 
-Example::
-
+Example:
+  ```python
   run = train.train_and_evaluate(
       model, variables, pipeline, config, workdir / "student_kd", seed=0,
       loss="kd", loss_kwargs={"alpha": 0.3, "temperature": 4.0},
       teacher=(teacher_model, teacher_variables))
   run.history["test_metric"][-1], run.state.params
+  ```
 """
 
 from __future__ import annotations
