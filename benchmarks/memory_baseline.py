@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks.memory_teacher import (Shape, bytes_per_device, param_shapes, power_law,
                                        random_teacher, sharded, spec, timed_inherit)
+from inhernet_jax.decomposition.policy import layer_plan
 
 
 def _planned_kernels(params, inherit_spec):
@@ -39,7 +40,7 @@ def _planned_kernels(params, inherit_spec):
       continue
     stack = inherit_spec.stack_axes(path) or 0
     m, n = int(np.prod(leaf.shape[stack:-1])), int(leaf.shape[-1])
-    plan = inherit_spec.plan(path, m, n, use_bias=False)
+    plan = layer_plan(inherit_spec, path, m, n, use_bias=False)
     if plan.factorize:
       out.append((path, leaf, stack, plan.rank, plan.heads))
   return out

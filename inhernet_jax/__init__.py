@@ -28,7 +28,8 @@ Example:
 from inhernet_jax import layers
 from inhernet_jax.decomposition import accounting, budget, svd
 from inhernet_jax.decomposition.budget import allocate
-from inhernet_jax.decomposition.spec import InherSpec, LayerPlan
+from inhernet_jax.decomposition.policy import LayerPlan
+from inhernet_jax.decomposition.spec import InherSpec
 from inhernet_jax.decomposition.transform import (
     format_report,
     inherit,

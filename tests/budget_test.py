@@ -24,10 +24,11 @@ from inhernet_jax.decomposition import accounting
 from inhernet_jax.decomposition import budget
 from inhernet_jax.training import checkpoint
 from inhernet_jax.models import sizes
-from inhernet_jax.decomposition import svd
+from inhernet_jax.decomposition import policy
 from inhernet_jax.decomposition import spec as spec_lib
 from inhernet_jax.training import trainer as train_lib
 from inhernet_jax.decomposition.transform import inherit, planned_param_count
+from inhernet_jax.decomposition.policy import layer_plan
 from inhernet_jax.decomposition.spec import InherSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_heads_are_counted():
   """One 16x16 layer: rank 1 costs 16 + 3 * (16 + 16) + gate 3 + 3 = 118 with three
   heads, each further rank 16 + 3 * 16 + 3 = 67."""
   params = net([(16, 16)])
-  assert svd.inherited_params(16, 16, 1, 3) == 118
+  assert policy.inherited_params(16, 16, 1, 3) == 118
   spec, info = _allocate(params, 118 + 2 * 67, heads=3, return_info=True)
   assert info["ranks"] == {"l0/kernel": 3} and info["params"] == 118 + 2 * 67
   gate = inherit(params, spec)["l0"]["gate"]["kernel"]
@@ -285,7 +286,7 @@ def test_exact_is_the_brute_force_optimum(objective):
       for r in range(min(m, n) + 1):
         spec = InherSpec(heads=heads, rules=((p, {"rank": r} if r else "skip"), (".*", "skip")))
         costs[-1].append(planned_param_count(params, spec) - total)
-        energy = kept(spectra[p], r) if r and spec.plan(p, m, n, True).factorize else 1.0
+        energy = kept(spectra[p], r) if r and layer_plan(spec, p, m, n, True).factorize else 1.0
         values[-1].append(score(energy))
     grid = lambda xs: sum(np.ix_(*map(np.asarray, xs)))  # Every combination.
     best = grid(values)[total + grid(costs) <= target].max()

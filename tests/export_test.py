@@ -11,6 +11,7 @@ import pytest
 import safetensors.numpy
 
 from inhernet_jax.interop import export
+from inhernet_jax.decomposition.policy import layer_plan
 from inhernet_jax.decomposition.spec import InherSpec
 
 SPEC = InherSpec(rank=0.25, heads=3, method="exact", rules=(
@@ -169,7 +170,7 @@ def test_a_catastrophic_rule_from_a_file_costs_linear_time(tmp_path):
   t0 = time.perf_counter()
   for _ in range(10):
     assert spec.match(path) == (None, {})
-    assert spec.plan(path, 64, 64, use_bias=False).rank == 4
+    assert layer_plan(spec, path, 64, 64, use_bias=False).rank == 4
   assert time.perf_counter() - t0 < 5.0  # Measured: ~1 ms.
   assert spec.match("aaZ")[0] == 0 and spec.match("aaa")[0] == 1
 

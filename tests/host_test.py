@@ -10,6 +10,7 @@ import pytest
 
 import inhernet_jax as ij
 from inhernet_jax import InherSpec
+from inhernet_jax.decomposition import compute
 from inhernet_jax.decomposition import host
 from inhernet_jax.decomposition import plan
 
@@ -24,10 +25,7 @@ def _matrix(m, n, seed, stack=()):
 
 
 def _planned(params, spec, calibration=None):
-  kernels = plan.collect(params, spec)
-  plan.plan_all(kernels, spec)
-  plan.attach_grams(kernels, calibration)
-  return plan.groups(kernels, spec)
+  return plan.build(plan.collect(params, spec), spec, calibration=calibration).groups
 
 
 PARAMS = {
@@ -44,19 +42,20 @@ CALIBRATION = {"white/kernel": {"gram": GRAM * 7, "count": 7}}
 
 def test_one_pool_gives_each_groups_batched_result():
   """The pool runs every slice of every group as its own task, largest first; the
-  result of each group equals its batched NumPy computation (`plan.decompose_group`)."""
+  result of each group equals its batched NumPy computation (`compute.decompose_group`)."""
   groups = _planned(PARAMS, SPEC, CALIBRATION)
   assert sorted(g.method for g in groups) == ["exact", "randomized", "randomized", "whitened"]
-  outs = host.run(groups, None, SPEC.damping)
+  outs = host.decompose(groups)
   for group, (results, ok) in zip(groups, outs):
     ks = group.kernels
     grams = counts = None
     if group.method == "whitened":
       grams, counts = (GRAM * 7,), (np.float64(7),)
-    bits = plan.starts(group, None) if group.method == "randomized" else None
-    ref, ref_ok = plan.decompose_group(
-        tuple(k.matrices() for k in ks), plan.biases(ks, True), grams, counts, bits,
-        group_meta=plan.meta(ks), method=group.method, m=group.m, n=group.n, rank=group.rank,
+    bits = (np.concatenate([compute.start_bits(group, i) for i in range(len(ks))])
+            if group.method == "randomized" else None)
+    ref, ref_ok = compute.decompose_group(
+        tuple(k.matrices() for k in ks), compute.biases(ks, True), grams, counts, bits,
+        group_meta=tuple(k.meta for k in ks), method=group.method, m=group.m, n=group.n, rank=group.rank,
         power_iters=group.power_iters, damping=SPEC.damping, xp=np, width=group.width)
     assert (ok is None) == (ref_ok is None)
     for ((f, params), (rf, rparams)) in zip(results, ref):
@@ -66,14 +65,14 @@ def test_one_pool_gives_each_groups_batched_result():
 
 
 def test_failure_names_kernel_and_stack_slice(monkeypatch):
-  real = plan.truncate
+  real = compute.truncate
 
   def failing(a, *args, **kwargs):
     if a.shape[-2:] == (160, 256) and abs(float(a[0, 0, 0]) - float(PARAMS["stack"]["kernel"][2, 0, 0])) == 0:
       raise np.linalg.LinAlgError("SVD did not converge")
     return real(a, *args, **kwargs)
 
-  monkeypatch.setattr(plan, "truncate", failing)
+  monkeypatch.setattr(compute, "truncate", failing)
   with pytest.raises(ValueError, match=r"stack/kernel \(stack slice 2\).*did not converge"):
     ij.inherit(PARAMS, SPEC, calibration=CALIBRATION)
 
@@ -84,14 +83,14 @@ def test_blas_is_single_threaded_in_every_task_of_a_fresh_process():
   code = textwrap.dedent("""
       import numpy as np, threadpoolctl
       from inhernet_jax import InherSpec, inherit
-      from inhernet_jax.decomposition import plan
-      seen, real = [], plan.truncate
+      from inhernet_jax.decomposition import compute
+      seen, real = [], compute.truncate
       def spy(*args, **kwargs):
         out = real(*args, **kwargs)  # Then every BLAS this task used is loaded.
         seen.extend(i["num_threads"] for i in threadpoolctl.threadpool_info()
                     if i["user_api"] == "blas")
         return out
-      plan.truncate = spy
+      compute.truncate = spy
       rng = np.random.default_rng(0)
       params = {f"l{i}": {"kernel": rng.standard_normal((300, 160)).astype(np.float32)}
                 for i in range(2)}

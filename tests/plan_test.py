@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 
-from inhernet_jax.decomposition import svd
+from inhernet_jax.decomposition import policy
 from inhernet_jax.decomposition.plan import Kernel
-from inhernet_jax.decomposition.spec import LayerPlan
+from inhernet_jax.decomposition.policy import LayerPlan
 
 
 def _kernel(shape, stack=0, bias=True, plan=None):
@@ -28,4 +28,4 @@ def test_a_factorised_stack_counts_every_layer():
   assert before == 8 * 24 * 10
   # down 24x3, two heads of 3x10 (no bias), a gate 3->2 with bias: per layer.
   assert after == 8 * (24 * 3 + 2 * 3 * 10 + 3 * 2 + 2)
-  assert after == 8 * svd.inherited_params(24, 10, 3, 2, use_bias=False)
+  assert after == 8 * policy.inherited_params(24, 10, 3, 2, use_bias=False)

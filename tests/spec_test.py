@@ -11,6 +11,7 @@ import pytest
 from hypothesis import strategies as st
 
 from inhernet_jax import InherDense, InherSpec, LayerPlan
+from inhernet_jax.decomposition.policy import layer_plan, needs_values
 
 
 def count_inherited(m, n, r, heads, use_bias):
@@ -184,9 +185,9 @@ def test_fraction_action_rejects_non_numbers(fraction):
 def test_first_matching_rule_wins():
   a = InherSpec(rank=2, rules=((r"blk/.*", 3), (r"blk/conv/kernel", "skip")))
   b = InherSpec(rank=2, rules=((r"blk/conv/kernel", "skip"), (r"blk/.*", 3)))
-  assert a.plan("blk/conv/kernel", 64, 64, True) == LayerPlan(True, 3, 1, 64)
-  assert not b.plan("blk/conv/kernel", 64, 64, True).factorize
-  assert b.plan("blk/other/kernel", 64, 64, True) == LayerPlan(True, 3, 1, 64)
+  assert layer_plan(a, "blk/conv/kernel", 64, 64, True) == LayerPlan(True, 3, 1, 64)
+  assert not layer_plan(b, "blk/conv/kernel", 64, 64, True).factorize
+  assert layer_plan(b, "blk/other/kernel", 64, 64, True) == LayerPlan(True, 3, 1, 64)
   assert a.match("blk/conv/kernel")[0] == 0 and b.match("blk/conv/kernel")[0] == 0
 
 
@@ -195,19 +196,19 @@ def test_rules_fully_match():
   assert spec.match("conv/kernel")[0] == 0
   assert spec.match("block/conv/kernel") == (None, {})  # No search semantics.
   assert spec.match("conv/kernel_2") == (None, {})
-  assert spec.plan("block/conv/kernel", 64, 64, False).rank == 2
+  assert layer_plan(spec, "block/conv/kernel", 64, 64, False).rank == 2
 
 
 def test_rule_overrides_heads_and_policy():
   spec = InherSpec(rank=2, heads=3, rules=((r"a/kernel", {"heads": 1}), (r"b/kernel", {"rank": 0.5})))
-  assert spec.plan("a/kernel", 64, 64, True) == LayerPlan(True, 2, 1, 64)
-  assert spec.plan("b/kernel", 256, 32, True) == LayerPlan(True, 16, 3, 32)
-  assert spec.plan("c/kernel", 64, 64, True) == LayerPlan(True, 2, 3, 64)
+  assert layer_plan(spec, "a/kernel", 64, 64, True) == LayerPlan(True, 2, 1, 64)
+  assert layer_plan(spec, "b/kernel", 256, 32, True) == LayerPlan(True, 16, 3, 32)
+  assert layer_plan(spec, "c/kernel", 64, 64, True) == LayerPlan(True, 2, 3, 64)
 
 
 def test_skip_rule_keeps_layer():
   spec = InherSpec(rank=2, rules=((r"a/kernel", "skip"),))
-  plan = spec.plan("a/kernel", 64, 64, True)
+  plan = layer_plan(spec, "a/kernel", 64, 64, True)
   assert not plan.factorize and plan.rank == 0 and plan.reason
 
 
@@ -233,13 +234,13 @@ def test_stack_axes():
 def test_plan_keeps_layers_that_save_nothing(m, n, rank, heads, use_bias):
   full = min(m, n)
   saves = rank < full and count_inherited(m, n, rank, heads, use_bias) < count_dense(m, n, use_bias)
-  plan = InherSpec(rank=rank, heads=heads).plan("l/kernel", m, n, use_bias)
+  plan = layer_plan(InherSpec(rank=rank, heads=heads), "l/kernel", m, n, use_bias)
   assert plan.factorize == saves
   assert plan.rank == (rank if saves else 0)
   assert plan.heads == heads and plan.full_rank == full
   assert bool(plan.reason) == (not saves)
   # Forced: always factorised, rank capped at full rank.
-  forced = InherSpec(rank=rank, heads=heads, skip_if_no_saving=False).plan("l/kernel", m, n, use_bias)
+  forced = layer_plan(InherSpec(rank=rank, heads=heads, skip_if_no_saving=False), "l/kernel", m, n, use_bias)
   assert forced == LayerPlan(True, min(rank, full), heads, full)
 
 
@@ -247,7 +248,7 @@ def test_plan_keeps_layers_that_save_nothing(m, n, rank, heads, use_bias):
 @hypothesis.given(m=st.integers(1, 300), n=st.integers(1, 300), fraction=st.floats(1e-3, 1.0))
 def test_fraction_policy(m, n, fraction):
   full = min(m, n)
-  plan = InherSpec(rank=fraction, skip_if_no_saving=False).plan("l/kernel", m, n, True)
+  plan = layer_plan(InherSpec(rank=fraction, skip_if_no_saving=False), "l/kernel", m, n, True)
   assert 1 <= plan.rank <= full
   # The smallest rank that is at least the fraction of the full rank.
   assert plan.rank >= fraction * full - 1e-6
@@ -259,7 +260,7 @@ def test_fraction_policy(m, n, fraction):
     m=st.integers(1, 200), n=st.integers(1, 200), ratio=st.floats(1e-3, 1.0), heads=st.integers(1, 3), use_bias=st.booleans()
 )
 def test_param_ratio_policy_respects_budget(m, n, ratio, heads, use_bias):
-  plan = InherSpec(param_ratio=ratio, heads=heads).plan("l/kernel", m, n, use_bias)
+  plan = layer_plan(InherSpec(param_ratio=ratio, heads=heads), "l/kernel", m, n, use_bias)
   full = min(m, n)
   budget = ratio * count_dense(m, n, use_bias)
   fits = [k for k in range(1, full + 1) if count_inherited(m, n, k, heads, use_bias) <= budget]
@@ -273,31 +274,31 @@ def test_param_ratio_policy_respects_budget(m, n, ratio, heads, use_bias):
 
 def test_energy_policy_needs_singular_values():
   spec = InherSpec(energy=0.9)
-  assert spec.needs_data("any/kernel")
+  assert needs_values(spec, "any/kernel")
   with pytest.raises(ValueError, match="resolve"):
-    spec.plan("any/kernel", 64, 32, True)
+    layer_plan(spec, "any/kernel", 64, 32, True)
   s = np.array([10.0, 5.0, 1.0] + [0.1] * 29)
   total = np.sum(s**2)
-  plan = spec.plan("any/kernel", 64, 32, True, singular_values=s)
+  plan = layer_plan(spec, "any/kernel", 64, 32, True, singular_values=s)
   assert plan.factorize
   assert np.sum(s[: plan.rank] ** 2) / total >= 0.9 > np.sum(s[: plan.rank - 1] ** 2) / total
 
 
 def test_energy_rule_and_needs_data():
   spec = InherSpec(rank=4, rules=((r"a/kernel", {"energy": 0.5}), (r"b/kernel", "skip")))
-  assert spec.needs_data("a/kernel")
-  assert not spec.needs_data("b/kernel") and not spec.needs_data("c/kernel")
+  assert needs_values(spec, "a/kernel")
+  assert not needs_values(spec, "b/kernel") and not needs_values(spec, "c/kernel")
   with pytest.raises(ValueError, match="resolve"):
-    spec.plan("a/kernel", 64, 64, True)
+    layer_plan(spec, "a/kernel", 64, 64, True)
   # A rank rule overrides a global energy policy.
   spec = InherSpec(energy=0.9, rules=((r"a/kernel", 4), (r"b/kernel", "skip")))
-  assert not spec.needs_data("a/kernel") and not spec.needs_data("b/kernel")
-  assert spec.plan("a/kernel", 64, 64, True).rank == 4
+  assert not needs_values(spec, "a/kernel") and not needs_values(spec, "b/kernel")
+  assert layer_plan(spec, "a/kernel", 64, 64, True).rank == 4
 
 
 def test_no_policy_is_an_error_naming_the_path():
   with pytest.raises(ValueError, match="blk/kernel"):
-    InherSpec().plan("blk/kernel", 8, 8, True)
+    layer_plan(InherSpec(), "blk/kernel", 8, 8, True)
 
 
 # ------------------------------------------------------------- hashing / as a static
@@ -372,20 +373,20 @@ def test_bad_data_aware_settings(kwargs, error, match):
 def test_data_aware_is_opt_in_globally_or_per_rule():
   plain = InherSpec(rank=2)
   assert not plain.data_aware and plain.damping == 0.01
-  assert plain.plan("a/kernel", 64, 64, True) == LayerPlan(True, 2, 1, 64)  # Unchanged.
-  assert InherSpec(rank=2, data_aware=True, damping=0).plan("a/kernel", 64, 64, True) == LayerPlan(
+  assert layer_plan(plain, "a/kernel", 64, 64, True) == LayerPlan(True, 2, 1, 64)  # Unchanged.
+  assert layer_plan(InherSpec(rank=2, data_aware=True, damping=0), "a/kernel", 64, 64, True) == LayerPlan(
       True, 2, 1, 64, data_aware=True)
   spec = InherSpec(rank=2, rules=(
       (r"a/kernel", {"data_aware": True}), (r"b/kernel", {"data_aware": True, "rank": 70}),
       (r"c/kernel", "skip")))
   assert spec.rules[0] == (r"a/kernel", (("data_aware", True),))
   assert InherSpec(rank=2, rules=spec.rules) == spec  # Normalised rules round-trip.
-  assert spec.plan("a/kernel", 64, 64, True).data_aware
-  assert not spec.plan("b/kernel", 64, 64, True).data_aware  # Kept: nothing to truncate.
-  assert not spec.plan("c/kernel", 64, 64, True).data_aware
-  assert not spec.plan("d/kernel", 64, 64, True).data_aware
+  assert layer_plan(spec, "a/kernel", 64, 64, True).data_aware
+  assert not layer_plan(spec, "b/kernel", 64, 64, True).data_aware  # Kept: nothing to truncate.
+  assert not layer_plan(spec, "c/kernel", 64, 64, True).data_aware
+  assert not layer_plan(spec, "d/kernel", 64, 64, True).data_aware
   off = InherSpec(rank=2, data_aware=True, rules=((r"a/kernel", {"data_aware": False}),))
-  assert not off.plan("a/kernel", 64, 64, True).data_aware and off.plan("d/kernel", 64, 64, True).data_aware
+  assert not layer_plan(off, "a/kernel", 64, 64, True).data_aware and layer_plan(off, "d/kernel", 64, 64, True).data_aware
   # Different settings, different (hashable, static) specs.
   assert len({plain, plain.replace(data_aware=True), plain.replace(damping=0.1)}) == 3
 
@@ -395,8 +396,8 @@ def test_rank_one_and_full_rank_fraction_are_different_specs():
   one, full = InherSpec(rank=1, heads=3), InherSpec(rank=1.0, heads=3)
   assert one != full and len({one: 0, full: 1}) == 2
   assert full == InherSpec(rank=1.0, heads=3) and hash(full) == hash(InherSpec(rank=1.0, heads=3))
-  assert one.plan("k", 8, 8, True).rank == 1 and full.plan("k", 8, 8, True).full_rank == 8
-  assert full.replace(skip_if_no_saving=False).plan("k", 8, 8, True).rank == 8
+  assert layer_plan(one, "k", 8, 8, True).rank == 1 and layer_plan(full, "k", 8, 8, True).full_rank == 8
+  assert layer_plan(full.replace(skip_if_no_saving=False), "k", 8, 8, True).rank == 8
 
 
 @pytest.mark.parametrize(
@@ -408,12 +409,12 @@ def test_rank_multiple_rounds_every_policy(policy, expected):
   """Up for fixed and fraction ranks, down for param_ratio; a rank rounded up to the
   full rank (64) keeps the layer."""
   spec = InherSpec(heads=1, rank_multiple=8, **policy)
-  plan = spec.plan("a/kernel", 64, 96, use_bias=False)
+  plan = layer_plan(spec, "a/kernel", 64, 96, use_bias=False)
   if expected is None:
     assert not plan.factorize, plan
   else:
     assert plan.factorize and plan.rank == expected, plan
-  plain = InherSpec(heads=1, **policy).plan("a/kernel", 64, 96, use_bias=False)
+  plain = layer_plan(InherSpec(heads=1, **policy), "a/kernel", 64, 96, use_bias=False)
   if expected is not None and "param_ratio" in policy:
     assert plan.rank <= plain.rank  # Within the budget.
   elif expected is not None:
@@ -422,8 +423,8 @@ def test_rank_multiple_rounds_every_policy(policy, expected):
 
 def test_rank_multiple_energy_rounds_up_and_is_validated():
   s = np.linspace(10, 1, 64)
-  energy = InherSpec(energy=0.5, rank_multiple=16).plan("a/kernel", 64, 512, False, s)
-  plain = InherSpec(energy=0.5).plan("a/kernel", 64, 512, False, s)
+  energy = layer_plan(InherSpec(energy=0.5, rank_multiple=16), "a/kernel", 64, 512, False, s)
+  plain = layer_plan(InherSpec(energy=0.5), "a/kernel", 64, 512, False, s)
   assert energy.rank % 16 == 0 and plain.rank <= energy.rank < plain.rank + 16
   with pytest.raises(ValueError, match="rank_multiple"):
     InherSpec(rank=4, rank_multiple=0)

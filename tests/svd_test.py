@@ -15,6 +15,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from inhernet_jax.decomposition import policy
 from inhernet_jax.decomposition import svd
 from inhernet_jax.layers.linen import InherDense
 from inhernet_jax.decomposition.svd import canonical_signs
@@ -329,7 +330,7 @@ def test_as_matrix_on_jax_arrays():
 )
 def test_rank_for_energy_is_smallest_meeting_threshold(s, energy):
   s = np.sort(np.asarray(s))[::-1]
-  r = svd.rank_for_energy(s, energy)
+  r = policy.rank_for_energy(s, energy)
   assert isinstance(r, int) and 1 <= r <= len(s)
   s2 = s.astype(np.float64) ** 2
   total = s2.sum()
@@ -346,9 +347,9 @@ def test_rank_for_energy_is_smallest_meeting_threshold(s, energy):
 
 
 def test_rank_for_energy_full_energy_counts_nonzero_values():
-  assert svd.rank_for_energy([5.0, 3.0, 2.0, 0.0, 0.0], 1.0) == 3
-  assert svd.rank_for_energy([5.0, 3.0, 2.0], 1.0) == 3
-  assert svd.rank_for_energy([0.0, 0.0], 0.5) == 1
+  assert policy.rank_for_energy([5.0, 3.0, 2.0, 0.0, 0.0], 1.0) == 3
+  assert policy.rank_for_energy([5.0, 3.0, 2.0], 1.0) == 3
+  assert policy.rank_for_energy([0.0, 0.0], 0.5) == 1
 
 
 # --------------------------------------------------------------- parameter counting
@@ -370,10 +371,10 @@ def test_param_counts_match_real_layers(m, n, heads, use_bias, data):
     return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
 
   spec = InherSpec(rank=rank, heads=heads, skip_if_no_saving=False)
-  assert size(InherDense(n, use_bias=use_bias, spec=spec)) == svd.inherited_params(m, n, rank, heads, use_bias)
-  assert size(InherDense(n, use_bias=use_bias)) == svd.dense_params(m, n, use_bias)
-  assert svd.inherited_params(m, n, rank, heads, use_bias) == count_inherited(m, n, rank, heads, use_bias)
-  assert svd.dense_params(m, n, use_bias) == count_dense(m, n, use_bias)
+  assert size(InherDense(n, use_bias=use_bias, spec=spec)) == policy.inherited_params(m, n, rank, heads, use_bias)
+  assert size(InherDense(n, use_bias=use_bias)) == policy.dense_params(m, n, use_bias)
+  assert policy.inherited_params(m, n, rank, heads, use_bias) == count_inherited(m, n, rank, heads, use_bias)
+  assert policy.dense_params(m, n, use_bias) == count_dense(m, n, use_bias)
 
 
 @hypothesis.settings(max_examples=25)
@@ -385,7 +386,7 @@ def test_param_counts_match_real_layers(m, n, heads, use_bias, data):
     use_bias=st.booleans(),
 )
 def test_rank_for_param_ratio_is_largest_within_budget(m, n, ratio, heads, use_bias):
-  r = svd.rank_for_param_ratio(m, n, ratio, heads, use_bias)
+  r = policy.rank_for_param_ratio(m, n, ratio, heads, use_bias)
   assert isinstance(r, int) and 0 <= r <= min(m, n)
   budget = ratio * count_dense(m, n, use_bias)
   fits = [k for k in range(1, min(m, n) + 1) if count_inherited(m, n, k, heads, use_bias) <= budget]
@@ -400,7 +401,7 @@ def test_rank_for_param_ratio_is_largest_within_budget(m, n, ratio, heads, use_b
 @given_layer(500)
 def test_compression_ratio(m, n, heads, use_bias, data):
   rank = data.draw(st.integers(1, min(m, n)), label="rank")
-  ratio = svd.compression_ratio(m, n, rank, heads, use_bias)
+  ratio = policy.compression_ratio(m, n, rank, heads, use_bias)
   expected = count_dense(m, n, use_bias) / count_inherited(m, n, rank, heads, use_bias)
   assert ratio == pytest.approx(expected, rel=1e-12)
   assert (ratio > 1) == (count_inherited(m, n, rank, heads, use_bias) < count_dense(m, n, use_bias))

@@ -41,9 +41,9 @@ from flax import traverse_util
 from flax.linen.linear import canonicalize_padding
 
 from inhernet_jax.decomposition import svd
+from inhernet_jax.decomposition.assemble import note_whitening as _note_whitening
 from inhernet_jax.decomposition.plan import collect as _collect
 from inhernet_jax.decomposition.plan import gram_of as _gram_of
-from inhernet_jax.decomposition.plan import note_whitening as _note_whitening
 from inhernet_jax.decomposition.plan import on_host as _on_host
 from inhernet_jax.decomposition.spec import InherSpec, as_spec
 

@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
@@ -59,14 +60,12 @@ from typing import Any
 import numpy as np
 
 from inhernet_jax.decomposition import accounting
+from inhernet_jax.decomposition import plan as plan_lib
+from inhernet_jax.decomposition import policy
 from inhernet_jax.decomposition import svd
-from inhernet_jax.decomposition import spec as spec_lib
 from inhernet_jax.decomposition.budget_solve import _cost, _Layer, _objective, solve
-from inhernet_jax.decomposition.plan import by_shape as _by_shape
-from inhernet_jax.decomposition.plan import collect as _collect
-from inhernet_jax.decomposition.plan import plan_all as _plan_all
+from inhernet_jax.decomposition.spec import POLICIES, InherSpec, as_spec
 from inhernet_jax.decomposition.transform import planned_param_count
-from inhernet_jax.decomposition.spec import InherSpec, as_spec
 
 METHODS = ("greedy", "exact")
 OBJECTIVES = ("energy", "log_energy", "param_energy")
@@ -87,9 +86,9 @@ def _layer_costs(k, heads: int) -> tuple[int, int, int, int]:
   dense layer (0: none has)."""
   layers = int(np.prod(k.stack_shape))
   use_bias = k.bias is not None
-  base = svd.inherited_params(k.m, k.n, 1, heads, use_bias)
-  step = svd.inherited_params(k.m, k.n, 2, heads, use_bias) - base  # Linear in the rank.
-  dense = svd.dense_params(k.m, k.n, use_bias)
+  base = policy.inherited_params(k.m, k.n, 1, heads, use_bias)
+  step = policy.inherited_params(k.m, k.n, 2, heads, use_bias) - base  # Linear in the rank.
+  dense = policy.dense_params(k.m, k.n, use_bias)
   max_rank = 0 if base >= dense else min(min(k.m, k.n) - 1, (dense - 1 - base) // step + 1)
   return layers * base, layers * step, layers * dense, max_rank
 
@@ -106,7 +105,7 @@ def _normalised_energy(sv: np.ndarray) -> np.ndarray:
 def _spectra(kernels, spectra: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
   """Singular values ``(layers, full)`` of each kernel: from ``spectra`` where given
   (validated, zero-padded to full length), else from the weights, batched by shape on the
-  host like `inherit._plan_all`."""
+  host like `plan.spectra`."""
   out, todo = {}, []
   spectra = dict(spectra or {})
   for k in kernels:
@@ -124,7 +123,7 @@ def _spectra(kernels, spectra: Mapping[str, Any] | None) -> dict[str, np.ndarray
       raise ValueError(f"spectra[{k.path!r}]: singular values must be in descending order")
     pad = np.zeros((*stack, full - s.shape[-1]))
     out[k.path] = np.concatenate([s, pad], -1).reshape(-1, full)
-  for group in _by_shape(todo).values():
+  for group in plan_lib.by_shape(todo).values():
     mats = np.concatenate([np.asarray(k.matrices()) for k in group])
     sv = np.asarray(svd.singular_values(mats, xp=np), np.float64)
     offset = 0
@@ -146,7 +145,7 @@ def _problem(teacher_params, spec: InherSpec, spectra, objective: str = "energy"
   if spectra is not None and not isinstance(spectra, Mapping):
     raise TypeError(f"spectra must be a dict of kernel path -> singular values, got "
                     f"{type(spectra).__name__}")
-  kernels = _collect(teacher_params, spec)
+  kernels = plan_lib.collect(teacher_params, spec)
   known = {k.path for k in kernels}
   unknown = sorted(set(spectra or {}) - known)
   if unknown:
@@ -156,14 +155,17 @@ def _problem(teacher_params, spec: InherSpec, spectra, objective: str = "energy"
   for k in kernels:
     action = spec.match(k.path)[1]
     heads = action.get("heads", spec.heads)
-    if k.plan is None and not any(p in action for p in spec_lib._POLICIES):
+    if k.plan is None and not any(p in action for p in POLICIES):
       base, step, dense, max_rank = _layer_costs(k, heads)
       if max_rank >= 1:
         free.append((k, heads, base, step, dense, max_rank))
         continue
-      k.plan = spec_lib.LayerPlan(False, 0, heads, min(k.m, k.n), "no rank saves parameters")
+      k = dataclasses.replace(k, plan=policy.LayerPlan(False, 0, heads, min(k.m, k.n),
+                                                       "no rank saves parameters"))
     fixed.append(k)
-  _plan_all(fixed, spec)
+  fixed = plan_lib.plan_kernels(fixed, spec)
+  planned = {k.path: k for k in fixed}
+  kernels = [planned.get(k.path, k) for k in kernels]
   other = accounting.param_count(teacher_params)
   for k in fixed:
     before, after = k.param_counts()
@@ -214,7 +216,7 @@ def _exact_rules(spec: InherSpec, kernels, chosen: dict[str, int], heads: dict[s
   for k in kernels:
     rank = chosen[k.path] if k.path in chosen else (k.plan.rank if k.plan.factorize else 0)
     if rank:
-      drop = (*spec_lib._POLICIES, "skip", "heads", "stack")
+      drop = (*POLICIES, "skip", "heads", "stack")
       action = {key: v for key, v in spec.match(k.path)[1].items() if key not in drop}
       action.update(stack=k.stack, rank=rank,
                     heads=heads[k.path] if k.path in heads else k.plan.heads)
@@ -351,8 +353,7 @@ def summary(teacher_params, spec: InherSpec, spectra: Mapping[str, Any] | None =
     ``rank`` (0: dense), ``heads``, ``stack``, ``energy`` (mean over its stack),
     ``params`` and ``dense_params``.
   """
-  kernels = _collect(teacher_params, spec)
-  _plan_all(kernels, spec)
+  kernels = plan_lib.plan_kernels(plan_lib.collect(teacher_params, spec), spec)
   unknown = sorted(set(spectra or {}) - {k.path for k in kernels})
   if unknown:
     raise ValueError(f"spectra names {unknown}, not kernels of the teacher")

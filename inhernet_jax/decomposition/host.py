@@ -8,14 +8,12 @@ groups' slices instead of after them. BLAS is single-threaded meanwhile: OpenBLA
 own threads are slow at these sizes (its 2-thread LU and QR of a ``2752 x 160`` panel
 take twice as long as one thread's), so one matrix per core is 2-3x faster for the
 same arithmetic. A slice's numbers do not depend on its task or its batch: each draws
-its own start (`plan.start_seeds`), so the jitted executor gives the same factors.
+its own start (the plan's seeds), so the jitted executor gives the same factors.
 
 Example:
-  ```python
-  outs = run(plan.groups(kernels, spec), key, spec.damping)
-  for group, (results, ok) in zip(groups, outs):
-    plan.store(group.kernels, key, results)
-  ```
+    ```python
+    outs = run(plan)          # {path: assemble.Inherited}
+    ```
 """
 
 from __future__ import annotations
@@ -29,7 +27,8 @@ import numpy as np
 # when it is called, and SciPy brings its own OpenBLAS (unlimited, a cold call took 3x).
 import scipy.linalg  # noqa: F401
 
-from inhernet_jax.decomposition import plan as plan_lib
+from inhernet_jax.decomposition import assemble
+from inhernet_jax.decomposition import compute
 from inhernet_jax.decomposition import svd
 
 
@@ -40,9 +39,18 @@ def workers() -> int:
   return os.cpu_count() or 1
 
 
-def run(groups, key, damping: float):
+def run(plan) -> dict:
+  """The host executor: ``{path: assemble.Inherited}`` of every factorised kernel."""
+  outs = {}
+  for group, (results, ok) in zip(plan.groups, decompose(plan.groups)):
+    compute.check_finite(group, results)
+    outs.update(assemble.inherited(group, results, ok, plan.key))
+  return outs
+
+
+def decompose(groups):
   """Decomposes every group; returns ``[(results, ok)]`` in group order, as
-  `plan.decompose_group` does (``results``: per kernel ``((u, s, v), params)``).
+  `compute.decompose_group` does (``results``: per kernel ``((u, s, v), params)``).
 
   Raises:
     ValueError: naming the kernel (and stack slice) whose decomposition failed.
@@ -52,13 +60,13 @@ def run(groups, key, damping: float):
     rows = min(group.m, group.n)
     outs.append([None] * group.slices)
     i = 0
-    for k in group.kernels:
+    for index, k in enumerate(group.kernels):
       mats = k.matrices()
       grams = None
       if group.method == "whitened":
         gram, count = (np.asarray(x, np.float64) for x in k.gram)
         grams = (gram / count[..., None, None]).reshape(-1, k.m, k.m)
-      seeds = plan_lib.start_seeds(key, k) if group.method == "randomized" else None
+      seeds = group.seeds[index] if group.method == "randomized" else None
       for j in range(mats.shape[0]):
         tasks.append(_Task(g, i, k.path, j, mats[j], None if grams is None else grams[j],
                            None if seeds is None else seeds[j], rows, _cost(group)))
@@ -71,8 +79,8 @@ def run(groups, key, damping: float):
     if t.seed is not None:
       start = svd.signs(svd.start_bits([t.seed], t.rows, group.width), t.rows, group.width, xp=np)
     try:
-      out = plan_lib.truncate(a, gram, start, group.method, group.rank, group.power_iters,
-                              damping, xp=np)
+      out = compute.truncate(a, gram, start, group.method, group.rank, group.power_iters,
+                             group.damping, xp=np)
     except (np.linalg.LinAlgError, FloatingPointError, ValueError) as e:
       where = f" (stack slice {t.slice})" if len(group.kernels) > 1 or group.slices > 1 else ""
       raise ValueError(f"inherit: the {group.method} SVD of {t.path}{where} failed: {e}") from e
@@ -81,8 +89,9 @@ def run(groups, key, damping: float):
   def finish(g):
     group = groups[g]
     u, s, v, ok = (None if p[0] is None else np.concatenate(p) for p in zip(*outs[g]))
-    biases = plan_lib.biases(group.kernels, True)
-    return plan_lib.finish_group(u, s, v, biases, plan_lib.meta(group.kernels), xp=np), ok
+    biases = compute.biases(group.kernels, True)
+    meta = tuple(k.meta for k in group.kernels)
+    return assemble.factor_params(u, s, v, biases, meta, xp=np), ok
 
   results, remaining = [None] * len(groups), [group.slices for group in groups]
   threads = min(workers(), len(tasks))

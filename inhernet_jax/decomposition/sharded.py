@@ -11,20 +11,20 @@ a time; an unstacked kernel goes whole, its work arrays split over their rows. E
 group is one jitted program (power iterations included: nothing comes back to the
 host mid-way), then the groups are assembled and the gate placed.
 
-It runs the same plan (`inhernet_jax.decomposition.plan`) as the local executor: the same method
-per kernel, the same start matrices (`plan.start`, per kernel and stack slice) and
-the same per-batch math (`svd`, `plan.finish_group`), so the results equal the local
-path's up to float rounding, gates bit for bit. `inherit.inherit` dispatches here.
+It runs the same plan (`inhernet_jax.decomposition.plan`) as the local executors: the
+same method per kernel, the same start matrices (the plan's seeds, per kernel and stack
+slice) and the same per-batch math (`compute.decompose_group`), so the results equal the
+local path's up to float rounding, gates bit for bit. `transform.inherit` dispatches here.
 
 `sharded_stages` lists the stages with abstract arguments (memory planning, without
 allocating anything: see ``benchmarks/memory_plan.py``); `tracing` installs a hook
 called after each stage runs (memory measurements).
 
 Example:
-  ```python
-  params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
-  stages = inherit_sharded.sharded_stages(abstract_params, spec, mesh=mesh)
-  ```
+    ```python
+    params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
+    stages = sharded_stages(abstract_params, spec, mesh=mesh)
+    ```
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from inhernet_jax.decomposition import assemble
+from inhernet_jax.decomposition import compute
 from inhernet_jax.decomposition import plan as plan_lib
-from inhernet_jax.parallel import sharding as sharding_lib
 from inhernet_jax.decomposition import svd
-from inhernet_jax.decomposition.plan import Kernel
+from inhernet_jax.decomposition.plan import Kernel, Plan
 from inhernet_jax.decomposition.spec import InherSpec, as_spec
+from inhernet_jax.parallel import sharding as sharding_lib
 
 _TRACE: contextvars.ContextVar = contextvars.ContextVar("inherit_sharded_trace", default=None)
 
@@ -76,7 +78,7 @@ class Stage(NamedTuple):
       for host stages a function of no arguments that returns the placed arrays.
     inputs: labels of the arguments: ``"kernel:PATH"``, ``"bias:PATH"`` (the teacher's),
       ``"index:G"`` (a group index), ``"start:PATH"`` (a randomized kernel's packed start
-      matrices, `plan.start`), ``"gram:PATH"`` (a data-aware kernel's per-row input
+      matrices, `compute.start_bits`), ``"gram:PATH"`` (a data-aware kernel's per-row input
       Grams), ``"part:PATH#G"`` (a group's params).
     output: label of the result (``"params:PATH"``, ``"gate:PATH"``, ...).
     frees: labels whose arrays are dropped after this stage.
@@ -203,8 +205,8 @@ def _group_stage(kernel, bias, gram, bits, index, *, meta, layout, via, parts, k
                  width, power_iters, damping):
   """One layer group's params (``down/kernel``, ``up/kernel``, [``up/bias``]), then
   (``keep_factors``) its ``u, s, v`` and (data-aware) whether each slice's Cholesky
-  succeeded: `plan.decompose_group` on the group's ``D`` slices, its randomized start
-  matrices unpacked here (`plan.start`'s packed bits ``(B, bytes)``)."""
+  succeeded: `compute.decompose_group` on the group's ``D`` slices, its randomized start
+  matrices unpacked here (`compute.start_bits`' packed bits ``(B, bytes)``)."""
   stack, in_shape, n, rank, heads, dtype = meta
   a = _matrices(kernel, index, in_shape, n, layout, via)
   count, m = a.shape[0], a.shape[1]
@@ -216,7 +218,7 @@ def _group_stage(kernel, bias, gram, bits, index, *, meta, layout, via, parts, k
   if method == "randomized":
     bits = _group(bits, index, layout.groups, (svd.packed_bytes(min(m, n), width),))
     start = _constrain(svd.signs(bits, min(m, n), width), layout.basis)
-  [(factors, params)], ok = plan_lib.decompose_group(
+  [(factors, params)], ok = compute.decompose_group(
       (a,), (bias,), grams, counts, start, group_meta=group_meta, method=method, m=m, n=n,
       rank=rank, power_iters=power_iters, damping=damping, xp=jnp)
   up = params["up"]
@@ -281,12 +283,17 @@ def _place(x, mesh: Mesh, path: str, rules):
   return sharding_lib.put(x, target)
 
 
-def place_all(kernels: list[Kernel], mesh: Mesh, rules) -> None:
+def place_all(kernels: list[Kernel], mesh: Mesh, rules) -> list[Kernel]:
+  """The kernels (and biases) to plan on ``mesh``: where they are when there already,
+  else placed by the sharding ``rules``."""
+  out = []
   for k in kernels:
     if k.plan is None:
       prefix = "/".join(k.keys)
-      k.kernel = _place(k.kernel, mesh, k.path, rules)
-      k.bias = _place(k.bias, mesh, f"{prefix}/bias", rules) if plan_lib.is_array(k.bias, True) else None
+      bias = _place(k.bias, mesh, f"{prefix}/bias", rules) if plan_lib.is_array(k.bias, True) else None
+      k = dataclasses.replace(k, kernel=_place(k.kernel, mesh, k.path, rules), bias=bias)
+    out.append(k)
+  return out
 
 
 def singular_values(k: Kernel, mesh: Mesh) -> np.ndarray:
@@ -298,8 +305,8 @@ def singular_values(k: Kernel, mesh: Mesh) -> np.ndarray:
   return np.concatenate([np.asarray(fn(k.kernel, index)[0]) for index in indices])
 
 
-def _sharded_schedule(kernels, spec: InherSpec, mesh: Mesh, rules, keep_factors: bool):
-  """The stages of the sharded path, `plan.groups`' kernels in order: per kernel, one
+def _sharded_schedule(plan: Plan, mesh: Mesh, rules, keep_factors: bool):
+  """The stages of the sharded path, the plan's groups' kernels in order: per kernel, one
   stage per layer group, their assembly and the gate. Returns ``(schedule, groups)``:
   the stages, and the most layer groups of any kernel (the group indices to place)."""
   schedule, most = [], 1
@@ -327,15 +334,15 @@ def _sharded_schedule(kernels, spec: InherSpec, mesh: Mesh, rules, keep_factors:
       out.append(NamedSharding(mesh, P(None, *spec[k.stack : len(shape)])))
     return tuple(out) + extra(k)
 
-  for group in plan_lib.groups(kernels, spec):
+  for group in plan.groups:
     for k in group.kernels:
       p = k.path
       layout = _layout(mesh, int(np.prod(k.stack_shape)), min(k.m, k.n))
       most = max(most, layout.groups)
-      fn = _jit(_group_stage, part_shardings(k), meta=plan_lib.meta([k])[0], layout=layout,
+      fn = _jit(_group_stage, part_shardings(k), meta=k.meta, layout=layout,
                 via=_via(k, layout), parts=part_shardings(k), keep_factors=keep_factors,
                 method=group.method, width=group.width, power_iters=group.power_iters,
-                damping=float(spec.damping))
+                damping=group.damping)
       parts = [f"part:{p}#{g}" for g in range(layout.groups)]
       gram = f"gram:{p}" if k.plan.data_aware else "none"
       for g in range(layout.groups):
@@ -358,7 +365,7 @@ def _sharded_schedule(kernels, spec: InherSpec, mesh: Mesh, rules, keep_factors:
 
 
 def _place_gate(k, shardings, key):
-  return sharding_lib.put(plan_lib.host_gate(key, k), shardings)
+  return sharding_lib.put(assemble.host_gate(key, k), shardings)
 
 
 def _call(stage: Stage, env: dict) -> Any:
@@ -374,67 +381,59 @@ def _call(stage: Stage, env: dict) -> Any:
   return out
 
 
-def _teacher_env(kernels, key, mesh: Mesh, abstract: bool = False, widths=None) -> dict:
+def _teacher_env(plan: Plan, mesh: Mesh, abstract: bool = False) -> dict:
   """The stages' inputs: kernels and biases, randomized kernels' packed start matrices
-  ``(B, bytes)`` (``widths``: their subspace columns), data-aware kernels' per-row input
-  Grams ``(B, m, m)`` (replicated; abstract when planning without them)."""
+  ``(B, bytes)``, data-aware kernels' per-row input Grams ``(B, m, m)`` (replicated;
+  abstract when planning without them)."""
   replicated = NamedSharding(mesh, P())
-  env = {"none": None, "seed": key}
-  for k in kernels:
-    if not k.plan.factorize:
-      continue
-    env[f"kernel:{k.path}"], env[f"bias:{k.path}"] = k.kernel, k.bias
-    width = (widths or {}).get(k.path)
-    if not width:
-      env[f"start:{k.path}"] = None
-    elif abstract:
-      shape = (int(np.prod(k.stack_shape)), svd.packed_bytes(min(k.m, k.n), width))
-      env[f"start:{k.path}"] = jax.ShapeDtypeStruct(shape, np.uint8, sharding=replicated)
-    else:
-      env[f"start:{k.path}"] = jax.device_put(plan_lib.start(key, k, width), replicated)
-    if k.plan.data_aware:
-      shape = (int(np.prod(k.stack_shape)), k.m, k.m)
-      if k.gram is None:
-        env[f"gram:{k.path}"] = jax.ShapeDtypeStruct(shape, svd.compute_dtype(), sharding=replicated)
+  env = {"none": None, "seed": plan.key}
+  for group in plan.groups:
+    for i, k in enumerate(group.kernels):
+      env[f"kernel:{k.path}"], env[f"bias:{k.path}"] = k.kernel, k.bias
+      if group.method != "randomized":
+        env[f"start:{k.path}"] = None
+      elif abstract:
+        shape = (k.layers, svd.packed_bytes(min(k.m, k.n), group.width))
+        env[f"start:{k.path}"] = jax.ShapeDtypeStruct(shape, np.uint8, sharding=replicated)
       else:
-        gram, count = (np.asarray(x, np.float64) for x in k.gram)
-        per_row = (gram / count[..., None, None]).reshape(shape).astype(svd.compute_dtype())
-        env[f"gram:{k.path}"] = jax.device_put(per_row, replicated)
+        env[f"start:{k.path}"] = jax.device_put(compute.start_bits(group, i), replicated)
+      if k.plan.data_aware:
+        shape = (k.layers, k.m, k.m)
+        if k.gram is None:
+          env[f"gram:{k.path}"] = jax.ShapeDtypeStruct(shape, svd.compute_dtype(), sharding=replicated)
+        else:
+          gram, count = (np.asarray(x, np.float64) for x in k.gram)
+          per_row = (gram / count[..., None, None]).reshape(shape).astype(svd.compute_dtype())
+          env[f"gram:{k.path}"] = jax.device_put(per_row, replicated)
   return env
 
 
-def _widths(kernels, spec) -> dict[str, int]:
-  """Subspace columns of each randomized kernel."""
-  return {k.path: g.width for g in plan_lib.groups(kernels, spec) if g.method == "randomized"
-          for k in g.kernels}
-
-
-def decompose(kernels, spec, key, mesh, rules, keep_factors=True) -> None:
-  """Runs the plan on ``mesh`` (see the module docstring): kernel by kernel."""
-  if isinstance(key, jax.core.Tracer):
+def decompose(plan: Plan, mesh: Mesh, rules, keep_factors=True) -> dict:
+  """Runs the plan on ``mesh`` (see the module docstring), kernel by kernel:
+  ``{path: assemble.Inherited}``."""
+  if isinstance(plan.key, jax.core.Tracer):
     raise ValueError("inherit(mesh=...) needs a concrete key (it runs outside jit)")
-  schedule, most = _sharded_schedule(kernels, spec, mesh, rules, keep_factors)
+  schedule, most = _sharded_schedule(plan, mesh, rules, keep_factors)
   replicated = NamedSharding(mesh, P())
-  env = _teacher_env(kernels, key, mesh, widths=_widths(kernels, spec))
+  env = _teacher_env(plan, mesh)
   # Group indices as arrays on the mesh, placed once: a host scalar would be copied to
   # every device on every call (and XLA:CPU's collectives can stall behind such copies).
   env.update(jax.device_put({f"index:{g}": np.int32(g) for g in range(most)}, replicated))
   for stage in schedule:
     _call(stage, env)
-  for k in kernels:
-    if not k.plan.factorize:
-      continue
-    out = env.pop(f"params:{k.path}")
+  outs = {}
+  for k in plan.factorised:
+    out, whitened = env.pop(f"params:{k.path}"), None
     if k.plan.data_aware:
-      plan_lib.note_whitening([k], np.asarray(out[-1]), spec.damping)
+      [whitened] = assemble.note_whitening([k], np.asarray(out[-1]), plan.spec.damping)
       out = out[:-1]
-    k.params = {"down": {"kernel": out[0]}, "up": {"kernel": out[1]}}
+    params = {"down": {"kernel": out[0]}, "up": {"kernel": out[1]}}
     if k.bias is not None:
-      k.params["up"]["bias"] = out[2]
-    if keep_factors:
-      k.factors = out[-3:]
+      params["up"]["bias"] = out[2]
     if k.plan.heads > 1:
-      k.params["gate"] = env.pop(f"gate:{k.path}")
+      params["gate"] = env.pop(f"gate:{k.path}")
+    outs[k.path] = assemble.Inherited(params, out[-3:] if keep_factors else None, whitened)
+  return outs
 
 
 def sharded_stages(
@@ -465,11 +464,12 @@ def sharded_stages(
   mesh = sharded_mesh(kernels, mesh)
   if mesh is None:
     raise ValueError("sharded_stages: no kernel is sharded over several devices; pass mesh=")
-  place_all(kernels, mesh, rules)
-  plan_lib.plan_all(kernels, spec, lambda k: singular_values(k, mesh))
-  schedule, most = _sharded_schedule(kernels, spec, mesh, rules, keep_factors)
+  kernels = place_all(kernels, mesh, rules)
+  plan = plan_lib.build(kernels, spec, key=key, grams=False,
+                        singular_values=lambda k: singular_values(k, mesh))
+  schedule, most = _sharded_schedule(plan, mesh, rules, keep_factors)
   replicated = NamedSharding(mesh, P())
-  env = _teacher_env(kernels, key, mesh, abstract=True, widths=_widths(kernels, spec))
+  env = _teacher_env(plan, mesh, abstract=True)
   env.update({f"index:{g}": jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
               for g in range(most)})
   out = []

@@ -1,8 +1,10 @@
 """`InherSpec`: which kernels are inherited, at which rank, with how many heads.
 
-One immutable, hashable object shared by `inherit` (the pytree transform) and the layers
-(`InherDense`, `InherConv`), so that ``model.clone(spec=s).init(...)`` and
-``inherit(teacher_params, s)`` agree on every layer's plan.
+What the user asks for, nothing more: its fields, their validation, and which rule
+matches a path. One immutable, hashable object shared by `inherit` (the pytree
+transform) and the layers (`InherDense`, `InherConv`), both of which read it through
+the one rank policy (`policy.layer_plan`), so that ``model.clone(spec=s).init(...)``
+and ``inherit(teacher_params, s)`` agree on every layer's plan.
 
 Per-path rules are data, matched with `fullmatch` against a kernel's path
 (``"Block_0/Conv_1/kernel"``); the first matching rule wins (big_vision's
@@ -56,7 +58,7 @@ MAX_UNTRUSTED_RULE_CHARS = 4096
 _LITERAL = re.compile(r"(?:\\[^A-Za-z0-9]|[^\\()\[\]{}*+?|^$.])*")
 
 _ACTION_KEYS = ("skip", "rank", "fraction", "energy", "param_ratio", "heads", "stack", "data_aware")
-_POLICIES = ("rank", "fraction", "energy", "param_ratio")
+POLICIES = ("rank", "fraction", "energy", "param_ratio")
 
 
 def _check_rank(value: Any, where: str) -> int | float:
@@ -137,8 +139,8 @@ def normalize_action(action: Any, where: str) -> tuple[tuple[str, Any], ...]:
     items["skip"] = bool(items["skip"])
   if "data_aware" in items:
     _check_bool(items["data_aware"], "data_aware", where)
-  if sum(k in items for k in _POLICIES) > 1:
-    raise ValueError(f"{where}: give at most one of {_POLICIES}, got {sorted(items)}")
+  if sum(k in items for k in POLICIES) > 1:
+    raise ValueError(f"{where}: give at most one of {POLICIES}, got {sorted(items)}")
   return tuple(sorted(items.items()))
 
 
@@ -172,27 +174,6 @@ def check_untrusted_rule(pattern: Any, where: str) -> str:
                      f"files must be RE2 syntax (no backreferences or lookarounds), matched "
                      f"in linear time ({e})") from None
   return pattern
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
-  """What happens to one kernel.
-
-  Attributes:
-    factorize: False keeps the teacher layer unchanged.
-    rank: the bottleneck rank ``r`` (0 when kept).
-    heads: number of expert up-projections ``H``.
-    full_rank: ``min(in, out)`` of the kernel matrix.
-    reason: why a kernel is kept (empty when factorised).
-    data_aware: truncate for the output error on calibration inputs (factorised only).
-  """
-
-  factorize: bool
-  rank: int
-  heads: int
-  full_rank: int
-  reason: str = ""
-  data_aware: bool = False
 
 
 @struct.dataclass
@@ -292,79 +273,6 @@ class InherSpec:
   def stack_axes(self, path: str) -> int | None:
     """Leading layer axes declared for ``path`` by a rule, or None."""
     return self.match(path)[1].get("stack")
-
-  def needs_data(self, path: str) -> bool:
-    """Whether ``path``'s plan depends on singular values (energy policy)."""
-    _, action = self.match(path)
-    if action.get("skip"):
-      return False
-    if any(p in action for p in _POLICIES):
-      return "energy" in action
-    return self.energy is not None
-
-  def plan(
-      self,
-      path: str,
-      m: int,
-      n: int,
-      use_bias: bool,
-      singular_values=None,
-  ) -> LayerPlan:
-    """The plan for a kernel at ``path`` whose matrix is ``m x n``.
-
-    Args:
-      path: ``"/"``-joined param path of the kernel leaf.
-      m: input features of the matrix (``prod(kernel.shape[:-1])`` less stack axes).
-      n: output features.
-      use_bias: whether the teacher layer has a bias.
-      singular_values: the kernel's singular values, required by the energy policy.
-    """
-    full = min(m, n)
-    _, action = self.match(path)
-    heads = action.get("heads", self.heads)
-    if action.get("skip"):
-      return LayerPlan(False, 0, heads, full, "skipped by rule")
-    policy = next(((p, action[p]) for p in _POLICIES if p in action), None)
-    if policy is None:
-      if self.energy is not None:
-        policy = ("energy", self.energy)
-      elif self.param_ratio is not None:
-        policy = ("param_ratio", self.param_ratio)
-      elif self.rank is not None:
-        policy = ("fraction" if isinstance(self.rank, float) else "rank", self.rank)
-      else:
-        raise ValueError(
-            f"{path}: InherSpec has no rank policy (set rank, energy or param_ratio, "
-            "or a rule action for this path)"
-        )
-    kind, value = policy
-    if kind == "rank":
-      rank = value
-    elif kind == "fraction":
-      rank = max(1, math.ceil(value * full - 1e-9))
-    elif kind == "energy":
-      if singular_values is None:
-        raise ValueError(
-            f"{path}: the energy policy needs the teacher's singular values; resolve the "
-            "spec first: spec = inhernet_jax.resolve(teacher_params, spec)"
-        )
-      rank = svd.rank_for_energy(singular_values, value)
-    else:
-      rank = svd.rank_for_param_ratio(m, n, value, heads, use_bias)
-      rank -= rank % self.rank_multiple  # Down: within the budget.
-      if rank == 0:
-        return LayerPlan(False, 0, heads, full, f"no rank meets param_ratio={value}"
-                         + (f" at a multiple of {self.rank_multiple}" if self.rank_multiple > 1 else ""))
-    if kind != "param_ratio":
-      rank = min(-(-rank // self.rank_multiple) * self.rank_multiple, max(rank, full))
-    aware = action.get("data_aware", self.data_aware)
-    if not self.skip_if_no_saving:
-      return LayerPlan(True, min(rank, full), heads, full, data_aware=aware)
-    if rank >= full:
-      return LayerPlan(False, 0, heads, full, f"rank {rank} >= full rank {full}")
-    if svd.inherited_params(m, n, rank, heads, use_bias) >= svd.dense_params(m, n, use_bias):
-      return LayerPlan(False, 0, heads, full, "factorisation saves no parameters")
-    return LayerPlan(True, rank, heads, full, data_aware=aware)
 
 
 def as_spec(rank: Any, heads: int | None = None, rules=None) -> InherSpec:

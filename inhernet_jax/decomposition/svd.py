@@ -1,4 +1,7 @@
-"""SVD math on one weight: truncation, spectral quantities, exact parameter counts.
+"""SVD math on one weight: truncation and spectral quantities.
+
+(A layer's exact parameter counts, and the ranks that meet an energy or a parameter
+ratio, are the rank policy's: `inhernet_jax.decomposition.policy`.)
 
 A Flax kernel of any layout is read as a matrix ``A`` of shape ``(in, out)``: every axis
 but the last is an input axis (a conv kernel ``(kh, kw, C_in, C_out)`` becomes
@@ -25,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -388,50 +390,3 @@ def eckart_young_error(s: jax.Array, rank: int) -> jax.Array:
   """``sqrt(sum_{i>r} s_i^2)``: the Frobenius error of the best rank-r approximation."""
   unit, scale = _scaled(s)
   return scale * jnp.sqrt(jnp.square(unit[..., rank:]).sum(-1))
-
-
-def rank_for_energy(s: Sequence[float] | np.ndarray, energy: float) -> int:
-  """Smallest rank whose kept energy is at least ``energy`` (in (0, 1])."""
-  s2 = np.square(np.asarray(s, np.float64))
-  total = s2.sum()
-  if total == 0:
-    return 1
-  cum = np.cumsum(s2) / total
-  # A tolerance so that energy=1.0 is met despite rounding of the cumulative sum.
-  return int(min(len(s2), np.searchsorted(cum, energy - 1e-12) + 1))
-
-
-def dense_params(m: int, n: int, use_bias: bool = True) -> int:
-  """Parameters of the teacher layer with an ``m x n`` matrix."""
-  return m * n + (n if use_bias else 0)
-
-
-def inherited_params(m: int, n: int, rank: int, heads: int = 1, use_bias: bool = True) -> int:
-  """Exact parameters of the factorised layer.
-
-  Shared down-projection ``m*r`` (no bias), ``heads`` up-projections ``r*n`` (+ ``n`` bias
-  each), and for ``heads > 1`` a gate Dense ``r -> heads`` with bias. With one head the
-  gate would be a constant softmax over one logit, so there is none.
-  """
-  gate = rank * heads + heads if heads > 1 else 0
-  return m * rank + heads * (rank * n + (n if use_bias else 0)) + gate
-
-
-def compression_ratio(m: int, n: int, rank: int, heads: int = 1, use_bias: bool = True) -> float:
-  """Teacher parameters over inherited parameters of one layer (> 1 means smaller)."""
-  return dense_params(m, n, use_bias) / inherited_params(m, n, rank, heads, use_bias)
-
-
-def rank_for_param_ratio(
-    m: int, n: int, ratio: float, heads: int = 1, use_bias: bool = True
-) -> int:
-  """Largest rank whose layer has at most ``ratio`` times the teacher's parameters.
-
-  Returns 0 when even rank 1 exceeds the budget.
-  """
-  budget = ratio * dense_params(m, n, use_bias)
-  fixed = heads * (n if use_bias else 0)
-  per_rank = m + heads * n + (heads if heads > 1 else 0)
-  extra = heads if heads > 1 else 0  # gate bias
-  r = math.floor((budget - fixed - extra) / per_rank)
-  return int(max(0, min(r, min(m, n))))

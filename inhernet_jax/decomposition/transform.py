@@ -1,15 +1,15 @@
 """The pytree transform: a teacher's params in, the inherited network's params out.
 
 `inherit` walks a Flax ``params`` collection and builds one decomposition plan
-(`inhernet_jax.decomposition.plan`): per kernel (by `InherSpec`) whether to keep or factorise it,
-and batches of kernels with the same matrix shape, rank and method. An executor runs
-the plan: the local one here (`_decompose`: host NumPy, or one jitted program per
-batch on an accelerator) or, for teachers sharded over a mesh, `inherit_sharded`
-(factors born sharded). Both run the same per-batch computation from the same start
-matrices, so every path gives the same factors up to float rounding. The result is a
-new pytree in the layout of `InherDense` / `InherConv`; nothing else changes: biases
-of kept layers, norms, embeddings and every other leaf pass through as the same
-objects.
+(`plan.build`: per kernel, by the rank policy, whether to keep or factorise it, and
+batches of kernels with the same matrix shape, rank and method). An executor runs the
+plan: `host.run` (NumPy, concrete kernels in host memory), `compute.run` (one jitted
+program per batch: accelerators, or inside a jit) or, for teachers sharded over a
+mesh, `sharded.decompose` (factors born sharded). All run the same per-batch
+computation from the same start matrices, so every path gives the same factors up to
+float rounding. `assemble.rebuild` then makes a new pytree in the layout of
+`InherDense` / `InherConv`; nothing else changes: biases of kept layers, norms,
+embeddings and every other leaf pass through as the same objects.
 
 The SVD is set by the spec: ``method="auto"`` (default: the randomized method of
 `svd.randomized_svd` for large kernels at a rank well below full, within 1% of the
@@ -24,17 +24,17 @@ rule): each such kernel is truncated for its output error on calibration inputs
 its row count first, so the factors do not depend on how many batches were collected.
 
 Example:
-  ```python
-  student_params = inherit(teacher_params, 32, heads=3)
-  spec = resolve(teacher_params, InherSpec(energy=0.9, heads=3))   # data-dependent ranks
-  model = Model(spec=spec)                                          # matches the tree
-  rows = inherit_report(teacher_params, spec)                       # one row per kernel
-  # Data-aware: truncate for the output error on calibration inputs.
-  grams = calibration.input_grams(teacher, variables, batches, apply_kwargs={"train": False})
-  student_params = inherit(teacher_params, spec.replace(data_aware=True), calibration=grams)
-  # A teacher sharded over a mesh: factors born sharded, by the tensor-parallel rules.
-  student_params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
-  ```
+    ```python
+    student_params = inherit(teacher_params, 32, heads=3)
+    spec = resolve(teacher_params, InherSpec(energy=0.9, heads=3))   # data-dependent ranks
+    model = Model(spec=spec)                                          # matches the tree
+    rows = inherit_report(teacher_params, spec)                       # one row per kernel
+    # Data-aware: truncate for the output error on calibration inputs.
+    grams = calibration.input_grams(teacher, variables, batches, apply_kwargs={"train": False})
+    student_params = inherit(teacher_params, spec.replace(data_aware=True), calibration=grams)
+    # A teacher sharded over a mesh: factors born sharded, by the tensor-parallel rules.
+    student_params = inherit(sharded_teacher, spec, sharding_rules="tensor_parallel")
+    ```
 """
 
 from __future__ import annotations
@@ -44,89 +44,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax.core import FrozenDict
 from jax.sharding import Mesh
 
-from inhernet_jax.decomposition import host as host_lib
+from inhernet_jax.decomposition import assemble
+from inhernet_jax.decomposition import compute
+from inhernet_jax.decomposition import host
 from inhernet_jax.decomposition import plan as plan_lib
-from inhernet_jax.parallel import sharding as sharding_lib
-from inhernet_jax.decomposition import sharded as inherit_sharded
-from inhernet_jax.decomposition import svd
-from inhernet_jax.decomposition.plan import Kernel
+from inhernet_jax.decomposition import sharded
+from inhernet_jax.decomposition.plan import Kernel, Plan
 from inhernet_jax.decomposition.spec import InherSpec, as_spec
+from inhernet_jax.parallel import sharding as sharding_lib
 
 
-
-def _decompose(kernels: list[Kernel], spec: InherSpec, key) -> None:
-  """The local executor: runs the plan's `plan.groups`.
-
-  NumPy when every kernel is a concrete array in host memory (`host.run`: on CPU,
-  compiling one XLA program per shape costs more than the work itself), one jitted
-  program per group otherwise (accelerators, or inside a jit): the same
-  `plan.truncate` of every slice, from the same start matrices. A numerical failure
-  names the kernel.
-  """
-  todo = [k for k in kernels if k.plan.factorize]
-  groups = plan_lib.groups(kernels, spec)
-  if bool(todo) and all(plan_lib.on_host(k.kernel) for k in todo):
-    outs = host_lib.run(groups, key, float(spec.damping))
-  else:
-    outs = [_decompose_jit(group, spec, key) for group in groups]
-  for group, (results, ok) in zip(groups, outs):
-    _check_finite(group, results)
-    if ok is not None:
-      plan_lib.note_whitening(group.kernels, ok, spec.damping)
-    plan_lib.store(group.kernels, key, results)
+def _report(plan: Plan, outs: Mapping[str, assemble.Inherited]) -> list[dict]:
+  return [_report_row(k, outs.get(k.path), plan.spec.damping) for k in plan.kernels]
 
 
-def _decompose_jit(group, spec: InherSpec, key):
-  ks = group.kernels
-  grams = counts = None
-  if group.method == "whitened":
-    grams = tuple(k.gram[0] for k in ks)
-    counts = tuple(jnp.asarray(k.gram[1]) for k in ks)
-  bits = plan_lib.starts(group, key) if group.method == "randomized" else None
-  try:
-    return plan_lib.decompose_group_jit(
-        tuple(k.kernel for k in ks), plan_lib.biases(ks, False), grams, counts, bits,
-        group_meta=plan_lib.meta(ks), method=group.method, m=group.m, n=group.n, rank=group.rank,
-        power_iters=group.power_iters, damping=float(spec.damping), xp=jnp, width=group.width)
-  except (np.linalg.LinAlgError, FloatingPointError, ValueError) as e:
-    raise ValueError(f"inherit: the {group.method} SVD of {group.paths} failed: {e}") from e
-
-
-def _check_finite(group, results) -> None:
-  """Raises naming the kernel whose factors are not finite (concrete arrays only)."""
-  for k, ((u, s, v), _) in zip(group.kernels, results):
-    if any(isinstance(x, jax.core.Tracer) for x in (u, s, v)):
-      return
-    if not all(bool(np.isfinite(np.asarray(x)).all()) for x in (u, s, v)):
-      raise ValueError(
-          f"{k.path}: the {group.method} SVD produced non-finite factors (kernel of shape "
-          f"{tuple(k.kernel.shape)}, rank {group.rank}); try InherSpec(method='exact') or skip "
-          f"it with a rule ({re.escape(k.path)!r}, 'skip')")
-
-
-def _rebuild(node, keys, factorised: dict):
-  kernel = factorised.get(keys)
-  out = {}
-  for k, v in node.items():
-    if isinstance(v, Mapping):
-      out[k] = _rebuild(v, (*keys, str(k)), factorised)
-    elif kernel is None or k not in ("kernel", "bias"):
-      out[k] = v
-  if kernel is not None:
-    new = kernel.params
-    clash = set(new) & set(out)
-    if clash:
-      raise ValueError(f"{'/'.join(keys)}: cannot add factor params {sorted(clash)}: names taken")
-    out.update(new)
-  return FrozenDict(out) if isinstance(node, FrozenDict) else out
-
-
-def _report_row(k: Kernel) -> dict:
+def _report_row(k: Kernel, result: assemble.Inherited | None, damping: float) -> dict:
   before, after = k.param_counts()
   row = {
       "path": k.path,
@@ -149,7 +84,7 @@ def _report_row(k: Kernel) -> dict:
     # On the host in float64: reports are for reading, and the error of the factors we
     # actually produced (not a formula) is what a user wants to see.
     a = np.asarray(k.matrices(), np.float64)
-    u, s, v = (np.asarray(f, np.float64) for f in k.factors)
+    u, s, v = (np.asarray(f, np.float64) for f in result.factors)
     diff = a - (u * s[:, None, :]) @ np.swapaxes(v, -1, -2)
     norms = np.square(a).sum((-2, -1))
     total = float(norms.sum())
@@ -162,15 +97,15 @@ def _report_row(k: Kernel) -> dict:
       g = (np.asarray(k.gram[0], np.float64) / count).reshape(-1, k.m, k.m)
       out = _trace_form(a, g).sum()
       row["output_rel_error"] = float(np.sqrt(_trace_form(diff, g).sum() / out)) if out > 0 else 0.0
-    if k.whitened is not None:
+    if result.whitened is not None:
       # s are singular values of L^T A (or of A where whitening failed): the energy kept
       # is the share of the damped Gram's output energy ||L^T A||^2.
-      g = g + k.damping * np.mean(np.diagonal(g, axis1=-2, axis2=-1), -1)[:, None, None] * np.eye(k.m)
-      energy = float(np.where(k.whitened, _trace_form(a, g), norms).sum())
+      g = g + damping * np.mean(np.diagonal(g, axis1=-2, axis2=-1), -1)[:, None, None] * np.eye(k.m)
+      energy = float(np.where(result.whitened, _trace_form(a, g), norms).sum())
       row["energy"] = float(np.square(s).sum()) / energy if energy > 0 else 1.0
-      row["data_aware"] = bool(k.whitened.all())
+      row["data_aware"] = bool(result.whitened.all())
       if not row["data_aware"]:
-        failed = np.flatnonzero(~k.whitened).tolist()
+        failed = np.flatnonzero(~result.whitened).tolist()
         row["reason"] = f"data-aware: Gram not positive definite, plain SVD for slices {failed}"
   return row
 
@@ -180,25 +115,34 @@ def _trace_form(x, g):
   return np.einsum("bij,bij->b", x, g @ x)
 
 
-def _run(params, rank, heads, rules, key, need_factors=True, *, mesh=None,
-         sharding_rules=None, keep_factors=True, calibration=None):
-  """The plan (`plan.collect`, `plan.plan_all`), then an executor: local or sharded."""
+def _plan(params, rank, heads, rules, key=None, *, execute=True, mesh=None,
+          sharding_rules=None, calibration=None) -> tuple[Plan, Mesh | None, Any]:
+  """The plan (`plan.collect`, placed on the mesh when the sharded executor will run
+  it, `plan.build`), the mesh (None: a local executor) and the sharding rules."""
   spec = as_spec(rank, heads, rules)
-  kernels = plan_lib.collect(params, spec, abstract=not need_factors)  # Plans need shapes only.
-  mesh = inherit_sharded.sharded_mesh(kernels, mesh)
+  kernels = plan_lib.collect(params, spec, abstract=not execute)  # Plans need shapes only.
+  mesh = sharded.sharded_mesh(kernels, mesh)
   values = None
   if mesh is not None:
     sharding_rules = sharding_lib.resolve_rules(sharding_rules)
-    inherit_sharded.place_all(kernels, mesh, sharding_rules)
-    values = lambda k: inherit_sharded.singular_values(k, mesh)  # noqa: E731
-  plan_lib.plan_all(kernels, spec, values)
-  if need_factors:
-    plan_lib.attach_grams(kernels, calibration)
-  if need_factors and mesh is None:
-    _decompose(kernels, spec, key)
-  elif need_factors:
-    inherit_sharded.decompose(kernels, spec, key, mesh, sharding_rules, keep_factors)
-  return spec, kernels
+    kernels = sharded.place_all(kernels, mesh, sharding_rules)
+    values = lambda k: sharded.singular_values(k, mesh)  # noqa: E731
+  built = plan_lib.build(kernels, spec, key=key, calibration=calibration, singular_values=values,
+                         grams=execute)
+  return built, mesh, sharding_rules
+
+
+def _execute(plan: Plan, mesh, sharding_rules, keep_factors=True) -> dict:
+  """Runs ``plan`` on its executor: ``{path: assemble.Inherited}``. NumPy when every
+  factorised kernel is a concrete array in host memory (`host.run`: on the CPU,
+  compiling one XLA program per shape costs more than the work itself), the mesh's
+  when sharded, one jitted program per group otherwise (`compute.run`)."""
+  if mesh is not None:
+    return sharded.decompose(plan, mesh, sharding_rules, keep_factors)
+  todo = plan.factorised
+  if todo and all(plan_lib.on_host(k.kernel) for k in todo):
+    return host.run(plan)
+  return compute.run(plan)
 
 
 def inherit(
@@ -246,12 +190,12 @@ def inherit(
     TypeError: a wrong type, naming the offending argument or leaf path.
     ValueError: a wrong value, naming the offending argument or leaf path.
   """
-  spec, kernels = _run(params, rank, heads, rules, key, mesh=mesh, sharding_rules=sharding_rules,
-                       keep_factors=return_report, calibration=calibration)
-  factorised = {k.keys: k for k in kernels if k.plan.factorize}
-  out = _rebuild(params, (), factorised)
+  plan, mesh, sharding_rules = _plan(params, rank, heads, rules, key, mesh=mesh,
+                                     sharding_rules=sharding_rules, calibration=calibration)
+  outs = _execute(plan, mesh, sharding_rules, keep_factors=return_report)
+  out = assemble.rebuild(params, plan, outs)
   if return_report:
-    return out, [_report_row(k) for k in kernels]
+    return out, _report(plan, outs)
   return out
 
 
@@ -266,8 +210,8 @@ def inherit_report(params, rank: int | float | InherSpec, *, heads=None, rules=(
   kernels without a Gram). ``data_aware`` is True for kernels truncated for it, whose
   ``energy`` is the share of the damped output energy ``||L^T A||^2`` kept; ``error``
   and ``rel_error`` stay the weight error of the factors produced."""
-  _, kernels = _run(params, rank, heads, rules, None, mesh=mesh, calibration=calibration)
-  return [_report_row(k) for k in kernels]
+  plan, mesh, sharding_rules = _plan(params, rank, heads, rules, mesh=mesh, calibration=calibration)
+  return _report(plan, _execute(plan, mesh, sharding_rules))
 
 
 def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> InherSpec:
@@ -278,9 +222,9 @@ def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> I
   Data-aware kernels keep ``data_aware`` (`inherit` with the resolved spec still needs
   their Grams); the rank policy uses the weights' spectra either way.
   """
-  spec, kernels = _run(params, rank, heads, rules, None, need_factors=False)
+  plan, _, _ = _plan(params, rank, heads, rules, execute=False)
   exact = []
-  for k in kernels:
+  for k in plan.kernels:
     action = {"stack": k.stack}
     if k.plan.factorize:
       action.update(rank=k.plan.rank, heads=k.plan.heads)
@@ -289,16 +233,16 @@ def resolve(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> I
     else:
       action["skip"] = True
     exact.append((re.escape(k.path), action))
-  return spec.replace(rules=tuple(exact) + spec.rules, energy=None)
+  return plan.spec.replace(rules=tuple(exact) + plan.spec.rules, energy=None)
 
 
 def planned_param_count(params, rank: int | float | InherSpec, *, heads=None, rules=()) -> int:
   """Parameters of ``inherit(params, rank, ...)`` without computing any factorisation
   (singular values only for the energy policy); ``params`` may be abstract
   (`jax.ShapeDtypeStruct` leaves) unless the policy needs values."""
-  _, kernels = _run(params, rank, heads, rules, None, need_factors=False)
+  plan, _, _ = _plan(params, rank, heads, rules, execute=False)
   total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-  for k in kernels:
+  for k in plan.kernels:
     before, after = k.param_counts()
     total += after - before
   return total

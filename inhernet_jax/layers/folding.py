@@ -40,6 +40,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from inhernet_jax.decomposition.policy import layer_plan
 from inhernet_jax.decomposition.spec import InherSpec
 
 POLICIES = ("flops", "always")
@@ -74,7 +75,7 @@ def _fold_layer(node: Mapping, path: str, spec: InherSpec, policy: str):
     raise ValueError(f"{path}: up/bias {tuple(bias.shape)}, expected {(*up.shape[:stack], heads, n)}")
   if (heads == 1) == ("gate" in node):
     raise ValueError(f"{path}: {heads} head(s) {'with' if heads == 1 else 'without'} a gate")
-  plan = spec.plan(f"{path}/kernel", m, n, bias is not None)
+  plan = layer_plan(spec, f"{path}/kernel", m, n, bias is not None)
   if not plan.factorize or (plan.rank, plan.heads) != (rank, heads):
     raise ValueError(
         f"{path}: the params (rank {rank}, {heads} head(s)) do not match the spec's plan "

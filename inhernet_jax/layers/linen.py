@@ -50,8 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from inhernet_jax.layers import mixing as mixing_lib
-from inhernet_jax.decomposition.plan import gate_kernel_init
-from inhernet_jax.decomposition.spec import InherSpec, LayerPlan
+from inhernet_jax.decomposition.assemble import gate_kernel_init
+from inhernet_jax.decomposition.policy import LayerPlan, layer_plan
+from inhernet_jax.decomposition.spec import InherSpec
 
 
 
@@ -63,7 +64,7 @@ def _plan(module: nn.Module, m: int, n: int) -> LayerPlan | None:
   if not isinstance(module.spec, InherSpec):
     raise TypeError(f"{type(module).__name__}.spec must be an InherSpec or None, got {module.spec!r}")
   path = "/".join(str(p) for p in (*module.path, "kernel"))
-  return module.spec.plan(path, m, n, module.use_bias)
+  return layer_plan(module.spec, path, m, n, module.use_bias)
 
 
 class _Experts(nn.Module):
