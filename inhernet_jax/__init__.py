@@ -28,7 +28,7 @@ Example:
     ```
 """
 
-from inhernet_jax import layers
+from inhernet_jax import layers, nnx
 from inhernet_jax.decomposition import accounting, budget, svd
 from inhernet_jax.decomposition.budget import allocate
 from inhernet_jax.decomposition.spec import InherSpec, LayerPlan
@@ -58,6 +58,7 @@ __all__ = [
     "inherit_model",
     "inherit_report",
     "layers",
+    "nnx",
     "parameter_budget",
     "planned_param_count",
     "resolve",
