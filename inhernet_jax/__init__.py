@@ -28,7 +28,7 @@ Example:
     ```
 """
 
-from inhernet_jax import layers, nnx
+from inhernet_jax import layers
 from inhernet_jax.decomposition import accounting, budget, svd
 from inhernet_jax.decomposition.budget import allocate
 from inhernet_jax.decomposition.spec import InherSpec, LayerPlan
@@ -40,6 +40,7 @@ from inhernet_jax.decomposition.transform import (
     resolve,
 )
 from inhernet_jax.layers import InherConv, InherDense
+from inhernet_jax.surgery import nnx  # inhernet_jax.nnx.inherit(model, spec): NNX surgery.
 from inhernet_jax.surgery.linen import InheritedModel, inherit_model
 from inhernet_jax.models import sizes
 from inhernet_jax.models.sizes import parameter_budget

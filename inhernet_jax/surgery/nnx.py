@@ -13,10 +13,10 @@ order (the order of the modules' attributes, as ``__init__`` assigned them).
 Example:
 
     ```python
-    from inhernet_jax import nnx as ij_nnx
+    import inhernet_jax as ij
 
     model = MyModel(rngs=nnx.Rngs(0))        # trained
-    ij_nnx.inherit(model, InherSpec(rank=8, heads=3))
+    ij.nnx.inherit(model, ij.InherSpec(rank=8, heads=3))   # also ij.nnx.InherLayer
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     ```
 """
@@ -30,9 +30,11 @@ from flax import nnx
 from flax import traverse_util
 
 from inhernet_jax.layers import mixing as mixing_lib
-from inhernet_jax.layers.nnx import InherLayer
+from inhernet_jax.layers.nnx import Experts, InherLayer
 from inhernet_jax.surgery import common
 from inhernet_jax.surgery.common import Layer
+
+__all__ = ["Experts", "InherLayer", "inherit", "read_layer", "walk"]
 
 KINDS = {nnx.Linear: "dense", nnx.LinearGeneral: "dense_general", nnx.Conv: "conv",
          nnx.Einsum: "einsum"}
