@@ -230,3 +230,21 @@ def test_jitted_train_step_lowers_the_loss_and_checkpoint_round_trips(case, tmp_
   chex.assert_trees_all_equal(restored, jax.tree.map(np.asarray, trained))
   chex.assert_trees_all_close(student.apply(restored, x, **kwargs),
                               student.apply(trained, x, **kwargs))
+
+
+def test_a_zoo_teacher_read_as_a_user_model_is_the_zoo_inherited_network():
+  """The same network both ways: `inherit_model` on the zoo teacher (its InherConv /
+  InherDense without a spec are plain convs and denses) and `teacher.clone(spec=...)`."""
+  from inhernet_jax import models
+
+  teacher = models.create("cnn", num_classes=10, widths=(8, 16, 32))
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  variables = teacher.init(KEY, x, train=False)
+  spec = ij.InherSpec(rank=4, heads=3, rules=models.preset("default", "cnn"))
+  student, new_vars = ij.inherit_model(teacher, variables, spec, x, apply_kwargs={"train": False})
+  want = ij.inherit(variables["params"], spec)
+  chex.assert_trees_all_close(dict(new_vars["params"]), want, rtol=1e-6, atol=1e-6)
+  zoo = teacher.clone(spec=spec)
+  chex.assert_trees_all_close(student.apply(new_vars, x, train=False),
+                              zoo.apply({**variables, "params": want}, x, train=False),
+                              rtol=1e-5, atol=1e-5)

@@ -44,9 +44,18 @@ KINDS = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Conv: "conv",
          nn.Einsum: "einsum"}
 
 
+# This package's layers without a spec are `nn.Dense` / `nn.Conv` (a zoo teacher).
+PLAIN = {layers_lib.InherDense: "dense", layers_lib.InherConv: "conv"}
+
+
 def _kind(module, method_name: str) -> str | None:
   # Exact types: a subclass may compute something else with its kernel.
-  return KINDS.get(type(module)) if method_name == "__call__" else None
+  if method_name != "__call__":
+    return None
+  kind = KINDS.get(type(module))
+  if kind is None and type(module) in PLAIN and module.spec is None:
+    kind = PLAIN[type(module)]
+  return kind
 
 
 def _equation(module, args, kwargs) -> str | None:
