@@ -191,3 +191,33 @@ def test_train_step_split_merge_and_checkpoint(name, tmp_path):
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
   nnx.update(fresh, restored)
   chex.assert_trees_all_close(fresh(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_data_aware_inheritance_lowers_the_output_error():
+  """`ij.nnx.input_grams` then a data-aware spec: each data-aware kernel's output error on
+  the calibration inputs is at most the plain truncation's (the whitened SVD is optimal
+  for it); the einsum (no Gram) is named when asked to be data-aware."""
+  model = Transformer(nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (32, 6, W))
+  grams = ij.nnx.input_grams(model, [x[:16], x[16:]])
+  assert isinstance(model.embed, nnx.Linear)  # The recorders are gone.
+  assert grams["attn/out/kernel"]["gram"].shape == (W, W) and grams["fc2/kernel"]["count"] == 32 * 6
+  spec = ij.InherSpec(rank=RANK, heads=3, data_aware=True,
+                      rules=((r"fc1/kernel", {"data_aware": False}),))
+  plain = nnx.clone(model)
+  _, aware_rows = ij.nnx.inherit(model, spec, calibration=grams, return_report=True)
+  _, plain_rows = ij.nnx.inherit(plain, spec.replace(data_aware=False), calibration=grams,
+                                 return_report=True)
+  plain_error = {r["path"]: r["output_rel_error"] for r in plain_rows}
+  aware = [r for r in aware_rows if r["data_aware"]]
+  assert len(aware) == 6, aware_rows
+  for r in aware:
+    assert r["output_rel_error"] <= plain_error[r["path"]] + 1e-6, r["path"]
+  teacher = Transformer(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="fc1/kernel: data-aware inheritance needs"):
+    ij.nnx.inherit(teacher, ij.InherSpec(rank=RANK, data_aware=True), calibration=grams)
+  assert isinstance(teacher.embed, nnx.Linear)  # Nothing modified on an error.
+  # An inherited model inherited again: its InherLayers are left as they are.
+  _, rows = ij.nnx.inherit(plain, ij.InherSpec(rank=2), return_report=True)
+  assert [r["path"] for r in rows if r["action"] == "factorize"] == []

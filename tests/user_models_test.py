@@ -248,3 +248,23 @@ def test_a_zoo_teacher_read_as_a_user_model_is_the_zoo_inherited_network():
   chex.assert_trees_all_close(student.apply(new_vars, x, train=False),
                               zoo.apply({**variables, "params": want}, x, train=False),
                               rtol=1e-5, atol=1e-5)
+
+
+def test_data_aware_inherit_model_lowers_the_output_error():
+  """Grams from `calibration.grams.input_grams` of the user's own model, by its paths."""
+  from inhernet_jax.calibration.grams import input_grams
+
+  model, shape, kwargs, _ = CASES["bn_cnn"]
+  x = jax.random.normal(jax.random.key(1), (16, *shape[1:]))
+  variables = model.init(KEY, x, **kwargs)
+  grams = input_grams(model, variables, [x], apply_kwargs=kwargs)
+  spec = ij.InherSpec(rank=RANK, heads=3, data_aware=True)
+  _, _, aware = ij.inherit_model(model, variables, spec, x, apply_kwargs=kwargs,
+                                 calibration=grams, return_report=True)
+  _, _, plain = ij.inherit_model(model, variables, spec.replace(data_aware=False), x,
+                                 apply_kwargs=kwargs, calibration=grams, return_report=True)
+  plain_error = {r["path"]: r["output_rel_error"] for r in plain}
+  rows = [r for r in aware if r["data_aware"]]
+  assert [r["path"] for r in rows] == ["Conv_0/kernel", "Conv_1/kernel"], aware
+  for r in rows:
+    assert r["output_rel_error"] <= plain_error[r["path"]] + 1e-6, r["path"]

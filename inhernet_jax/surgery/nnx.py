@@ -23,9 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
@@ -34,7 +37,7 @@ from inhernet_jax.layers.nnx import Experts, InherLayer
 from inhernet_jax.surgery import common
 from inhernet_jax.surgery.common import Layer
 
-__all__ = ["Experts", "InherLayer", "inherit", "read_layer", "walk"]
+__all__ = ["Experts", "InherLayer", "inherit", "input_grams", "read_layer", "walk"]
 
 KINDS = {nnx.Linear: "dense", nnx.LinearGeneral: "dense_general", nnx.Conv: "conv",
          nnx.Einsum: "einsum"}
@@ -63,7 +66,8 @@ def walk(model) -> list[tuple[tuple[str, ...], Any]]:
         seen.add(id(child))
         if isinstance(child, nnx.Module):
           out.append(((*path, key), child))
-        visit(child, (*path, key))
+        if not isinstance(child, InherLayer):  # Already inherited: its parts stay as they are.
+          visit(child, (*path, key))
 
   visit(model, ())
   return out
@@ -193,3 +197,80 @@ def inherit(model: nnx.Module, spec, *, heads: int | None = None, keep_output: b
   for path, layer in replacements:  # Everything built: now modify the model.
     _set(model, path, layer)
   return (model, rows) if return_report else model
+
+
+# ------------------------------------------------------------- data-aware: input Grams
+class _Gram(nnx.Variable):
+  """A recorded input Gram (not a Param: never trained, never in an optimizer)."""
+
+
+class _Recorder(nnx.Module):
+  """Wraps a layer for `input_grams`: sums ``X^T X`` of the matrix its kernel multiplies."""
+
+  def __init__(self, layer, kind: str):
+    self.layer, self.kind = layer, kind
+    self.gram = _Gram(None)
+    self.count = _Gram(0)
+
+  def __call__(self, x, *args, **kwargs):
+    rows = _input_matrix(self.layer, self.kind, x)
+    gram = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+    old = self.gram.get_value()
+    self.gram.set_value(gram if old is None else old + gram)
+    self.count.set_value(self.count.get_value() + rows.shape[0])
+    return self.layer(x, *args, **kwargs)
+
+
+def _input_matrix(layer, kind: str, x):
+  from inhernet_jax.calibration.grams import conv_patches  # Calibration maths, shared.
+
+  x = x.astype(jnp.float32)
+  if kind == "dense":
+    return x.reshape(-1, x.shape[-1])
+  if kind == "conv":
+    return conv_patches(layer, x)
+  axes = tuple(a % x.ndim for a in _as_tuple(layer.axis))
+  rest = [a for a in range(x.ndim) if a not in axes]
+  return x.transpose(*rest, *axes).reshape(-1, math.prod(x.shape[a] for a in axes))
+
+
+def input_grams(model: nnx.Module, batches) -> dict[str, dict[str, Any]]:
+  """Input Grams of ``model``'s unstacked Linear / LinearGeneral / Conv layers (eager).
+
+  The NNX counterpart of `inhernet_jax.calibration.grams.input_grams`, for
+  ``inherit(model, spec.replace(data_aware=True), calibration=grams)``: each layer is
+  wrapped for the calls, then put back. Grouped and masked convs, einsums and stacked
+  layers get no Gram (data-aware inheritance then names them).
+
+  Args:
+    model: the NNX teacher (put it in eval mode first).
+    batches: an iterable of inputs (arrays, or tuples of positional arguments).
+
+  Returns:
+    ``{kernel path: {"gram": (m, m), "count": rows}}``.
+  """
+  found = []
+  for path, module in walk(model):
+    kind = KINDS.get(type(module))
+    if kind is None or kind == "einsum":
+      continue
+    layer = read_layer(path, module, kind, 0)
+    if layer.keep or layer.stack or (kind == "conv" and module.feature_group_count != 1):
+      continue
+    if kind == "dense_general" and module.batch_axis:
+      continue
+    found.append((path, module, _Recorder(module, kind)))
+  try:
+    for path, _, recorder in found:
+      _set(model, path, recorder)
+    seen = 0
+    for batch in batches:
+      model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+      seen += 1
+  finally:
+    for path, module, _ in found:
+      _set(model, path, module)
+  if not seen:
+    raise ValueError("input_grams: batches is empty; pass at least one calibration batch")
+  return {"/".join((*path, "kernel")): {"gram": r.gram.get_value(), "count": int(r.count.get_value())}
+          for path, _, r in found if r.gram.get_value() is not None}
