@@ -8,7 +8,7 @@ The public API is flat; the code lives in subpackages by concern (`docs/design.m
 | `parallel` | meshes, shardings, `jax.distributed` start-up | `common` |
 | `decomposition` | the method: SVD maths, `InherSpec`, the plan, its executors, `inherit`, budgets | `common`, `parallel` |
 | `layers` | the inherited layers (linen) and their mixing and folding | `decomposition` |
-| `surgery` | a user's own linen / NNX model inherited in one call (`inherit_model`, `nnx.inherit`) | `layers`, `decomposition`, `common` |
+| `surgery` | a user's own linen / NNX model inherited in one call (`inherit_model`, `nnx.inherit`) | `layers`, `calibration`, `decomposition`, `common` |
 | `models` | the zoo (teacher and inherited network by one field), named sizes | `layers`, `decomposition` |
 | `calibration` | running a model on calibration data: input Grams, BatchNorm statistics | `decomposition` |
 | `data` | input pipelines and datasets | `common` |

@@ -8,10 +8,12 @@
   path (`nn.intercept_methods`);
 * `nnx`: `inherit(model, spec)` replaces the layers of an `nnx.Module` graph in place
   (`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv`, `nnx.Einsum`; `nnx.vmap` / `nnx.scan`
-  stacks) by the NNX inherited layers of `inhernet_jax.layers.nnx`;
+  stacks) by the NNX inherited layers of `inhernet_jax.layers.nnx`; `input_grams` records
+  an NNX model's input Grams for data-aware inheritance;
 * `common`: what both share: the canonical matrix view of a layer's kernel, the
   default keeps (the output layer; layers where factorising saves nothing) and the one
   `inherit` call that decomposes everything.
 
-May import: `inhernet_jax.layers`, `inhernet_jax.decomposition`, `inhernet_jax.common`.
+May import: `inhernet_jax.layers`, `inhernet_jax.calibration` (the conv im2col of NNX input
+Grams), `inhernet_jax.decomposition`, `inhernet_jax.common`.
 """

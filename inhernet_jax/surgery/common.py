@@ -32,7 +32,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict
 
-from inhernet_jax.decomposition.spec import InherSpec, as_spec
+from inhernet_jax.decomposition.spec import as_spec
 from inhernet_jax.decomposition.transform import inherit
 
 OUTPUT_REASON = ("output layer (logits): kept by default; keep_output=False or a rule for "
