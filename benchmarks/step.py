@@ -50,7 +50,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("heads", 2, "Inherited networks: heads H.")
   flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
   flags.DEFINE_integer("steps", 5, "Timed calls (the median is reported).")
-  flags.DEFINE_list("variants", ["teacher", "inherited"], "teacher and/or inherited.")
+  flags.DEFINE_list("variants", ["teacher", "inherited"], "teacher, inherited (the zoo's "
+                    "inherited network) and/or user (the same network by inherit_model).")
   flags.DEFINE_enum("mixing", "auto", ["auto", "weights", "outputs"],
                     "Inherited layers' head mixing (inhernet_jax.layers.mixing).")
   flags.DEFINE_bool("torch", True, "PyTorch teacher and demo-layer rows for resnet18_cifar "
@@ -132,6 +133,12 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
     spec = InherSpec(rank=rank, heads=heads, rules=models.preset("default", preset))
     variables = {**variables, "params": inherit(variables["params"], spec)}
     model = teacher.clone(spec=spec)
+  elif variant == "user":  # The same network, the teacher read as a user's own model.
+    from inhernet_jax import inherit_model
+
+    spec = InherSpec(rank=rank, heads=heads, rules=models.preset("default", preset))
+    model, variables = inherit_model(teacher, variables, spec, x[:1],
+                                     apply_kwargs={"train": False}, mixing=mixing)
   params, stats = variables["params"], variables.get("batch_stats", {})
   tx = optax.sgd(0.01, momentum=0.9)
 
@@ -153,7 +160,7 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
 
   row = {"model": name, "batch": batch, "variant": variant, "dtype": dtype_name,
          "params": accounting.param_count(params),
-         "mixing": mixing if variant == "inherited" else ""}
+         "mixing": mixing if variant in ("inherited", "user") else ""}
   state = (params, stats, tx.init(params))
   for what, fn, args, carry in (
       ("train", jax.jit(train_step, donate_argnums=(0, 1, 2)), state, lambda o, a: o[:3]),
@@ -176,11 +183,17 @@ def with_ratios(rows: list[dict]) -> list[dict]:
   """Adds ``*_vs_teacher`` to each inherited row (its model's teacher, same run)."""
   teachers = {(r["model"], r["batch"], r["dtype"]): r for r in rows
               if r["variant"] == "teacher" and "skipped" not in r}
+  zoo = {(r["model"], r["batch"], r["dtype"]): r for r in rows
+         if r["variant"] == "inherited" and "skipped" not in r}
   for r in rows:
     t = teachers.get((r["model"], r["batch"], r["dtype"]))
     if t is not None and r["variant"] != "teacher" and "skipped" not in r:
       for what in ("train", "eval"):
         r[f"{what}_vs_teacher"] = r[f"{what}_ms"] / t[f"{what}_ms"]
+    z = zoo.get((r["model"], r["batch"], r["dtype"]))
+    if z is not None and r["variant"] == "user" and "skipped" not in r:
+      for what in ("train", "eval"):  # `inherit_model` against the zoo's inherited network.
+        r[f"{what}_vs_zoo"] = r[f"{what}_ms"] / z[f"{what}_ms"]
   return rows
 
 

@@ -45,6 +45,10 @@ _ALLOW_UNFINISHED = flags.DEFINE_bool(
     "allow_unfinished", False, "Inherit from a teacher run that has not finished (its latest step).")
 flags.mark_flags_as_required(["config", "teacher", "out"])
 
+# A user's own model (launch/user_model.py): --model=pkg.module:Name, --params=CKPT_DIR
+# (an alias of --teacher, so defined after it).
+from . import user_model  # noqa: E402
+
 
 def main(argv):
   if len(argv) > 1:
@@ -62,6 +66,8 @@ def _inherit(config):
   out = os.path.abspath(_OUT.value)
   if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
     raise app.UsageError(f"--out={out} already holds a checkpoint; choose another directory")
+  if user_model.MODEL.value:  # A model outside the zoo (launch/user_model.py).
+    return user_model.inherit(config, _TEACHER.value, out)
   num_classes = _NUM_CLASSES.value or data.num_classes(config.data)
   name = config.teacher.model
   teacher = models.create(name, num_classes=num_classes, **dict(config.teacher.get("kwargs") or {}))

@@ -104,6 +104,9 @@ def _sown(intermediates) -> dict[tuple, dict]:
 
 
 def _default_kwargs(model) -> dict:
+  # A wrapper of the user's model (`surgery.linen.InheritedModel`) takes its arguments.
+  inner = getattr(model, "model", None)
+  model = inner if isinstance(inner, nn.Module) else model
   try:
     takes_train = "train" in inspect.signature(model.__call__).parameters
   except (TypeError, ValueError):

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inhernet_jax.layers import core
 from inhernet_jax.layers import mixing as mixing_lib
 from inhernet_jax.decomposition.assemble import gate_kernel_init
 from inhernet_jax.decomposition.policy import LayerPlan, layer_plan
@@ -81,11 +82,8 @@ class _Experts(nn.Module):
   mixing: str = "auto"
 
   def _stacked(self, name, init, shape):
-    def init_fn(key, shape, dtype):
-      keys = jax.random.split(key, self.heads)
-      return jnp.stack([init(k, shape, dtype) for k in keys])
-
-    return self.param(name, init_fn, shape, self.param_dtype)
+    return self.param(name, core.stacked_init(init, self.heads), (self.heads, *shape),
+                      self.param_dtype)
 
   @nn.compact
   def __call__(self, z: jax.Array, g: jax.Array | None, per_sample: bool, groups: int = 1) -> jax.Array:
@@ -131,9 +129,7 @@ def _gate(module, z_summary: jax.Array, heads: int) -> jax.Array:
       kernel_init=gate_kernel_init,
       name="gate",
   )(z_summary)
-  # In the compute dtype (no float32 island in a bf16 step): the mixing reads only
-  # g_1 .. g_{H-1} and gives head 0 the rest, so the weights sum to exactly one anyway.
-  return jax.nn.softmax(logits, axis=-1)
+  return core.gate_weights(logits)
 
 
 # Name of the gate statistics in the "intermediates" collection, next to the layer's
@@ -147,26 +143,20 @@ def _sow_gate_stats(module: nn.Module, g: jax.Array) -> None:
   # drop the value after it has been computed).
   if not module.is_mutable_collection("intermediates"):
     return
-  g = g.astype(jnp.float32)
-  positions = tuple(range(g.ndim - 1))  # samples (convs) or samples x tokens (dense)
-  # xlogy: 0 log 0 = 0 for a gate weight that underflowed. Not stop_gradient'ed, so an
-  # auxiliary loss may use them.
-  entropy = -jnp.sum(jax.scipy.special.xlogy(g, g), axis=-1)
-  stats = {"entropy": jnp.mean(entropy), "load": jnp.mean(g, axis=positions)}
-  module.sow("intermediates", GATE_STATS, stats)
+  module.sow("intermediates", GATE_STATS, core.gate_stats(g))
 
 
-def _experts(module, plan: LayerPlan) -> _Experts:
+def _experts(module, plan: LayerPlan, mixing: str, features: int | None = None) -> _Experts:
   return _Experts(
       heads=plan.heads,
-      features=module.features,
+      features=module.features if features is None else features,
       use_bias=module.use_bias,
       dtype=module.dtype,
       param_dtype=module.param_dtype,
       precision=module.precision,
       kernel_init=module.kernel_init,
       bias_init=module.bias_init,
-      mixing=module.mixing,
+      mixing=mixing,
       name="up",
   )
 
@@ -190,15 +180,7 @@ class InherDense(nn.Dense):
     plan = _plan(self, inputs.shape[-1], self.features)
     if plan is None or not plan.factorize:
       return super().__call__(inputs)
-    z = _down(
-        self, nn.Dense, plan.rank, dot_general=self.dot_general,
-        dot_general_cls=self.dot_general_cls,
-    )(inputs)
-    g = None
-    if plan.heads > 1:
-      g = _gate(self, z, plan.heads)
-      _sow_gate_stats(self, g)
-    return _experts(self, plan)(z, g, per_sample=False)
+    return factorised_dense(self, inputs, plan, self.mixing)
 
 
 class InherConv(nn.Conv):
@@ -236,39 +218,66 @@ class InherConv(nn.Conv):
     plan = _plan(self, math.prod(kernel_size) * in_per_group, self.features)
     if plan is None or not plan.factorize:
       return super().__call__(inputs)
-    if self.mask is not None:
-      raise ValueError(f"{'/'.join(self.path)}: masked convs cannot be factorised")
-    groups = self.feature_group_count
-    if groups != 1:
-      if inputs.ndim != len(kernel_size) + 2 or inputs.shape[-1] % groups or self.features % groups:
-        raise ValueError(
-            f"{'/'.join(self.path)}: a factorised grouped conv (feature_group_count={groups}) "
-            f"needs batched inputs (batch, *spatial, channels) and channels divisible by the "
-            f"groups; got inputs {inputs.shape}, features {self.features}")
-      # The plan factorises the kernel (*k, in / G, out) as one matrix, as `inherit` sees
-      # it: a down-projection shared by every group, applied to each group's inputs (the
-      # groups moved to the batch axis), then per-group up-projections.
-      b, *spatial, c = inputs.shape
-      x = inputs.reshape(b, *spatial, groups, c // groups)
-      x = jnp.moveaxis(x, -2, 1).reshape(b * groups, *spatial, c // groups)
-    else:
-      x = inputs
-    z = _down(
-        self, nn.Conv, plan.rank, kernel_size=kernel_size, strides=self.strides,
-        padding=self.padding, input_dilation=self.input_dilation,
-        kernel_dilation=self.kernel_dilation, conv_general_dilated=self.conv_general_dilated,
-        conv_general_dilated_cls=self.conv_general_dilated_cls,
-    )(x)
-    if groups != 1:  # (batch, *spatial', groups, r)
-      z = jnp.moveaxis(z.reshape(b, groups, *z.shape[1:]), 1, -2)
-    g = None
-    if plan.heads > 1:
-      pooled = tuple(range(z.ndim - 1 - len(kernel_size), z.ndim - 1))  # Spatial axes.
-      if groups != 1:
-        pooled = tuple(range(1, z.ndim - 1))  # Spatial axes and the groups.
-      g = _gate(self, z.mean(axis=pooled), plan.heads)
-      _sow_gate_stats(self, g)
-    return _experts(self, plan)(z, g, per_sample=True, groups=groups)
+    return factorised_conv(self, inputs, plan, self.mixing)
+
+
+# ------------------------------------------------- the factorised computations
+# Called inside a compact method of ``module`` (an `nn.Dense` / `nn.Conv`, the
+# package's layers or a user's own, intercepted by `inhernet_jax.surgery.linen`): the
+# factor params are its submodules ``down``, ``up`` and ``gate``.
+def factorised_dense(module: nn.Module, inputs: jax.Array, plan: LayerPlan,
+                     mixing: str = "auto") -> jax.Array:
+  """The factorised `nn.Dense` ``module`` (one gate per token) of ``plan``."""
+  z = _down(
+      module, nn.Dense, plan.rank, dot_general=module.dot_general,
+      dot_general_cls=module.dot_general_cls,
+  )(inputs)
+  return gated_experts(module, z, plan, mixing)
+
+
+def gated_experts(module: nn.Module, z: jax.Array, plan: LayerPlan, mixing: str,
+                  features: int | None = None) -> jax.Array:
+  """Gate (per token) and experts of a dense-like layer from its bottleneck ``z``."""
+  g = None
+  if plan.heads > 1:
+    g = _gate(module, core.gate_summary(z, per_sample=False), plan.heads)
+    _sow_gate_stats(module, g)
+  return _experts(module, plan, mixing, features)(z, g, per_sample=False)
+
+
+def factorised_conv(module: nn.Module, inputs: jax.Array, plan: LayerPlan,
+                    mixing: str = "auto") -> jax.Array:
+  """The factorised `nn.Conv` ``module`` (one gate per sample) of ``plan``."""
+  kernel_size = (
+      (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+  )
+  where = "/".join(module.path)
+  if module.mask is not None:
+    raise ValueError(f"{where}: masked convs cannot be factorised")
+  groups = module.feature_group_count
+  x, b = inputs, None
+  if groups != 1:
+    try:
+      x, b = core.split_groups(inputs, groups, len(kernel_size))
+      if module.features % groups:
+        raise ValueError(f"a factorised grouped conv (feature_group_count={groups}) needs "
+                         f"features divisible by the groups; got {module.features}")
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+  z = _down(
+      module, nn.Conv, plan.rank, kernel_size=kernel_size, strides=module.strides,
+      padding=module.padding, input_dilation=module.input_dilation,
+      kernel_dilation=module.kernel_dilation, conv_general_dilated=module.conv_general_dilated,
+      conv_general_dilated_cls=module.conv_general_dilated_cls,
+  )(x)
+  if groups != 1:
+    z = core.merge_groups(z, b, groups)  # (batch, *spatial', groups, r)
+  g = None
+  if plan.heads > 1:
+    summary = core.gate_summary(z, per_sample=True, spatial=len(kernel_size), groups=groups)
+    g = _gate(module, summary, plan.heads)
+    _sow_gate_stats(module, g)
+  return _experts(module, plan, mixing)(z, g, per_sample=True, groups=groups)
 
 
 # --------------------------------------------------------------------- gate statistics
