@@ -9,7 +9,6 @@ their NNX counterparts) own the parameters and the down-projection; everything b
 the down-projection and the output is here.
 
 Example:
-
     ```python
     x, b = core.split_groups(x, groups=2, spatial=2)      # grouped conv inputs
     z = core.merge_groups(down(x), b, groups=2)           # (batch, *spatial, G, r)

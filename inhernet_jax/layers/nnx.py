@@ -12,7 +12,6 @@ stacks; inside the scan each slice is one layer). `inhernet_jax.surgery.nnx.inhe
 builds them.
 
 Example:
-
     ```python
     layer = InherLayer.from_factors(teacher_linear, "dense", factors, out_shape=(64,))
     y = layer(x)   # the rank-r truncation of teacher_linear(x), for every H

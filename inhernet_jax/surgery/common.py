@@ -13,7 +13,6 @@ output is the model's output: factorising the classifier of an unknown model cos
 accuracy for few parameters), each with its reason in the report.
 
 Example:
-
     ```python
     layers = [Layer(("Dense_0",), "dense", 0, (64,), (32,)), ...]
     new_params, plan, rows = inherit_layers(params, layers, InherSpec(rank=8))

@@ -14,7 +14,6 @@ where each inherited layer computes its factorisation (`layers.linen`'s
 with its factor params as submodules ``down``, ``up``, ``gate`` at the layer's path.
 
 Example:
-
     ```python
     student, new_variables = inherit_model(model, variables, InherSpec(rank=8, heads=3), x)
     y = student.apply(new_variables, x)            # the user's code, inherited layers
@@ -33,7 +32,7 @@ import jax
 from flax import traverse_util
 from flax.core import FrozenDict
 
-from inhernet_jax.decomposition.spec import LayerPlan
+from inhernet_jax.decomposition.policy import LayerPlan
 from inhernet_jax.layers import linen as layers_lib
 from inhernet_jax.layers import mixing as mixing_lib
 from inhernet_jax.surgery import common

@@ -11,7 +11,6 @@ factors. The output layer, by default kept, is the last matched layer in definit
 order (the order of the modules' attributes, as ``__init__`` assigned them).
 
 Example:
-
     ```python
     import inhernet_jax as ij
 
