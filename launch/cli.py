@@ -21,6 +21,7 @@ Example:
 """
 
 import contextlib
+import difflib
 import errno
 import functools
 import os
@@ -129,6 +130,12 @@ def help_text(module: str | None = None) -> str:
   return f"{doc}\n\nflags:\n\n{own}\n\nTry --helpfull to get a list of all flags."
 
 
+def _no_field(head: str, part: str, near) -> str:
+  return (f"{head}: the config has no field {part!r}"
+          + (f" (did you mean {near[0]!r}?)" if near else "")
+          + "; expected a field of the config file (see it for the fields)")
+
+
 def _flag_error(argv, e: BaseException) -> str:
   text = str(e)
   required = re.search(r"[Ff]lag --(\w+) must have a value other than None", text)
@@ -140,28 +147,24 @@ def _flag_error(argv, e: BaseException) -> str:
     name, _, path = head.lstrip("-").partition(".")
     if not path or name not in flags.FLAGS:
       continue
-    unknown = isinstance(e, (KeyError, AttributeError)) or "Unknown command line flag" in text
-    wrong = next((part for part in path.split(".")
-                  if unknown and re.search(rf"\b{re.escape(part)}\b", text)), None)
-    if wrong is not None:  # ml_collections: "'epochz'\nDid you mean "epochs" ...".
-      near = re.search(r'Did you mean "([^"]+)"', text)
-      return (f"{head}: the config has no field {wrong!r}"
-              + (f" (did you mean {near.group(1)!r}?)" if near else "")
-              + "; expected a field of the config file (see it for the fields)")
     try:
       node = flags.FLAGS[name].value
       node.keys()
-    except Exception:  # noqa: BLE001 (the config itself failed: reported below)
-      break
+    except Exception:  # noqa: BLE001 (not loaded: ml_collections' message names the field)
+      node = None
+    unknown = isinstance(e, (KeyError, AttributeError)) or "Unknown command line flag" in text
     for part in path.split("."):
+      if node is None:
+        if unknown and re.search(rf"\b{re.escape(part)}\b", text):
+          near = re.search(r'Did you mean "([^"]+)"', text)
+          return _no_field(head, part, [near.group(1)] if near else [])
+        continue
       try:
         keys = list(node.keys())
       except AttributeError:
         break
       if part not in keys:
-        near = [k for k in keys if k.lower().startswith(part[:3].lower())]
-        return (f"{head}: the config has no field {part!r} there; its fields: "
-                f"{', '.join(sorted(keys))}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        return _no_field(head, part, difflib.get_close_matches(part, keys, n=1))
       node = node[part]
   cause = e.__cause__ or e
   lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
