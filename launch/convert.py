@@ -95,7 +95,7 @@ def check() -> None:
   out = os.path.abspath(_OUT.value)
   if any(os.path.exists(os.path.join(out, f)) for f in (export.WEIGHTS, export.SPEC)):
     raise app.UsageError(f"--out={out} already holds an export; choose another directory")
-  preflight.check_workdir(out, "--out")
+  preflight.check_workdir(out, "--out", create=False)
 
 
 def main(argv):

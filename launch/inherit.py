@@ -89,7 +89,7 @@ def check(config):
   if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
     raise app.UsageError(f"--out={out} already holds a checkpoint; choose another directory")
   spec_flags.check(abstract["params"], name, num_classes)
-  preflight.check_workdir(out, "--out")
+  preflight.check_workdir(out, "--out", create=False)
   return teacher, abstract, num_classes, (1, *shape), dtype
 
 

@@ -210,9 +210,10 @@ def check_data(p, config, mesh) -> None:
     p.append(f"{field}: {text}")
 
 
-def check_workdir(path: str, where: str = "--workdir") -> None:
+def check_workdir(path: str, where: str = "--workdir", *, create: bool = True) -> None:
   """``path`` is (or can become) a directory this process can write, with a lock file
-  that is a file: checked by writing (and removing) a small file there.
+  that is a file: checked by writing (and removing) a small file there, or, with
+  ``create=False`` and no ``path`` yet, in its nearest existing parent (nothing created).
 
   Raises:
     ConfigError: naming ``where``, the path and what was expected.
@@ -224,9 +225,16 @@ def check_workdir(path: str, where: str = "--workdir") -> None:
   if os.path.lexists(lock) and not os.path.isfile(lock):
     raise ConfigError(f"{lock}: is not a regular file; expected the workdir's lock file "
                       "(remove it)")
+  probe_dir = path
+  while not create and not os.path.isdir(probe_dir):
+    parent = os.path.dirname(probe_dir)
+    if os.path.exists(probe_dir) or parent == probe_dir:
+      raise ConfigError(f"{where}={path}: {probe_dir} is not a directory; expected a path "
+                        "whose parents are directories")
+    probe_dir = parent
   try:
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+    os.makedirs(probe_dir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=probe_dir)
     try:
       os.write(fd, b"\0" * 4096)
     finally:
