@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import errno
 import functools
+import logging as pylogging
 import os
 import re
 import sys
@@ -93,6 +94,19 @@ def message(e: BaseException) -> str | None:
   if disk is not None and disk.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
     return _os_error(disk)
   return None
+
+
+@contextlib.contextmanager
+def quiet():
+  """INFO logging held back inside the block (the checks before any work: JAX's backend
+  probing and the like would otherwise come before their one-line error)."""
+  root = pylogging.getLogger()
+  level = root.level
+  root.setLevel(max(level, pylogging.WARNING))
+  try:
+    yield
+  finally:
+    root.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -95,7 +95,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.load_config(_CONFIG)  # A missing config file: one line, not a traceback.
-  check(config, _WORKDIR.value)
+  with cli.quiet():  # Its one-line error first, if any.
+    check(config, _WORKDIR.value)
   seed = config.seed
   pipeline = experiment.make_pipeline(config, seed, experiment.mesh_from_config(config))
   t_model, t_vars, _ = experiment.load_or_train_teacher(

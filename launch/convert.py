@@ -101,7 +101,8 @@ def check() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  check()
+  with cli.quiet():  # Its one-line error first, if any.
+    check()
   out = os.path.abspath(_OUT.value)
   source, kind = ("torchvision", _TORCHVISION.value) if _TORCHVISION.value else ("hf", _HF.value)
   model, variables, name, meta = load(source, kind, _WEIGHTS.value, _HF_CONFIG.value,

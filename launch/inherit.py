@@ -56,7 +56,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   spec_flags.check()  # The flags' syntax, before the config is even read.
   config = cli.load_config(_CONFIG)
-  _inherit(config, *check(config))
+  with cli.quiet():  # Its one-line error first, if any.
+    checked = check(config)
+  _inherit(config, *checked)
 
 
 def check(config):

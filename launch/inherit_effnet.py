@@ -250,6 +250,15 @@ def check() -> None:
     raise app.UsageError(f"photos both in --calibration and --evaluation: {both}")
   if FLAGS.weights is not None and not os.path.isfile(FLAGS.weights):
     raise app.UsageError(f"--weights={FLAGS.weights}: no such file (expected the Lite0 .pth)")
+  if FLAGS.weights is None:
+    convert_efficientnet.wheel_weights()  # FileNotFoundError saying how to install it.
+  try:
+    import skimage.data
+  except ImportError:
+    raise FileNotFoundError("the photos come from scikit-image: pip install scikit-image") from None
+  missing = [n for n in (*FLAGS.calibration, *FLAGS.evaluation) if not hasattr(skimage.data, n)]
+  if missing:
+    raise app.UsageError(f"--calibration/--evaluation: skimage.data has no image {missing}")
   if FLAGS.out is not None:
     directory = os.path.dirname(os.path.abspath(FLAGS.out))
     if os.path.isdir(FLAGS.out) or not os.path.isdir(directory):

@@ -58,9 +58,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.load_config(_CONFIG)
   # Before anything touches a device.
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         mode=_DISTRIBUTED.value)
-  check(config, _WORKDIR.value)
+  with cli.quiet():  # Its one-line error first, if any.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           mode=_DISTRIBUTED.value)
+    check(config, _WORKDIR.value)
   if not distributed.is_primary():  # One process logs; every process computes.
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", config)

@@ -113,6 +113,7 @@ def check(config) -> None:
     problems.append(f"config.loss: expected one of {tuple(sd.LOSSES)}, got {config.get('loss')!r}")
   if problems:
     raise preflight.ConfigError("the config cannot run: " + "; ".join(problems))
+  model_dir(config)  # FileNotFoundError saying how to install the teacher.
   if FLAGS.workdir:
     preflight.check_workdir(FLAGS.workdir)
 

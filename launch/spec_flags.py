@@ -64,7 +64,8 @@ def check(teacher_shapes=None, name: str | None = None, num_classes: int | None 
         f"(got {', '.join(given_flags) or 'none'})"
         + ("" if required else "; none: only convert"))
   if HEADS.value < 1:
-    raise app.UsageError(f"--heads={HEADS.value}: expected an int >= 1 (gated expert up-projections)")
+    raise app.UsageError(
+        f"--heads={HEADS.value}: expected an int >= 1 (gated expert up-projections)")
   if RANK_MULTIPLE.value < 1:
     raise app.UsageError(f"--rank_multiple={RANK_MULTIPLE.value}: expected an int >= 1")
   if ENERGY.value is not None and not 0.0 < ENERGY.value <= 1.0:

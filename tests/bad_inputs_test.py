@@ -111,7 +111,8 @@ def _blocked(monkeypatch, name, error):
   real = getattr(os, name)
 
   def fake(target, *args, **kwargs):
-    path = target if isinstance(target, (str, os.PathLike)) else os.readlink(f"/proc/self/fd/{target}")
+    path = (target if isinstance(target, (str, os.PathLike))
+            else os.readlink(f"/proc/self/fd/{target}"))
     if ".write-check-" in os.fspath(path):
       raise OSError(error, os.strerror(error), os.fspath(path))
     return real(target, *args, **kwargs)
@@ -179,7 +180,8 @@ def _cases(tmp_path, monkeypatch):
       "batch_size_100000": _check(lambda c: setattr(c, "batch_size", 100000)),
       "recalibrate_no": _check(lambda c: c.method_defs.inherit.update({"recalibrate": "no"})),
       "rank_1e9": _check(lambda c: setattr(c.method_defs.inherit, "rank", "1000000000")),
-      "rank_student_larger": _check(lambda c: setattr(c.method_defs.inherit, "rank", "student:mlp")),
+      "rank_student_larger": _check(lambda c: setattr(
+          c.method_defs.inherit, "rank", "student:mlp")),
       "missing_data_extra": (None, lambda: _no_tfds(monkeypatch)()),
       "missing_extra_at_run": _raise(ModuleNotFoundError("No module named 'torch'", name="torch")),
       "workdir_is_file": lambda: preflight.check_workdir(str(file)),

@@ -168,8 +168,8 @@ def check_models(p, config) -> None:
   for name in names:
     md = _dict(defs[name])
     if md.get("kind") == "student":
-      students[name] = build_model(p, f"config.method_defs.{name}", md.get("model"), md.get("kwargs"),
-                              num_classes, x)
+      students[name] = build_model(p, f"config.method_defs.{name}", md.get("model"),
+                                   md.get("kwargs"), num_classes, x)
       if students[name][1] is not None:
         student_params[name] = accounting.param_count(students[name][1]["params"])
   if teacher[1] is None:
@@ -264,4 +264,5 @@ def check_run(config, workdir: str | None = None) -> None:
     check_workdir(workdir)
 
 
-__all__ = ["build_model", "check_data", "check_models", "check_run", "check_workdir", "inherits_a_layer"]
+__all__ = ["build_model", "check_data", "check_models", "check_run", "check_workdir",
+           "inherits_a_layer"]
