@@ -22,6 +22,9 @@ Nothing is fine-tuned here; the ``beyond`` config variants fine-tune the same me
   python -m launch.compare_init --config=configs/chars.py --workdir=workdir/chars --ranks=8,16
   python -m launch.compare_init --config=configs/fashion_mnist.py:bn --workdir=workdir/fmnist_bn \
       --ranks=4,8,16 --recalibration_batches=32
+
+Installed (``pip install``), the same command is ``inhernet-compare-init``, with the same
+flags.
 """
 
 import json

@@ -4,6 +4,10 @@ r"""Inherits the real, pretrained EfficientNet-Lite0 and measures it on real pho
   pip install scikit-image                                         # the photos
   python -m launch.inherit_effnet              # minutes of CPU (~8 with --recalibrate)
   python -m launch.inherit_effnet --policies=energy:0.9 --crops=4 --out=/tmp/effnet.json
+  python -m launch.inherit_effnet --heads=1    # docs/real-teachers.md's table (measured at H=1)
+
+Installed (``pip install``), the same command is ``inhernet-inherit-effnet``. ``--heads``
+defaults to 3, as in ``launch.inherit`` and ``launch.convert``.
 
 The teacher is the wheel's ``efficientnet-lite0-57934424.pth`` converted by
 `inhernet_jax.interop.efficientnet` (checked against the PyTorch reference

@@ -19,6 +19,9 @@ students finished so far (a partial run), with those speeds when measured.
 
 ``--check_parity`` compares our embeddings of real sentences with PyTorch/transformers'
 (needs torch and transformers) and fails when the relative error exceeds 1e-4.
+
+Installed (``pip install``), the same command is ``inhernet-sentence-distill``, with the same
+flags.
 """
 
 import json
