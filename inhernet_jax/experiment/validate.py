@@ -1,6 +1,7 @@
 """The whole experiment config checked before anything trains.
 
-`experiment.train_and_evaluate` calls `check_config` first, so that ``epochs=-1``, rank 0,
+`experiment.train_and_evaluate` calls `check_config` first (through `preflight.check_run`, which
+then builds the models, specs, mesh and data on shapes), so that ``epochs=-1``, rank 0,
 heads 0, an unknown method or loss, or ``batch_size=0`` is one error listing every bad
 field, not a failure hours later after the teacher and earlier runs have trained.
 `parse_rank` reads a method's rank, so that ``--config.method_defs.inherit.rank=8`` (a
