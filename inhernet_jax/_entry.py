@@ -1,7 +1,9 @@
-"""The console commands ``inhernet-train``, ``inhernet-inherit``, ``inhernet-convert``.
+"""The console commands ``inhernet-train``, ``inhernet-inherit``, ``inhernet-convert``,
+``inhernet-compare-init``, ``inhernet-inherit-effnet`` and ``inhernet-sentence-distill``.
 
 Each runs a launcher of ``launch/`` (``python -m launch.main``, ``launch.inherit``,
-``launch.convert``) with the same absl flags. The launchers stay in the checkout's
+``launch.convert``, ``launch.compare_init``, ``launch.inherit_effnet``,
+``launch.sentence_distill``) with the same absl flags. The launchers stay in the checkout's
 ``launch/``; a command finds its launcher:
 
 * in a checkout (a clone, an editable install): the ``launch/`` next to this package,
@@ -74,11 +76,13 @@ def config_roots(argv: Sequence[str], names: Sequence[str] = ("config",)) -> Ite
 
 
 def run(name: str) -> None:
-  """Runs launcher ``name``'s absl ``main`` on ``sys.argv``; ``--help`` shows its
-  docstring and flags."""
-  from absl import app, flags
+  """Runs launcher ``name``'s absl ``main`` on ``sys.argv`` (``launch.cli.run``: one-line
+  errors); ``--help`` shows its docstring and flags, and exits 0."""
+  from absl import flags
 
   module = launcher(name)
+  if hasattr(module, "define_flags"):  # Launchers whose flags clash with others' on import.
+    module.define_flags()
   for root in config_roots(sys.argv[1:]):
     if root not in sys.path:
       sys.path.append(root)  # Never ahead of the installed inhernet_jax.
@@ -86,7 +90,16 @@ def run(name: str) -> None:
   sys.modules["__main__"].__doc__ = module.__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(module):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(module.main)
+  launcher("cli").run(module.main, interrupted=INTERRUPTED.get(name, "stopped"))
+
+
+# What Ctrl-C leaves, per command (as its launcher says under ``python -m``).
+INTERRUPTED = {
+    "main": "run the same command again to resume from the last checkpoints",
+    "compare_init": "run the same command again: a trained teacher is restored",
+    "sentence_distill": "run the same command again: finished students are kept and the one "
+                        "in training resumes from its last checkpoint",
+}
 
 
 def train() -> None:
@@ -102,3 +115,18 @@ def inherit() -> None:
 def convert() -> None:
   """``inhernet-convert`` = ``python -m launch.convert``."""
   run("convert")
+
+
+def compare_init() -> None:
+  """``inhernet-compare-init`` = ``python -m launch.compare_init``."""
+  run("compare_init")
+
+
+def inherit_effnet() -> None:
+  """``inhernet-inherit-effnet`` = ``python -m launch.inherit_effnet``."""
+  run("inherit_effnet")
+
+
+def sentence_distill() -> None:
+  """``inhernet-sentence-distill`` = ``python -m launch.sentence_distill``."""
+  run("sentence_distill")

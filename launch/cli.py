@@ -1,38 +1,215 @@
 """Command-line errors as one clear line (no traceback) for the launchers.
 
-`load_config` turns ml_collections' deferred config-file failure (a missing file, a bad
-``file.py:arg``) into ``error: --config=...: no such file``; `errors` does the same for
-the library's expected failures (a bad config, a checkpoint of another run, a busy
-workdir, unreadable weights), exiting with status 1. Bugs keep their tracebacks.
+`run` replaces ``absl.app.run`` in every launcher: flags are parsed by `parse` (``--help``
+shows the command's own flags and exits 0; a bad or missing flag, a config file that
+fails to load, an unknown ``--config.<field>`` is ``error: ...``, before anything is
+logged), and ``main`` runs inside `guarded` (the library's expected failures, a full
+disk or a read-only directory, a missing optional package: one ``error:`` line, exit 1;
+Ctrl-C: one line with the command's resume hint, exit 130; anything else is a bug and
+keeps its traceback, behind a line saying so). `load_config` turns ml_collections'
+deferred config-file failure into ``error: --config=...: no such config file``.
 
 Example:
   ```python
   def main(argv):
-    with cli.errors():
-      config = cli.load_config(_CONFIG)
-      ...
+    config = cli.load_config(_CONFIG)
+    ...
+
+  if __name__ == "__main__":
+    cli.run(main, interrupted="run the same command again to resume")
   ```
 """
 
 import contextlib
+import difflib
+import errno
+import functools
+import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app, flags
 
-from inhernet_jax.training import checkpoint
-from inhernet_jax.interop import convert
-from inhernet_jax.training import lock
 from inhernet_jax.experiment import validate
+from inhernet_jax.interop import convert
+from inhernet_jax.training import checkpoint
+from inhernet_jax.training import lock
 
 EXPECTED = (app.UsageError, validate.ConfigError, checkpoint.CheckpointError, lock.WorkdirBusy,
-            convert.ConversionError, FileNotFoundError, FileExistsError)
+            convert.ConversionError, OSError)
+# --heads of every launcher (inherit, convert, inherit_effnet): the paper's CIFAR setting.
+DEFAULT_HEADS = 3
+HELP = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?")
+# Optional modules -> the extra that installs them (pyproject.toml).
+EXTRAS = {"tensorflow_datasets": "data", "array_record": "data", "torch": "torch",
+          "transformers": "torch", "efficientnet_lite_pytorch": "torch"}
+_TYPE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)(?:\(\w*\))?: ")
 
 
-def fail(message: str) -> None:
-  """Prints ``error: message`` to stderr and exits with status 1."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
+def one_line(text: str) -> str:
+  """``text`` on one line: its non-empty lines joined with ``; ``."""
+  return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def fail(message: str, code: int = 1):
+  """Prints ``error: message`` (one line) to stderr and exits with status ``code``."""
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _os_error(e: OSError) -> str:
+  where = e.filename if e.filename is not None else None
+  what = e.strerror or str(e)
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    what += " (free some space, then run the same command again: finished steps are kept)"
+  elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    what += " (expected a directory this user can write: choose another)"
+  return f"{where}: {what}" if where is not None else what
+
+
+def _cause(e: BaseException, kinds) -> BaseException | None:
+  """The first exception of ``kinds`` in ``e``'s chain (libraries wrap OSErrors)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, kinds):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def message(e: BaseException) -> str | None:
+  """The one-line message of an expected failure ``e`` (None for a bug)."""
+  missing = _cause(e, ModuleNotFoundError)
+  if missing is not None and (missing.name or "").split(".")[0] in EXTRAS:
+    top = missing.name.split(".")[0]
+    return (f"the optional package {top!r} is not installed; install the extra: "
+            f"pip install 'inhernet-jax[{EXTRAS[top]}]'")
+  if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, FileExistsError)):
+    return _os_error(e)
+  if isinstance(e, EXPECTED):
+    return one_line(str(e)) or type(e).__name__
+  disk = _cause(e, OSError)
+  if disk is not None and disk.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+    return _os_error(disk)
+  return None
+
+
+@contextlib.contextmanager
+def quiet():
+  """INFO logging held back inside the block (the checks before any work: JAX's backend
+  probing and the like would otherwise come before their one-line error)."""
+  root = pylogging.getLogger()
+  level = root.level
+  root.setLevel(max(level, pylogging.WARNING))
+  try:
+    yield
+  finally:
+    root.setLevel(level)
+
+
+@contextlib.contextmanager
+def errors(expected=EXPECTED):
+  """Expected failures inside the block exit with ``error: <message>`` (status 1)."""
+  try:
+    yield
+  except expected as e:
+    fail(message(e) or one_line(str(e)))
+
+
+def guarded(main, argv, *, interrupted: str = "stopped"):
+  """``main(argv)``: an expected failure is one ``error:`` line (exit 1), Ctrl-C one line
+  with the ``interrupted`` hint (exit 130), a bug a line saying so and its traceback."""
+  try:
+    return main(argv)
+  except KeyboardInterrupt:
+    print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
+    sys.exit(130)
+  except SystemExit:
+    raise
+  except BaseException as e:  # noqa: BLE001 (sorted below: expected or a bug)
+    text = message(e)
+    if text is not None:
+      fail(text)
+    print(f"error: internal error ({type(e).__name__}), a bug: please report it with the "
+          "traceback below", file=sys.stderr, flush=True)
+    raise
+
+
+def help_text(module: str | None = None) -> str:
+  """The command's description and its own flags (``module``'s key flags)."""
+  doc = (sys.modules["__main__"].__doc__ or "").strip()
+  own = flags.FLAGS.module_help(module or sys.argv[0]).strip("\n")
+  return f"{doc}\n\nflags:\n\n{own}\n\nTry --helpfull to get a list of all flags."
+
+
+def _no_field(head: str, part: str, near) -> str:
+  return (f"{head}: the config has no field {part!r}"
+          + (f" (did you mean {near[0]!r}?)" if near else "")
+          + "; expected a field of the config file (see it for the fields)")
+
+
+def _flag_error(argv, e: BaseException) -> str:
+  text = str(e)
+  required = re.search(r"[Ff]lag --(\w+) must have a value other than None", text)
+  if required:
+    name = required.group(1)
+    return f"--{name} is required: {flags.FLAGS[name].help}"
+  for arg in argv[1:]:  # --config.<field>=...: name the field and what is there.
+    head = arg.split("=", 1)[0]
+    name, _, path = head.lstrip("-").partition(".")
+    if not path or name not in flags.FLAGS:
+      continue
+    try:
+      node = flags.FLAGS[name].value
+      node.keys()
+    except Exception:  # noqa: BLE001 (not loaded: ml_collections' message names the field)
+      node = None
+    unknown = isinstance(e, (KeyError, AttributeError)) or "Unknown command line flag" in text
+    for part in path.split("."):
+      if node is None:
+        if unknown and re.search(rf"\b{re.escape(part)}\b", text):
+          near = re.search(r'Did you mean "([^"]+)"', text)
+          return _no_field(head, part, [near.group(1)] if near else [])
+        continue
+      try:
+        keys = list(node.keys())
+      except AttributeError:
+        break
+      if part not in keys:
+        return _no_field(head, part, difflib.get_close_matches(part, keys, n=1))
+      node = node[part]
+  cause = e.__cause__ or e
+  lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
+  if lines and lines[0].startswith("flag --") and len(lines) > 1 and "Traceback" in str(cause):
+    return f"{lines[0].split(': ', 1)[0][5:]}: {_TYPE.sub('', lines[-1])}"
+  return one_line(_TYPE.sub("", text)).removeprefix("flag ") or type(e).__name__
+
+
+def parse(argv, module: str | None = None):
+  """absl's flag parsing, with ``--help`` exiting 0 after the command's own flags and
+  every flag error one ``error:`` line (exit 1)."""
+  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  if any(a in HELP for a in args):
+    print(help_text(module))
+    sys.exit(0)
+  if any(a in ("--helpfull", "-helpfull") for a in args):
+    print(help_text(module))
+    print(flags.FLAGS.get_help())
+    sys.exit(0)
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    raise
+  except Exception as e:  # noqa: BLE001 (flags.Error, or a config override that raised)
+    fail(_flag_error(argv, e))
+
+
+def run(main, *, interrupted: str = "stopped", module: str | None = None) -> None:
+  """``absl.app.run(main)`` with `parse` and `guarded` (see the module docstring)."""
+  app.run(functools.partial(guarded, main, interrupted=interrupted),
+          flags_parser=functools.partial(parse, module=module))
 
 
 def load_config(holder, name: str = "config"):
@@ -48,13 +225,4 @@ def load_config(holder, name: str = "config"):
       fail(f"--{name}={spec}: no such config file ({os.path.abspath(path)})")
     cause = e.__cause__ or e
     lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
-    fail(f"--{name}={spec}: {lines[-1] if lines else type(e).__name__}")
-
-
-@contextlib.contextmanager
-def errors(expected=EXPECTED):
-  """Expected failures inside the block exit with ``error: <message>`` (status 1)."""
-  try:
-    yield
-  except expected as e:
-    fail(str(e))
+    fail(f"--{name}={spec}: {_TYPE.sub('', lines[-1]) if lines else type(e).__name__}")

@@ -22,6 +22,9 @@ Nothing is fine-tuned here; the ``beyond`` config variants fine-tune the same me
   python -m launch.compare_init --config=configs/chars.py --workdir=workdir/chars --ranks=8,16
   python -m launch.compare_init --config=configs/fashion_mnist.py:bn --workdir=workdir/fmnist_bn \
       --ranks=4,8,16 --recalibration_batches=32
+
+Installed (``pip install``), the same command is ``inhernet-compare-init``, with the same
+flags.
 """
 
 import json
@@ -42,7 +45,8 @@ from inhernet_jax.training import trainer as train_lib
 from inhernet_jax.decomposition.transform import inherit
 from inhernet_jax.experiment.records import MethodDef
 from inhernet_jax.decomposition.spec import InherSpec
-from launch import cli
+from inhernet_jax.experiment import preflight
+from . import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (teacher inside).")
@@ -72,10 +76,30 @@ def _mean_error(teacher_params, params, grams) -> float:
   return float(np.mean([np.mean(e) for e in errors.values()]))
 
 
+def check(config, workdir: str) -> None:
+  """The flags, the whole config and the workdir, before anything trains or loads.
+
+  Raises:
+    app.UsageError, validate.ConfigError: naming the flag or field and what was expected.
+  """
+  bad = [r for r in _RANKS.value if not r.strip().isdigit() or int(r) < 1]
+  if bad or not _RANKS.value:
+    raise app.UsageError(f"--ranks={','.join(_RANKS.value)}: expected a comma-separated list "
+                         f"of ints >= 1 (bad: {bad})")
+  if _BATCHES.value < 1:
+    raise app.UsageError(f"--calibration_batches={_BATCHES.value}: expected an int >= 1")
+  if _RECAL.value < 0:
+    raise app.UsageError(f"--recalibration_batches={_RECAL.value}: expected an int >= 0 "
+                         "(0: none)")
+  preflight.check_run(config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.load_config(_CONFIG)  # A missing config file: one line, not a traceback.
+  with cli.quiet():  # Its one-line error first, if any.
+    check(config, _WORKDIR.value)
   seed = config.seed
   pipeline = experiment.make_pipeline(config, seed, experiment.mesh_from_config(config))
   t_model, t_vars, _ = experiment.load_or_train_teacher(
@@ -163,4 +187,4 @@ def _print(result) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, interrupted="run the same command again: a trained teacher is restored")

@@ -33,7 +33,8 @@ from inhernet_jax.interop import convert
 from inhernet_jax.interop import export
 from inhernet_jax.decomposition.transform import format_report, inherit
 from inhernet_jax.models import imagenet
-from . import recalibrate_flags, spec_flags
+from inhernet_jax.experiment import preflight
+from . import cli, recalibrate_flags, spec_flags
 
 _TORCHVISION = flags.DEFINE_enum("torchvision", None, list(imagenet.MODELS),
                                  "A torchvision ResNet's weights (--weights: .pth or .safetensors).")
@@ -49,6 +50,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "An experiment config whose data give the BatchNorm re-estimation's "
     "calibration batches (`launch.recalibrate_flags`; e.g. configs/imagenet.py).")
 flags.mark_flags_as_required(["weights", "out"])
+flags.adopt_module_key_flags(spec_flags)  # --help lists them with this command's own.
+flags.adopt_module_key_flags(recalibrate_flags)
 
 # Zoo names whose presets fit the converted models.
 _PRESET_NAME = {"vit": "vit_b16", "bert": "bert_base"}
@@ -78,17 +81,29 @@ def _hf_dir(weights: str) -> str:
   return weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def check() -> None:
+  """Every flag, before any weights are read or anything is written.
+
+  Raises:
+    app.UsageError, validate.ConfigError: naming the flag and what was expected.
+  """
   if (_TORCHVISION.value is None) == (_HF.value is None):
     raise app.UsageError("give exactly one of --torchvision and --hf")
-  if len(spec_flags.given()) > 1:
-    raise app.UsageError(f"give at most one of --rank, --energy and --budget (got "
-                         f"{', '.join(spec_flags.given())}; none: only convert)")
+  spec_flags.check(required=False)
+  config = cli.load_config(_CONFIG) if flags.FLAGS["config"].present else None
+  recalibrate_flags.check(config)
   out = os.path.abspath(_OUT.value)
   if any(os.path.exists(os.path.join(out, f)) for f in (export.WEIGHTS, export.SPEC)):
     raise app.UsageError(f"--out={out} already holds an export; choose another directory")
+  preflight.check_workdir(out, "--out", create=False)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  with cli.quiet():  # Its one-line error first, if any.
+    check()
+  out = os.path.abspath(_OUT.value)
   source, kind = ("torchvision", _TORCHVISION.value) if _TORCHVISION.value else ("hf", _HF.value)
   model, variables, name, meta = load(source, kind, _WEIGHTS.value, _HF_CONFIG.value,
                                       ignore=_IGNORE.value, init_head=_INIT_HEAD.value)
@@ -123,4 +138,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, interrupted="nothing was exported unless it printed 'written to'; run the "
+          "same command again")

@@ -35,6 +35,7 @@ from inhernet_jax.data import pipeline as data
 from inhernet_jax.interop import export
 from inhernet_jax.common import utils
 from inhernet_jax.decomposition.transform import format_report, inherit
+from inhernet_jax.experiment import preflight, validate
 from . import cli, recalibrate_flags, spec_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config naming the teacher.")
@@ -50,30 +51,63 @@ flags.mark_flags_as_required(["config", "teacher", "out"])
 from . import user_model  # noqa: E402
 
 
+flags.adopt_module_key_flags(spec_flags)  # --help lists them with this command's own.
+flags.adopt_module_key_flags(recalibrate_flags)
+flags.adopt_module_key_flags(user_model)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  given = spec_flags.given()
-  if len(given) != 1:
-    raise app.UsageError(
-        f"give exactly one of --rank, --energy and --budget (got {', '.join(given) or 'none'})")
+  spec_flags.check()  # The flags' syntax, before the config is even read.
   config = cli.load_config(_CONFIG)
-  with cli.errors():
-    _inherit(config)
+  if user_model.MODEL.value:  # A model outside the zoo (launch/user_model.py).
+    with cli.quiet():
+      recalibrate_flags.check(config)
+      preflight.check_workdir(os.path.abspath(_OUT.value), "--out", create=False)
+    return user_model.inherit(config, _TEACHER.value, os.path.abspath(_OUT.value))
+  with cli.quiet():  # Its one-line error first, if any.
+    checked = check(config)
+  _inherit(config, *checked)
 
 
-def _inherit(config):
+def check(config):
+  """Every flag and the config's teacher and data, before anything is loaded or written:
+  ``(teacher model, its abstract variables, num_classes, input shape, input dtype)``.
+
+  Raises:
+    app.UsageError, validate.ConfigError: naming the flag or field and what was expected.
+  """
+  spec_flags.check()
+  recalibrate_flags.check(config)
+  p = validate._Problems()  # pylint: disable=protected-access
+  name = config.get("teacher", {}).get("model")
+  p.check(name in models.NAMES, f"config.teacher.model: unknown model {name!r}; known: "
+                                f"{', '.join(models.NAMES)}")
+  shape = p.call("config.data", data.input_shape, config.get("data") or {})
+  if _NUM_CLASSES.value is not None and _NUM_CLASSES.value < 1:
+    raise app.UsageError(f"--num_classes={_NUM_CLASSES.value}: expected an int >= 1")
+  validate._raise(p)  # pylint: disable=protected-access
+  num_classes = _NUM_CLASSES.value or data.num_classes(config.data)
+  dtype = jnp.int32 if config.data.name == "chars" else jnp.float32
+  x = jax.ShapeDtypeStruct((1, *shape), dtype)
+  teacher, abstract = preflight.build_model(p, "config.teacher", name, config.teacher.get("kwargs"),
+                                            num_classes, x)
+  validate._raise(p)  # pylint: disable=protected-access
+  if not os.path.exists(_TEACHER.value):
+    raise FileNotFoundError(f"--teacher={_TEACHER.value}: no such directory (expected a run "
+                            "directory of launch.main or an orbax checkpoint directory)")
   out = os.path.abspath(_OUT.value)
   if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
     raise app.UsageError(f"--out={out} already holds a checkpoint; choose another directory")
-  if user_model.MODEL.value:  # A model outside the zoo (launch/user_model.py).
-    return user_model.inherit(config, _TEACHER.value, out)
-  num_classes = _NUM_CLASSES.value or data.num_classes(config.data)
+  spec_flags.check(abstract["params"], name, num_classes)
+  preflight.check_workdir(out, "--out", create=False)
+  return teacher, abstract, num_classes, (1, *shape), dtype
+
+
+def _inherit(config, teacher, abstract, num_classes, shape, dtype):
+  out = os.path.abspath(_OUT.value)
   name = config.teacher.model
-  teacher = models.create(name, num_classes=num_classes, **dict(config.teacher.get("kwargs") or {}))
-  shape = (1, *data.input_shape(config.data))
-  dtype = jnp.int32 if config.data.name == "chars" else jnp.float32
-  abstract = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros(shape, dtype), train=False))
   status = ckpt_lib.run_status(_TEACHER.value)
   if status["finished"] is False and not _ALLOW_UNFINISHED.value:
     raise app.UsageError(
@@ -117,4 +151,5 @@ def _inherit(config):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, interrupted="nothing was written to --out unless it printed 'written to'; "
+          "run the same command again")

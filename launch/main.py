@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from inhernet_jax.parallel import distributed
+from inhernet_jax.experiment import preflight
 from inhernet_jax.experiment import runs as experiment
 from . import cli
 
@@ -41,19 +42,31 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
+def check(config, workdir: str) -> None:
+  """The whole config and the workdir, before anything trains, loads or logs
+  (`preflight.check_run`: every field, model, spec, hint, the data and the workdir).
+
+  Raises:
+    validate.ConfigError: naming every offending field.
+  """
+  preflight.check_run(config, workdir)
+
+
 def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.load_config(_CONFIG)
   # Before anything touches a device.
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         mode=_DISTRIBUTED.value)
+  with cli.quiet():  # Its one-line error first, if any.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           mode=_DISTRIBUTED.value)
+    check(config, _WORKDIR.value)
   if not distributed.is_primary():  # One process logs; every process computes.
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", config)
-  with cli.errors():  # A bad config, another run's checkpoint, a busy workdir: one line.
-    results = experiment.train_and_evaluate(config, _WORKDIR.value)
+  # Another run's checkpoint, a busy workdir, a full disk: one line (`cli.guarded`).
+  results = experiment.train_and_evaluate(config, _WORKDIR.value)
   if not distributed.is_primary():
     return
   print(results["table"])
@@ -61,5 +74,7 @@ def main(argv):
     print(f"{name}: {path}")
 
 
+RESUME = "run the same command again to resume from the last checkpoints"
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, interrupted=RESUME)

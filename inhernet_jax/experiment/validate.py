@@ -1,6 +1,7 @@
 """The whole experiment config checked before anything trains.
 
-`experiment.train_and_evaluate` calls `check_config` first, so that ``epochs=-1``, rank 0,
+`experiment.train_and_evaluate` calls `check_config` first (through `preflight.check_run`, which
+then builds the models, specs, mesh and data on shapes), so that ``epochs=-1``, rank 0,
 heads 0, an unknown method or loss, or ``batch_size=0`` is one error listing every bad
 field, not a failure hours later after the teacher and earlier runs have trained.
 `parse_rank` reads a method's rank, so that ``--config.method_defs.inherit.rank=8`` (a
@@ -28,6 +29,7 @@ from inhernet_jax.training import losses
 from inhernet_jax.training import optim
 from inhernet_jax.models import sizes
 from inhernet_jax.decomposition import svd
+from inhernet_jax.data import pipeline as data_lib
 from inhernet_jax.experiment.records import INITS, KINDS, MethodDef
 
 _default = MethodDef.default  # The method fields' defaults, kept in one place.
@@ -179,9 +181,17 @@ def _check_method(p: _Problems, config, name: str, md: Mapping, students: list[s
   for field in ("data_aware", "sweep"):
     value = md.get(field, _default(field))
     p.check(isinstance(value, bool), f"{where}.{field}: expected true or false, got {value!r}")
-  batches = md.get("calibration_batches", _default("calibration_batches"))
-  p.check(_is_int(batches) and batches >= 1,
-          f"{where}.calibration_batches: expected an int >= 1, got {batches!r}")
+  for field in ("calibration_batches", "recalibration_batches"):
+    batches = md.get(field, _default(field))
+    p.check(_is_int(batches) and batches >= 1,
+            f"{where}.{field}: expected an int >= 1, got {batches!r}")
+  recal = md.get("recalibrate", _default("recalibrate"))  # "no" is a truthy string.
+  p.check(isinstance(recal, bool),
+          f"{where}.recalibrate: expected true or false, got {type(recal).__name__} {recal!r}")
+  key = md.get("init_key", _default("init_key"))
+  p.check(key is None or (isinstance(key, str) and key.strip() != ""),
+          f"{where}.init_key: expected the name of a method (whose key draws the gates) or "
+          f"None, got {type(key).__name__} {key!r}")
 
 
 def check_config(config) -> None:
@@ -237,8 +247,16 @@ def check_config(config) -> None:
     p.call(f"config.sweep.ranks[{i}]", parse_rank, r, f"config.sweep.ranks[{i}]")
   for i, h in enumerate(sweep.get("heads", ()) or ()):
     p.check(_is_int(h) and h >= 1, f"config.sweep.heads[{i}]: expected an int >= 1, got {h!r}")
+  dc = config.get("data")
+  if p.check(dc is not None, "config.data: missing (a data config with a name: "
+                             f"one of {list(data_lib.NAMES)})"):
+    p.call("config.data", data_lib.input_shape, dc)
+  _raise(p)
+
+
+def _raise(p: _Problems) -> None:
   if p:
-    raise ConfigError("the config cannot run:\n" + "\n".join(f"  {m}" for m in p))
+    raise ConfigError("the config cannot run: " + "; ".join(p))
 
 
 __all__ = ["ConfigError", "METHOD_FIELDS", "check_config", "parse_rank"]
