@@ -12,7 +12,7 @@ import pytest
 from inhernet_jax.training import lock
 
 ROOT = pathlib.Path(__file__).parents[1]
-_HOLD = ("import sys, time; from inhernet_jax import lock; "
+_HOLD = ("import sys, time; from inhernet_jax.training import lock; "
          "l = lock.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
          "time.sleep(60)")
 
