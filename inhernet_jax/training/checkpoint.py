@@ -11,9 +11,11 @@ SIGKILL mid-save leaves no half checkpoint behind; the unfinished temporary dire
 ignored (and cleaned up) on restart.
 
 Nothing restored is trusted blindly (`inhernet_jax.training.integrity`): each save records a
-checksum of the state in ``meta`` and `restore_latest` verifies it, falling back to the
-previous step (and moving the damaged one aside to ``<directory>.corrupt/``) when a
-checkpoint is damaged; and a ``fingerprint`` of the run (its optimizer, epochs, model,
+checksum of the state in ``meta`` and a digest of ``meta`` itself, and `restore_latest`
+verifies both (`verified_meta`: a meta without them, or with a checksum of another
+algorithm, counts as damaged), falling back to the previous step (and moving the damaged
+one aside to ``<directory>.corrupt/``) when a checkpoint is damaged; `load_variables`
+also refuses NaN/Inf weights, naming each leaf (`check_finite`); and a ``fingerprint`` of the run (its optimizer, epochs, model,
 teacher, data...) saved in ``meta`` must match the resuming run's, or the differing
 fields are listed.
 
