@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -108,7 +109,9 @@ def _read_torch(path: str):
   torch = _torch()
   check_torch_version(torch.__version__)
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns about odd pickle protocols on stderr.
+      warnings.simplefilter("ignore")
+      return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     # torch's message: "Weights only load failed ... Unsupported global: GLOBAL posix.system".
     why = [l.strip() for l in str(e).splitlines() if "Unsupported" in l or "unsupported" in l]
