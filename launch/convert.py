@@ -73,8 +73,10 @@ def load(source: str, kind: str, weights: str, hf_config: str | None = None, *,
     return model, variables, _PRESET_NAME[kind], {"source": "hf", "model": kind, "hf_config": config}
   except FileNotFoundError as e:
     raise app.UsageError(str(e)) from None
-  except (convert.ConversionError, ImportError) as e:
-    raise app.UsageError(f"--weights={weights}: {e}") from None
+  except (convert.ConversionError, ImportError, OSError) as e:  # Named, one line each.
+    text = str(e)  # Most name the file already: "--weights=FILE: why", not the path twice.
+    raise app.UsageError(f"--weights={text}" if text.startswith(f"{weights}:")
+                         else f"--weights={weights}: {text}") from None
 
 
 def _hf_dir(weights: str) -> str:
@@ -105,8 +107,9 @@ def main(argv):
     check()
   out = os.path.abspath(_OUT.value)
   source, kind = ("torchvision", _TORCHVISION.value) if _TORCHVISION.value else ("hf", _HF.value)
-  model, variables, name, meta = load(source, kind, _WEIGHTS.value, _HF_CONFIG.value,
-                                      ignore=_IGNORE.value, init_head=_INIT_HEAD.value)
+  with cli.errors():  # An untrusted file's every failure: one `error:` line, no traceback.
+    model, variables, name, meta = load(source, kind, _WEIGHTS.value, _HF_CONFIG.value,
+                                        ignore=_IGNORE.value, init_head=_INIT_HEAD.value)
   teacher_count = accounting.param_count(variables["params"])
   meta["weights"] = os.path.abspath(_WEIGHTS.value)
   if not spec_flags.given():
@@ -133,7 +136,7 @@ def main(argv):
   if recalibrated:
     print(recalibrated)
   after = accounting.param_count(params)
-  print(f"teacher {teacher_count:,} parameters -> inherited {after:,} "
+  print(f"whole network: teacher {teacher_count:,} parameters -> inherited {after:,} "
         f"({after / teacher_count:.1%}); written to {out}")
 
 

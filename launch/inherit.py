@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from inhernet_jax import models
 from inhernet_jax.decomposition import accounting
 from inhernet_jax.training import checkpoint as ckpt_lib
+from inhernet_jax.training import lock
 from inhernet_jax.data import pipeline as data
 from inhernet_jax.interop import export
 from inhernet_jax.common import utils
@@ -129,7 +130,21 @@ def _inherit(config, teacher, abstract, num_classes, shape, dtype):
   jax.tree.map(lambda a, b: None, {k: expect[k] for k in got}, got)  # Same tree or raise.
   got, recalibrated = recalibrate_flags.maybe_recalibrate(student, got, config)
   stats_note = recalibrated or ("the teacher's" if "batch_stats" in got else "none")
-  os.makedirs(out, exist_ok=True)
+  # load_variables refused a NaN/Inf teacher; nothing non-finite is written either way.
+  ckpt_lib.check_finite(got, f"the network inherited from {_TEACHER.value}")
+  with lock.WorkdirLock(out):  # One writer: a second run at once is refused, not interleaved.
+    _write(out, got, spec, rows, name, num_classes, status, stats_note)
+  text = format_report(rows)
+  print(text)
+  if recalibrated:
+    print(recalibrated)
+  before, after = accounting.param_count(variables["params"]), accounting.param_count(params)
+  print(f"whole network: teacher {before:,} parameters -> inherited {after:,} ({after / before:.1%}); written to {out}")
+
+
+def _write(out, got, spec, rows, name, num_classes, status, stats_note):
+  if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+    raise app.UsageError(f"--out={out} already holds a checkpoint; choose another directory")
   mngr = ckpt_lib.manager(os.path.join(out, "checkpoints"), async_save=False)
   ckpt_lib.save(mngr, 0, got, {"teacher": os.path.abspath(_TEACHER.value), "model": name,
                                "teacher_step": status["step"]})
@@ -139,15 +154,9 @@ def _inherit(config, teacher, abstract, num_classes, shape, dtype):
       "model": name, "num_classes": num_classes, "teacher": os.path.abspath(_TEACHER.value),
       **({"batch_stats": stats_note} if "batch_stats" in got else {})})
   utils.write_json(os.path.join(out, "report.json"), rows, indent=2)
-  text = format_report(rows)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(f"# {name} inherited\n\nteacher: {_TEACHER.value}\n\n"
-            f"batch_stats: {stats_note}\n\n```\n{text}\n```\n")
-  print(text)
-  if recalibrated:
-    print(recalibrated)
-  before, after = accounting.param_count(variables["params"]), accounting.param_count(params)
-  print(f"teacher {before:,} parameters -> inherited {after:,} ({after / before:.1%}); written to {out}")
+            f"batch_stats: {stats_note}\n\n```\n{format_report(rows)}\n```\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,20 @@ import numpy as np
 
 
 # --------------------------------------------------------------------------- files
+def _umask() -> int:
+  """The process's umask (read from /proc without changing it where possible)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)  # Elsewhere: read by setting it, then restored at once.
+  os.umask(mask)
+  return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None],
                  mode: str = "wb") -> None:
   """Calls ``write(f)`` on a temp file beside ``path``, then renames it to ``path``.
@@ -45,6 +59,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None],
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                              suffix=".tmp")
   try:
+    # mkstemp creates 0600; the file gets a new file's permissions (0666 less the umask).
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       write(f)
       f.flush()

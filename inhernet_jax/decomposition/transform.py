@@ -262,5 +262,7 @@ def format_report(rows: list[dict]) -> str:
     )
   before = sum(r["params_before"] for r in rows)
   after = sum(r["params_after"] for r in rows)
-  lines.append(f"kernels: {len(rows)}, params {before} -> {after} ({after / max(before, 1):.3f}x)")
+  # Kernels only: biases, norms and embeddings are in the whole network's count, not here.
+  lines.append(f"{len(rows)} kernels: {before} -> {after} kernel parameters "
+               f"({after / max(before, 1):.3f}x; biases, norms and embeddings not counted)")
   return "\n".join(lines)

@@ -133,6 +133,8 @@ def load_or_train_teacher(config, pipeline, workdir: str, seed: int):
   trained = {"params": run.state.params}
   if run.state.batch_stats:
     trained["batch_stats"] = run.state.batch_stats
+  # Named before any student trains (a loaded teacher is checked by load_variables).
+  ckpt_lib.check_finite(trained, f"the teacher in {os.path.join(workdir, 'teacher')}")
   return model, trained, run
 
 

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from inhernet_jax.decomposition import spec as spec_lib
+from inhernet_jax.interop import checks
 from inhernet_jax.common import utils
 from inhernet_jax.decomposition.spec import InherSpec
 
@@ -48,6 +49,12 @@ WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
 _KEYS = ("format", "version", "spec", "metadata")
 MAX_RULES = 100_000  # A spec.json with more rules than any model has kernels is refused.
+MAX_HEADS = 64  # The paper uses 1 to 3 heads; each head costs a rank x out matrix per layer.
+MAX_RANK = 65_536  # Above any real layer's full rank (hidden sizes are at most 16k-64k).
+# Integer sizes read from a spec.json, bounded before `inherit` allocates anything from
+# them (heads=10**9 with skip_if_no_saving=false asked for 59.6 GiB): field -> bound.
+SIZE_LIMITS = {"heads": MAX_HEADS, "rank": MAX_RANK, "oversample": MAX_RANK,
+               "rank_multiple": MAX_RANK, "power_iters": 100, "stack": 8}
 # JSON types of the InherSpec fields read from files ("number": int or float, not bool);
 # fields not listed are left to InherSpec's own checks.
 _FIELD_TYPES = {
@@ -86,6 +93,9 @@ def _check_json_spec(data: Mapping) -> None:
   for name, allowed in _FIELD_TYPES.items():
     if name in data:
       _check_type(data[name], allowed, f"spec.{name}")
+  for name, bound in SIZE_LIMITS.items():
+    if name in data:
+      _check_bound(data[name], bound, f"spec.{name}")
   rules = data.get("rules", [])
   if len(rules) > MAX_RULES:
     raise ValueError(f"spec.rules: {len(rules)} rules; at most {MAX_RULES} are accepted")
@@ -100,6 +110,16 @@ def _check_json_spec(data: Mapping) -> None:
       for key, value in action.items():
         if key in _ACTION_TYPES:
           _check_type(value, _ACTION_TYPES[key], f"{where}.{key}")
+        if key in SIZE_LIMITS:
+          _check_bound(value, SIZE_LIMITS[key], f"{where}.{key}")
+
+
+def _check_bound(value, bound: int, where: str) -> None:
+  """An integer size read from a file, at most ``bound`` (floats are fractions: checked
+  by `InherSpec`)."""
+  if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+    raise ValueError(f"{where}: {value} is beyond any real model; at most {bound:,} is "
+                     "accepted from a file")
 
 
 # ---------------------------------------------------------------------------- spec
@@ -175,6 +195,9 @@ def _spec_text(spec: InherSpec | None, metadata: Mapping | None) -> str:
           "metadata": _jsonable(dict(metadata or {}), "metadata")}
   if data["spec"] is not None:  # Never write a file that `load_spec` would refuse.
     _check_json_spec(data["spec"])
+  if checks.json_depth(data) > checks.MAX_JSON_DEPTH:
+    raise ValueError(f"metadata nests deeper than {checks.MAX_JSON_DEPTH} levels; "
+                     "load_spec would refuse the file")
   # One rule per line (a resolved spec has one per layer): placeholders, then each rule.
   rules = data["spec"]["rules"] if data["spec"] else []
   if rules:
@@ -196,16 +219,14 @@ def load_spec(path: str | os.PathLike) -> tuple[InherSpec | None, dict]:
   """``(spec, metadata)`` of a ``spec.json`` written by `save_spec`.
 
   Raises:
-    FileNotFoundError: no such file. ValueError: not this format, or unknown keys.
+    FileNotFoundError: no such file. ValueError: not this format, unknown keys, a field
+      of the wrong type or a size beyond `SIZE_LIMITS`, not UTF-8 or not JSON, nested
+      deeper than `checks.MAX_JSON_DEPTH`, larger than `checks.MAX_JSON_BYTES`.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no {SPEC} at {path}")
-  with open(path) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e})") from None
+  data = checks.read_json(path, ValueError)  # Bounded size and nesting, UTF-8, JSON.
   if not isinstance(data, dict) or data.get("format") != FORMAT:
     raise ValueError(f"{path}: not an inhernet_jax export spec (expected \"format\": {FORMAT!r})")
   version = data.get("version")
@@ -330,5 +351,6 @@ def load(directory: str | os.PathLike) -> tuple[dict, InherSpec | None]:
   return unflatten(flat), spec
 
 
-__all__ = ["FORMAT", "SPEC", "VERSION", "WEIGHTS", "check_weights", "flatten", "load", "load_spec", "save",
+__all__ = ["FORMAT", "MAX_HEADS", "MAX_RANK", "SIZE_LIMITS", "SPEC", "VERSION", "WEIGHTS",
+           "check_weights", "flatten", "load", "load_spec", "save",
            "save_spec", "spec_from_json", "spec_to_json", "unflatten"]

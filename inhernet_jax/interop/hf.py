@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inhernet_jax.interop.checks import (ConversionError, check_depth, check_hf_config,
-                                         shard_files)
+                                         read_json, shard_files)
 from inhernet_jax.interop.state_dict import (_as_is, _assemble, _conv, _dense_leaves, _ignore, _Leaf,
                                        _linear, _norm_leaves, _vector, abstract_variables,
                                        load_state_dict, match_variables)
@@ -63,11 +62,7 @@ def read_hf_config(config) -> dict:
       raise FileNotFoundError(
           f"no Hugging Face config at {path}: it is the config.json next to the weights "
           "on the Hub, or written by model.save_pretrained(DIR)")
-    with open(path) as f:
-      try:
-        data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
       raise ConversionError(f"{path}: a HF config must be a JSON object, got a "
                             f"{type(data).__name__}")

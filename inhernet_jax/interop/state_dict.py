@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -86,6 +87,47 @@ def _torch():
   return torch
 
 
+def _read_safetensors(path: str) -> dict:
+  """A ``.safetensors`` file's tensors; a file whose header lies (its length, offsets or
+  shapes) or that is not safetensors at all is one `ConversionError` naming it."""
+  import safetensors
+  import safetensors.numpy
+
+  try:
+    return safetensors.numpy.load_file(path)
+  except (safetensors.SafetensorError, OSError, ValueError, TypeError, OverflowError) as e:
+    # The Rust reader checks the header against the file before reading any tensor.
+    reason = " ".join(str(e).split())[:300]
+    raise ConversionError(f"{path}: not a valid .safetensors file ({reason})") from None
+
+
+def _read_torch(path: str):
+  """A ``.pth``/``.pt``/``.bin`` file's object, read with ``weights_only=True``: a pickle
+  that would run code, import a class or is damaged is one `ConversionError` naming it."""
+  import pickle
+  import zipfile
+
+  torch = _torch()
+  check_torch_version(torch.__version__)
+  try:
+    with warnings.catch_warnings():  # torch warns about odd pickle protocols on stderr.
+      warnings.simplefilter("ignore")
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    # torch's message: "Weights only load failed ... Unsupported global: GLOBAL posix.system".
+    why = [l.strip() for l in str(e).splitlines() if "Unsupported" in l or "unsupported" in l]
+    detail = f" ({why[0][:200]})" if why else ""
+    raise ConversionError(
+        f"{path}: refused by torch.load(weights_only=True): it holds more than tensors (a "
+        f"pickled object or code{detail}) or is not a PyTorch file; only plain state dicts "
+        "are read") from None
+  except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+          AttributeError, IndexError, KeyError, MemoryError) as e:
+    reason = " ".join(str(e).split())[:200]
+    raise ConversionError(f"{path}: not a readable PyTorch file (damaged or truncated? "
+                          f"{type(e).__name__}: {reason})") from None
+
+
 def _unwrap(tree: Mapping) -> Mapping:
   """A training checkpoint's ``{"state_dict": {...}, "epoch": ...}`` -> the state dict."""
   while not any(hasattr(v, "shape") for v in tree.values()):
@@ -110,29 +152,28 @@ def load_state_dict(source, dtype: Any = np.float32) -> dict[str, np.ndarray]:
 
   Raises:
     FileNotFoundError: no such file. ImportError: a torch file without torch.
-    ConversionError: an entry that is not a tensor (named).
+    ConversionError: an entry that is not a tensor (named); a file of an unknown suffix,
+      one that is damaged, whose safetensors header does not fit it, or whose pickle
+      holds anything but tensors (named, one line).
   """
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no weights file at {path}")
     if path.endswith(".safetensors"):
-      import safetensors.numpy
-
-      tree = safetensors.numpy.load_file(path)
+      tree = _read_safetensors(path)
     elif path.endswith(_TORCH_SUFFIXES):
-      torch = _torch()
-      check_torch_version(torch.__version__)
-      tree = torch.load(path, map_location="cpu", weights_only=True)
+      tree = _read_torch(path)
     else:
-      raise ValueError(
-          f"{path}: unknown weights format; expected .safetensors or one of {_TORCH_SUFFIXES}")
+      raise ConversionError(
+          f"{path}: unknown weights format (suffix {os.path.splitext(path)[1] or 'none'!r}); "
+          f"expected .safetensors or one of {', '.join(_TORCH_SUFFIXES)}")
   else:
     tree = source
   if not isinstance(tree, Mapping):
     raise ConversionError(f"expected a state dict (a mapping of tensors), got {type(tree).__name__}")
   tree = _unwrap(tree)
-  if tree and all(k.startswith("module.") for k in tree):
+  if tree and all(isinstance(k, str) and k.startswith("module.") for k in tree):
     tree = {k[len("module."):]: v for k, v in tree.items()}
   return {str(k): _to_numpy(k, v, dtype) for k, v in tree.items()}
 

@@ -11,9 +11,11 @@ SIGKILL mid-save leaves no half checkpoint behind; the unfinished temporary dire
 ignored (and cleaned up) on restart.
 
 Nothing restored is trusted blindly (`inhernet_jax.training.integrity`): each save records a
-checksum of the state in ``meta`` and `restore_latest` verifies it, falling back to the
-previous step (and moving the damaged one aside to ``<directory>.corrupt/``) when a
-checkpoint is damaged; and a ``fingerprint`` of the run (its optimizer, epochs, model,
+checksum of the state in ``meta`` and a digest of ``meta`` itself, and `restore_latest`
+verifies both (`verified_meta`: a meta without them, or with a checksum of another
+algorithm, counts as damaged), falling back to the previous step (and moving the damaged
+one aside to ``<directory>.corrupt/``) when a checkpoint is damaged; `load_variables`
+also refuses NaN/Inf weights, naming each leaf (`check_finite`); and a ``fingerprint`` of the run (its optimizer, epochs, model,
 teacher, data...) saved in ``meta`` must match the resuming run's, or the differing
 fields are listed.
 
@@ -110,6 +112,44 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
       ),
       force=True,
   )
+
+
+def check_finite(variables, where: str) -> None:
+  """Every floating leaf of ``variables`` finite, or one `CheckpointError` naming each
+  leaf that holds NaN/Inf (with its count) and ``where`` they came from."""
+  bad = integrity.nonfinite(variables)
+  if bad:
+    shown = ", ".join(f"{p} ({n} NaN/Inf)" for p, n in sorted(bad.items())[:8])
+    more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
+    raise CheckpointError(f"{where} holds non-finite values in {len(bad)} leaves: {shown}{more}; "
+                          "a network with NaN/Inf weights cannot be used (did its training "
+                          "diverge?)")
+
+
+def verified_meta(meta: dict | None, where: str, error: type[Exception] = CheckpointError) -> dict:
+  """``meta`` without its ``meta_digest``, after checking it against that digest and that
+  its ``checksum`` is of this version's algorithm (`integrity.ALGORITHM`).
+
+  No key's removal disables the check: a meta without ``meta_digest`` or ``checksum`` is
+  refused like a wrong one, and the algorithm is this package's, never the file's.
+
+  Raises:
+    ``error``: the reason, naming ``where``.
+  """
+  meta = dict(meta or {})
+  digest = meta.pop("meta_digest", None)
+  if digest is None:
+    raise error(f"checkpoint {where}: its meta has no meta_digest, so its history and "
+                "checksums cannot be verified (edited, or written by an older version)")
+  if digest != integrity.digest(meta):
+    raise error(f"checkpoint {where}: its meta (history, checksums) fails its digest")
+  sums = meta.get("checksum")
+  if not isinstance(sums, dict) or not isinstance(sums.get("leaves"), dict):
+    raise error(f"checkpoint {where}: its meta records no checksum of the state")
+  if sums.get("algorithm") != integrity.ALGORITHM:
+    raise error(f"checkpoint {where}: its checksum is of algorithm {sums.get('algorithm')!r}; "
+                f"this version verifies {integrity.ALGORITHM!r} only")
+  return meta
 
 
 def describe(tree) -> dict[str, tuple]:
@@ -250,10 +290,7 @@ def _restore_step(mngr, step, abstract_state, template, fingerprint, allow, requ
     raise _Damaged(f"checkpoint {where} is unreadable ({type(e).__name__}: {e})") from e
   if metadata is None:
     raise _Damaged(f"checkpoint {where} has no 'state' item")
-  meta = dict(meta or {})
-  digest = meta.pop("meta_digest", None)
-  if digest is not None and digest != integrity.digest(meta):
-    raise _Damaged(f"checkpoint {where}: its meta (history, checksums) fails its digest")
+  meta = verified_meta(meta, where, _Damaged)
   missing = [k for k in required if k not in meta]
   if missing:
     raise CheckpointError(
@@ -291,14 +328,11 @@ def _restore_step(mngr, step, abstract_state, template, fingerprint, allow, requ
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   except Exception as e:
     raise _Damaged(f"checkpoint {where} could not be restored ({type(e).__name__}: {e})") from e
-  sums = meta.get("checksum") or {}
-  if sums.get("algorithm") == integrity.ALGORITHM:
-    bad = integrity.mismatched(sums.get("leaves", {}), integrity.checksum(restored["state"]))
-    if bad:
-      shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-      raise _Damaged(f"checkpoint {where} fails its checksum (damaged on disk?): {shown}")
-  else:
-    logging.warning("checkpoint %s has no checksum to verify (written by an older version)", where)
+  # Always this version's algorithm (verified_meta): never one named by the file.
+  bad = integrity.mismatched(meta["checksum"]["leaves"], integrity.checksum(restored["state"]))
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+    raise _Damaged(f"checkpoint {where} fails its checksum (damaged on disk?): {shown}")
   state = serialization.from_state_dict(abstract_state, restored["state"])
   return step, state, meta
 
@@ -326,6 +360,7 @@ def run_status(directory: str | os.PathLike) -> dict:
                           f"({type(e).__name__}: {e})") from e
   finally:
     mngr.close()
+  meta = verified_meta(meta, f"{directory}/{step}")  # total_steps decides "finished".
   total = meta.get("total_steps")
   return {"step": step, "total_steps": total, "directory": directory,
           "finished": None if total is None else step >= total}
@@ -352,7 +387,9 @@ def load_variables(directory: str | os.PathLike, abstract_variables: dict) -> di
       checkpoint must match.
 
   Raises:
-    CheckpointError: no checkpoint there, or one that does not match (a readable diff).
+    CheckpointError: no checkpoint there, one that does not match (a readable diff),
+      whose meta or checksum fails (`verified_meta`), or that holds NaN/Inf (every such
+      leaf named, `check_finite`).
   """
   directory = _checkpoint_dir(directory)
   # Only params and batch_stats are read (a partial restore: no optimizer state), each
@@ -390,16 +427,18 @@ def load_variables(directory: str | os.PathLike, abstract_variables: dict) -> di
     raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {e})") from e
   out = {k: restored[k] for k in wanted}
   try:
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
-  except Exception:  # noqa: BLE001 - checkpoints without a readable meta are not verified.
-    meta = {}
-  mngr.close()
-  sums = meta.get("checksum") or {}
-  if sums.get("algorithm") == integrity.ALGORITHM:
-    saved_sums = {k: v for k, v in sums.get("leaves", {}).items() if k.split("/")[0] in out}
-    bad = integrity.mismatched(saved_sums, integrity.checksum(out))
-    if bad:
-      raise CheckpointError(f"checkpoint {where} fails its checksum (damaged on disk?): "
-                            f"{', '.join(bad[:5])}")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001 - an unreadable meta cannot vouch for the state.
+    raise CheckpointError(f"checkpoint {where}: its meta is unreadable "
+                          f"({type(e).__name__}: {e})") from e
+  finally:
+    mngr.close()
+  meta = verified_meta(meta, where)
+  saved_sums = {k: v for k, v in meta["checksum"]["leaves"].items() if k.split("/")[0] in out}
+  bad = integrity.mismatched(saved_sums, integrity.checksum(out))
+  if bad:
+    raise CheckpointError(f"checkpoint {where} fails its checksum (damaged on disk?): "
+                          f"{', '.join(bad[:5])}")
+  check_finite(out, f"checkpoint {where}")
   return out
 

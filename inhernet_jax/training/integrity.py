@@ -16,6 +16,7 @@ Two checks guard a resumed run (`checkpoint.restore_latest`):
 Example:
   ```python
   sums = integrity.checksum(state_dict)            # {"params/conv/kernel": "9f...", ...}
+  assert not integrity.nonfinite(state_dict)       # {"params/head/bias": 3} if NaN/Inf
   bad = integrity.mismatched(sums, integrity.checksum(restored))   # [] when intact
   fp = integrity.fingerprint(epochs=3, optimizer={"name": "adam", "learning_rate": 1e-3})
   print(integrity.fingerprint_diff(saved_fp, fp))  # "  epochs: checkpoint 3, now 5"
@@ -105,6 +106,28 @@ def checksum(tree) -> dict[str, str]:
           for (p, x), s in zip(flat, sums)}
 
 
+def _count_nonfinite(leaves):
+  return [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves]
+
+
+@functools.lru_cache(maxsize=64)
+def _nonfinite_fn(out_sharding):
+  return jax.jit(_count_nonfinite, out_shardings=out_sharding)
+
+
+def nonfinite(tree) -> dict[str, int]:
+  """``path -> count`` of the NaN/Inf values of every floating leaf of ``tree`` that has
+  any (empty when all are finite); jax (any sharding) or NumPy leaves."""
+  flat = [(p, x) for p, x in utils.flatten_with_names(tree)
+          if hasattr(x, "dtype") and hasattr(x, "shape")
+          and jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not flat:
+    return {}
+  leaves = [jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x for _, x in flat]
+  counts = jax.device_get(_nonfinite_fn(_replicated(leaves))(leaves))
+  return {p: int(c) for (p, _), c in zip(flat, counts) if int(c)}
+
+
 def mismatched(saved: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
   """Paths whose checksums differ, or that only one side has (sorted)."""
   return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -186,4 +209,5 @@ def fingerprint_diff(saved: Mapping[str, Any], now: Mapping[str, Any],
   return lines
 
 
-__all__ = ["ALGORITHM", "checksum", "digest", "fingerprint", "fingerprint_diff", "mismatched"]
+__all__ = ["ALGORITHM", "checksum", "digest", "fingerprint", "fingerprint_diff", "mismatched",
+           "nonfinite"]
