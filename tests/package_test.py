@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIST = "inhernet-jax"
 # launch/ modules the wheel ships as inhernet_jax._launch (the commands and their imports).
 LAUNCH_MODULES = ("__init__", "main", "inherit", "convert", "compare_init", "inherit_effnet",
-                  "sentence_distill", "cli", "spec_flags", "recalibrate_flags")
+                  "sentence_distill", "cli", "spec_flags", "recalibrate_flags", "user_model")
 
 # Imported by the library but installed by one of its dependencies (or, for the
 # EfficientNet-Lite0 weights, a wheel the user adds by hand: see convert_efficientnet).
