@@ -6,14 +6,30 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${INHERNET_VENV:-$root/.venv}"
 py="${PYTHON:-python3}"
 "$py" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
-stamp="$venv/.requirements.sha"
-want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "Setting up $venv (requirements.txt)..." >&2
-  "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt"
-  echo "$want" > "$stamp"
+# INHERNET_REQUIREMENTS: more requirement files (relative to the checkout) that the caller
+# needs too (test.sh: tests/requirements.txt), installed in the same pip call.
+# Each file has a stamp (its sha256): a file is installed again only when it changed.
+# One pip call (one resolve), the venv's own pip (no self-upgrade), and no ahead-of-time
+# bytecode compilation (--no-compile: Python compiles the modules it imports, once, on
+# first import; precompiling all ~17k files of jax, torch and transformers costs ~50 CPU
+# seconds that a test run mostly never uses).
+stamp_of() { case "$1" in requirements.txt) echo "$venv/.requirements.sha" ;;
+  tests/requirements.txt) echo "$venv/.test-requirements.sha" ;; *) echo "$venv/.${1//\//-}.sha" ;; esac; }
+todo=()
+for req in requirements.txt ${INHERNET_REQUIREMENTS:-}; do
+  stamp="$(stamp_of "$req")"
+  want="$(sha256sum "$root/$req" | cut -d' ' -f1)"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    todo+=("$req")
+  fi
+done
+if [ "${#todo[@]}" -gt 0 ]; then
+  echo "Setting up $venv (${todo[*]})..." >&2
+  [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --no-compile "${todo[@]/#/-r$root/}"
+  for req in "${todo[@]}"; do
+    sha256sum "$root/$req" | cut -d' ' -f1 > "$(stamp_of "$req")"
+  done
 fi
 # The project itself (pyproject.toml: `import inhernet_jax` anywhere, the inhernet-*
 # commands), editable, again whenever pyproject.toml changes. A venv shared by several

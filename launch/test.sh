@@ -2,15 +2,10 @@
 # Runs the test suite (installs requirements.txt into .venv first if needed).
 #   bash launch/test.sh            # everything
 #   bash launch/test.sh -k svd     # extra arguments go to pytest
+# The parity tests' PyTorch references and the docs build (tests/requirements.txt), installed
+# once, in env.sh's one pip call with requirements.txt.
+INHERNET_REQUIREMENTS="tests/requirements.txt ${INHERNET_REQUIREMENTS:-}"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-# The parity tests' PyTorch references (tests/requirements.txt), installed once.
-stamp="$venv/.test-requirements.sha"
-want="$(sha256sum tests/requirements.txt | cut -d' ' -f1)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "Installing tests/requirements.txt..." >&2
-  python -m pip install -q -r tests/requirements.txt
-  echo "$want" > "$stamp"
-fi
 # Two pytest workers on a 2-core machine: one XLA/BLAS thread each, or their spinning
 # thread pools oversubscribe the cores and slow everything down many times.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -20,4 +15,9 @@ export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # method, every launcher run), and a cached executable loads in milliseconds.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$venv/jax-cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" --durations=30 "$@"
+# Whole files per worker (--dist loadfile): a module's shared fixtures (a teacher run, the
+# 8-device mesh runs, a built wheel) are made once, not once on each worker; files go out
+# in tests/conftest.py's order (the longest first, --no-loadscope-reorder), so the two
+# workers finish together.
+exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+  --durations=30 "$@"

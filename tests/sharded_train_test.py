@@ -36,7 +36,12 @@ def _run(args, devices=1, timeout=600):
 
 
 def _finish(proc, timeout=600):
-  out, _ = proc.communicate(timeout=timeout)
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()  # Not left running (and taking the CPU) after the test has failed.
+    proc.communicate()
+    raise
   assert proc.returncode == 0, out[-4000:]
 
 
