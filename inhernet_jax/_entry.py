@@ -102,31 +102,18 @@ INTERRUPTED = {
 }
 
 
-def train() -> None:
-  """``inhernet-train`` = ``python -m launch.main``."""
-  run("main")
+def _command(launcher: str, command: str):
+  """The console command ``command`` = ``python -m launch.<launcher>``."""
+  def main() -> None:
+    run(launcher)
+  main.__name__ = launcher
+  main.__doc__ = f"``{command}`` = ``python -m launch.{launcher}``."
+  return main
 
 
-def inherit() -> None:
-  """``inhernet-inherit`` = ``python -m launch.inherit``."""
-  run("inherit")
-
-
-def convert() -> None:
-  """``inhernet-convert`` = ``python -m launch.convert``."""
-  run("convert")
-
-
-def compare_init() -> None:
-  """``inhernet-compare-init`` = ``python -m launch.compare_init``."""
-  run("compare_init")
-
-
-def inherit_effnet() -> None:
-  """``inhernet-inherit-effnet`` = ``python -m launch.inherit_effnet``."""
-  run("inherit_effnet")
-
-
-def sentence_distill() -> None:
-  """``inhernet-sentence-distill`` = ``python -m launch.sentence_distill``."""
-  run("sentence_distill")
+train = _command("main", "inhernet-train")
+inherit = _command("inherit", "inhernet-inherit")
+convert = _command("convert", "inhernet-convert")
+compare_init = _command("compare_init", "inhernet-compare-init")
+inherit_effnet = _command("inherit_effnet", "inhernet-inherit-effnet")
+sentence_distill = _command("sentence_distill", "inhernet-sentence-distill")

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from inhernet_jax.decomposition import accounting
 from inhernet_jax.interop import convert
 from inhernet_jax.interop import export
-from inhernet_jax.decomposition.transform import format_report, inherit
+from inhernet_jax.decomposition.transform import inherit
 from inhernet_jax.models import imagenet
 from inhernet_jax.experiment import preflight
 from . import cli, recalibrate_flags, spec_flags
@@ -129,10 +129,7 @@ def main(argv):
   if recalibrated:
     meta["batch_stats"] = recalibrated
   export.save(out, inherited, spec, metadata=meta)
-  text = format_report(rows)
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(f"# {source} {kind} inherited\n\nweights: {meta['weights']}\n\n```\n{text}\n```\n")
-  print(text)
+  print(export.save_report(out, rows, f"{source} {kind} inherited", (f"weights: {meta['weights']}",)))
   if recalibrated:
     print(recalibrated)
   after = accounting.param_count(params)

@@ -34,7 +34,6 @@ from inhernet_jax.training import checkpoint as ckpt_lib
 from inhernet_jax.training import lock
 from inhernet_jax.data import pipeline as data
 from inhernet_jax.interop import export
-from inhernet_jax.common import utils
 from inhernet_jax.decomposition.transform import format_report, inherit
 from inhernet_jax.experiment import preflight, validate
 from . import cli, recalibrate_flags, spec_flags
@@ -153,10 +152,8 @@ def _write(out, got, spec, rows, name, num_classes, status, stats_note):
   export.save_spec(os.path.join(out, "spec.json"), spec, metadata={
       "model": name, "num_classes": num_classes, "teacher": os.path.abspath(_TEACHER.value),
       **({"batch_stats": stats_note} if "batch_stats" in got else {})})
-  utils.write_json(os.path.join(out, "report.json"), rows, indent=2)
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(f"# {name} inherited\n\nteacher: {_TEACHER.value}\n\n"
-            f"batch_stats: {stats_note}\n\n```\n{format_report(rows)}\n```\n")
+  export.save_report(out, rows, f"{name} inherited",
+                     (f"teacher: {_TEACHER.value}", f"batch_stats: {stats_note}"))
 
 
 if __name__ == "__main__":

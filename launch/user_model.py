@@ -27,10 +27,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-from inhernet_jax.common import utils
 from inhernet_jax.data import pipeline as data
 from inhernet_jax.decomposition.spec import InherSpec
-from inhernet_jax.decomposition.transform import format_report
 from inhernet_jax.interop import export
 from inhernet_jax.surgery import linen as surgery
 from inhernet_jax.training import checkpoint as ckpt_lib
@@ -120,11 +118,7 @@ def inherit(config, teacher_dir: str, out: str) -> None:
   planned = [[list(p.path), p.rank, p.heads] for p in student.planned]
   export.save(os.path.join(out, "export"), new_vars, spec, metadata={
       "model": MODEL.value, "model_kwargs": json.loads(MODEL_KWARGS.value), "planned": planned})
-  utils.write_json(os.path.join(out, "report.json"), rows, indent=2)
-  text = format_report(rows)
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(f"# {MODEL.value} inherited\n\nteacher: {teacher_dir}\n\n```\n{text}\n```\n")
-  print(text)
+  print(export.save_report(out, rows, f"{MODEL.value} inherited", (f"teacher: {teacher_dir}",)))
   if recalibrated:
     print(recalibrated)
   print(f"written to {out}")

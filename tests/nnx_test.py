@@ -6,7 +6,6 @@ written down here); an `nnx.jit` step with `nnx.Optimizer` lowers the loss; the 
 round-trips through `nnx.split` / `nnx.merge` and an orbax checkpoint.
 """
 
-import re
 
 import chex
 import jax
@@ -19,6 +18,7 @@ from flax import nnx
 
 import inhernet_jax as ij
 from inhernet_jax.layers.nnx import InherLayer
+from matrix_views import truncated, view
 
 RANK = 4
 W = 32
@@ -100,23 +100,6 @@ CASES = {
 }
 
 
-def _view(path, ndim, views):
-  for pattern, (stack, ins) in views:
-    if re.fullmatch(pattern, path):
-      return stack, ins if ins is not None else tuple(range(stack, ndim - 1))
-  return 0, tuple(range(ndim - 1))
-
-
-def _truncated(kernel, stack, ins, rank):
-  k = np.asarray(kernel, np.float64)
-  outs = [a for a in range(stack, k.ndim) if a not in ins]
-  perm = (*range(stack), *ins, *outs)
-  t = np.transpose(k, perm)
-  m = int(np.prod([k.shape[a] for a in ins]))
-  u, s, vt = np.linalg.svd(t.reshape(-1, m, t[(0,) * stack].size // m), full_matrices=False)
-  approx = (u[..., :rank] * s[..., None, :rank]) @ vt[..., :rank, :]
-  return np.transpose(approx.reshape(t.shape), np.argsort(perm)).astype(kernel.dtype)
-
 
 def _get(model, path):
   for k in path:
@@ -146,8 +129,8 @@ def test_inherited_model_is_the_truncated_teacher(name, heads):
     layer = _get(model, path)
     assert isinstance(layer, InherLayer) and (layer.rank, layer.heads) == (RANK, heads)
     teacher = _get(reference, path)
-    stack, ins = _view(r["path"], teacher.kernel.ndim, views)
-    teacher.kernel.set_value(jnp.asarray(_truncated(teacher.kernel[...], stack, ins, RANK)))
+    stack, ins = view(r["path"], teacher.kernel.ndim, views)
+    teacher.kernel.set_value(jnp.asarray(truncated(teacher.kernel[...], stack, ins, RANK)))
   head = [r for r in rows if r["path"] == "head/kernel"]
   assert head[0]["action"] == "keep" and "output layer" in head[0]["reason"]
   assert isinstance(model.head, nnx.Linear)

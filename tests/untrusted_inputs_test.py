@@ -401,30 +401,20 @@ def test_an_edited_meta_file_is_detected(case, tmp_path):
   assert (tmp_path / "checkpoints.corrupt" / "2").is_dir()
 
 
-def test_a_nan_teacher_is_refused_by_launch_inherit_naming_the_leaf(tmp_path):
+@pytest.mark.parametrize("launcher", ["inherit", "main"])
+def test_a_nan_teacher_is_named_before_anything_is_written_or_trained(tmp_path, launcher):
   _, params = _teacher_params(nan_at="head/bias")
-  _save_run(tmp_path / "teacher", params)
-  out = tmp_path / "out"
+  teacher, out = tmp_path / "teacher", tmp_path / "out"
+  _save_run(teacher, params)
+  flags = {"inherit": [f"--teacher={teacher}", "--rank=4", f"--out={out}"],
+           "main": [f"--config.teacher.checkpoint={teacher}", f"--workdir={out}"]}[launcher]
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.inherit", "--config=configs/digits.py:local",
-       f"--teacher={tmp_path / 'teacher'}", "--rank=4", f"--out={out}"],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  _command_error(proc, EXPECTED["teacher_nan"], "params/head/bias (1 NaN/Inf)")
-  assert not (out / "checkpoints").exists()
-
-
-def test_a_nan_teacher_is_named_by_launch_main_before_any_student_trains(tmp_path):
-  _, params = _teacher_params(nan_at="head/bias")
-  _save_run(tmp_path / "teacher", params)
-  workdir = tmp_path / "work"
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.main", "--config=configs/digits.py:local",
-       f"--config.teacher.checkpoint={tmp_path / 'teacher'}", f"--workdir={workdir}"],
+      [sys.executable, "-m", f"launch.{launcher}", "--config=configs/digits.py:local", *flags],
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   _command_error(proc, EXPECTED["teacher_nan"], "params/head/bias (1 NaN/Inf)",
-                 str(tmp_path / "teacher"))
+                 *([str(teacher)] if launcher == "main" else []))
   assert not re.search(r"epoch \d+:", proc.stdout + proc.stderr)  # Nothing trained.
-  assert not list(workdir.rglob("checkpoints"))
+  assert not list(out.rglob("checkpoints"))
 
 
 def test_launch_inherit_out_is_locked(tmp_path):

@@ -7,7 +7,6 @@ kernel's matrix view as written down in this file (not read back from the packag
 step lowers the loss; an orbax checkpoint round-trips. Shapes are tiny and shared.
 """
 
-import re
 
 import chex
 import flax.linen as nn
@@ -20,6 +19,7 @@ import pytest
 from flax import traverse_util
 
 import inhernet_jax as ij
+from matrix_views import truncated, view
 
 KEY = jax.random.key(0)
 RANK = 4
@@ -119,25 +119,6 @@ CASES = {
 }
 
 
-def _view(path, ndim, views):
-  for pattern, (stack, ins) in views:
-    if re.fullmatch(pattern, path):
-      return stack, ins if ins is not None else tuple(range(stack, ndim - 1))
-  return 0, tuple(range(ndim - 1))
-
-
-def _truncated(kernel, stack, ins, rank):
-  """The rank-r truncation (float64 SVD) of each stack slice's matrix view."""
-  k = np.asarray(kernel, np.float64)
-  outs = [a for a in range(stack, k.ndim) if a not in ins]
-  perm = (*range(stack), *ins, *outs)
-  t = np.transpose(k, perm)
-  m = int(np.prod([k.shape[a] for a in ins]))
-  mats = t.reshape(-1, m, t[(0,) * stack].size // m)
-  u, s, vt = np.linalg.svd(mats, full_matrices=False)
-  approx = (u[..., :rank] * s[..., None, :rank]) @ vt[..., :rank, :]
-  return np.transpose(approx.reshape(t.shape), np.argsort(perm)).astype(kernel.dtype)
-
 
 def _reference(params, new_params, views):
   """The teacher's params with every factorised kernel truncated to its rank."""
@@ -149,8 +130,8 @@ def _reference(params, new_params, views):
     if keys[-1] != "kernel" or (*keys[:-1], "down", "kernel") not in new:
       continue
     rank = new[(*keys[:-1], "down", "kernel")].shape[-1]
-    stack, ins = _view("/".join(keys), kernel.ndim, views)
-    out[keys] = _truncated(kernel, stack, ins, rank)
+    stack, ins = view("/".join(keys), kernel.ndim, views)
+    out[keys] = truncated(kernel, stack, ins, rank)
     factorised += 1
   return traverse_util.unflatten_dict(out), factorised
 

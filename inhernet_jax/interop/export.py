@@ -42,6 +42,7 @@ from inhernet_jax.decomposition import spec as spec_lib
 from inhernet_jax.interop import checks
 from inhernet_jax.common import utils
 from inhernet_jax.decomposition.spec import InherSpec
+from inhernet_jax.decomposition.transform import format_report
 
 FORMAT = "inhernet_jax.interop.export"
 VERSION = 1
@@ -354,3 +355,22 @@ def load(directory: str | os.PathLike) -> tuple[dict, InherSpec | None]:
 __all__ = ["FORMAT", "MAX_HEADS", "MAX_RANK", "SIZE_LIMITS", "SPEC", "VERSION", "WEIGHTS",
            "check_weights", "flatten", "load", "load_spec", "save",
            "save_spec", "spec_from_json", "spec_to_json", "unflatten"]
+
+
+def save_report(directory: str | os.PathLike, rows: list[dict], title: str,
+                notes: tuple[str, ...] = ()) -> str:
+  """Writes an `inherit_report`'s rows as ``report.json`` and ``report.md`` (a heading,
+  ``notes`` as paragraphs, the `format_report` table) in ``directory``; returns the table.
+
+  Example:
+      ```python
+      params, rows = inherit(teacher_params, spec, return_report=True)
+      print(export.save_report("/tmp/inh", rows, "resnet8 inherited", ("teacher: RUN",)))
+      ```
+  """
+  text = format_report(rows)
+  utils.write_json(os.path.join(directory, "report.json"), rows, indent=2)
+  body = "".join(f"{n}\n\n" for n in notes)
+  markdown = f"# {title}\n\n{body}```\n{text}\n```\n"
+  utils.atomic_write(os.path.join(directory, "report.md"), lambda f: f.write(markdown), "w")
+  return text
