@@ -49,6 +49,12 @@ LONGEST_FIRST = (
     "train_test.py",             # kill -9 and resume: five `launch.main` runs
     "inherit_sharded_test.py",   # two 8-device subprocesses
     "launch_inherit_test.py",    # ~15 `launch.inherit` subprocesses
+    "user_models_test.py",       # eight user models (linen), H = 1 and 3, train + orbax
+    "nnx_test.py",               # the NNX models: surgery, nnx.jit training, orbax
+    "untrusted_inputs_test.py",  # bad files through launch.convert / launch.inherit / launch.main
+    "your_model_doc_test.py",    # runs every code block of docs/your-model.md
+    "bad_inputs_test.py",
+    "launch_user_model_test.py",
     "benchmark_test.py",
     "batch_stats_test.py",
     "convert_parity_test.py",
