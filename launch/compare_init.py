@@ -41,6 +41,7 @@ from inhernet_jax.decomposition import budget
 from inhernet_jax.calibration import batch_stats
 from inhernet_jax.calibration import grams as calibration
 from inhernet_jax.experiment import runs as experiment
+from inhernet_jax.training import loop as train_loop
 from inhernet_jax.training import trainer as train_lib
 from inhernet_jax.decomposition.transform import inherit
 from inhernet_jax.experiment.records import MethodDef
@@ -61,7 +62,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _metric(model, variables, pipeline) -> float:
   kind = pipeline.task.kind
   step = jax.jit(train_lib.make_eval_step(model, kind))
-  return train_lib.evaluate(step, variables["params"], variables.get("batch_stats"), pipeline, kind)[1]
+  return train_loop.evaluate(step, variables["params"], variables.get("batch_stats"), pipeline, kind)[1]
 
 
 def _held_out(pipeline):
@@ -113,7 +114,7 @@ def main(argv):
       apply_kwargs={"train": False})
   held = calibration.input_grams(t_model, t_vars, _held_out(pipeline), apply_kwargs={"train": False})
   result = {"config": config.get("name"), "teacher_metric": _metric(t_model, t_vars, pipeline),
-            "metric": train_lib.metric_name(pipeline.task.kind), "equal_rank": [], "budget": []}
+            "metric": train_loop.metric_name(pipeline.task.kind), "equal_rank": [], "budget": []}
   recalibrate = _RECAL.value > 0 and bool(t_vars.get("batch_stats"))
 
   def recalibrated(model, variables):

@@ -110,8 +110,3 @@ def test_a_run_stopped_at_any_save_resumes_to_the_same_end(stop_at):
   pop = lambda h: {k: v for k, v in h.items() if k != "examples_per_s"}  # noqa: E731
   assert pop(resumed.history) == pop(reference.history)
 
-
-def test_train_keeps_the_moved_public_names():
-  assert train.Run is train_loop.Run and train.evaluate is train_loop.evaluate
-  assert train.HISTORY_KEYS == train_loop.HISTORY_KEYS
-  assert train.metric_name("classification") == "accuracy"

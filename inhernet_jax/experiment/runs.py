@@ -38,6 +38,7 @@ from inhernet_jax.data import pipeline as data
 from inhernet_jax.experiment import report
 from inhernet_jax.parallel import sharding as sharding_lib
 from inhernet_jax.training import checkpoint as ckpt_lib
+from inhernet_jax.training import loop as train_loop
 from inhernet_jax.training import trainer as train_lib
 from inhernet_jax.decomposition import budget as budget_lib
 from inhernet_jax.calibration import batch_stats
@@ -273,7 +274,7 @@ def _record(key: str, label: str, kind: str, loss: str, model, variables, run, *
       method=key, label=label, kind=kind, loss=loss, seed=seed, rank=extra.get("rank"),
       heads=extra.get("heads"), init=extra.get("init"),
       params=accounting.param_count(variables["params"]), flops=flops[key],
-      metric_name=train_lib.metric_name(task.kind), higher_is_better=higher,
+      metric_name=train_loop.metric_name(task.kind), higher_is_better=higher,
       metric_at_init=extra.get("metric_at_init"), final_metric=h["test_metric"][-1],
       best_metric=max(finals) if higher else min(finals), epochs_to_scratch=None,
       wall_s=run.wall_s, history=h, gates=run.gates,

@@ -46,11 +46,6 @@ from inhernet_jax.training import loop as train_loop
 from inhernet_jax.common import utils
 
 _LN2 = math.log(2.0)
-# Moved to `train_loop`; kept here as the public names they were.
-HISTORY_KEYS = train_loop.HISTORY_KEYS
-Run = train_loop.Run
-evaluate = train_loop.evaluate
-metric_name = train_loop.metric_name
 
 
 class TrainState(train_state.TrainState):
@@ -229,7 +224,7 @@ def train_and_evaluate(
     sharding_rules=None,
     fingerprint: dict | None = None,
     checkpointer=None,
-) -> Run:
+) -> train_loop.Run:
   """Trains ``model`` from ``variables`` for ``epochs``; resumes from ``workdir``.
 
   Args:
