@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from inhernet_jax.parallel import sharding as sharding_lib
-from inhernet_jax.training import trainer as train
 from inhernet_jax.training import loop as train_loop
 
 BATCH, STEPS_PER_EPOCH, EPOCHS = 8, 4, 3
