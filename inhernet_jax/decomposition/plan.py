@@ -277,7 +277,8 @@ def groups(kernels: list[Kernel], spec: InherSpec) -> list[Group]:
   for k in in_order(kernels):
     if k.plan.factorize:
       method = "whitened" if k.plan.data_aware else svd.resolve_method(
-          k.m, k.n, k.plan.rank, spec.method, spec.oversample)
+          k.m, k.n, k.plan.rank, spec.method, spec.oversample,
+          energy_target=spec.needs_data(k.path))  # Issue 26: energy targets kept.
       out.setdefault((k.m, k.n, k.plan.rank, method), []).append(k)
   return [
       Group(m, n, rank, method,
