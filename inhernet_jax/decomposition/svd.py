@@ -383,10 +383,18 @@ def whitened_svd(a: jax.Array, gram: jax.Array, rank: int, damping: float = DAMP
 
   ``A_r = down @ diag(s) @ v^T`` minimises ``tr((A - A_r)^T G (A - A_r))`` over rank-r
   matrices, ``G`` the damped Gram (see `whitening`): ``L^T A = U S V^T`` (exact SVD),
-  ``down = L^{-T} U_r`` (a solve). Slices whose Gram fails `whitening` get the plain
-  SVD. The factor scales follow the Gram's: pass a per-row mean (``X^T X / rows``) so
-  that ``x @ down`` has about unit second moment per component (at most one, damped),
-  whatever the number of rows. Jit-able (``rank`` static).
+  ``down = L^{-T} U_r`` (a solve). With ``damping == 0``, or where the damped Gram's
+  Cholesky fails, the whitening is the pseudo-inverse square root of ``G`` from its
+  eigendecomposition (`_eigen_whitened`, as SVD-LLM): the optimum also for a
+  rank-deficient ``X`` (fewer rows than features) and for Grams whose float32 Cholesky
+  fails. Slices whose Gram is not finite get the plain SVD (``ok`` False). The factor
+  scales follow the Gram's: pass a per-row mean (``X^T X / rows``) so that
+  ``x @ down`` has about unit second moment per component (at most one, damped),
+  whatever the number of rows. Jit-able (``rank`` and ``damping`` static).
+
+  The damping trades optimality for conditioning: measured true output error over the
+  float64 optimum, rank 24 of 64 features, ``damping=0.01``: 1.019 at cond(X) = 1e3,
+  2.31 at cond(X) = 1e5; ``damping=0``: <= 1.001 (tests/calibration_test.py).
 
   Args:
     a: matrix or batch of matrices.
@@ -397,21 +405,61 @@ def whitened_svd(a: jax.Array, gram: jax.Array, rank: int, damping: float = DAMP
 
   Returns:
     ``(down, s, v, ok)``: ``(..., m, rank)``, ``(..., rank)`` (the singular values of
-    ``L^T A``), ``(..., n, rank)``, and ``ok`` (``(...,)``, False where the plain SVD
-    was used).
+    ``G^{1/2} A``), ``(..., n, rank)``, and ``ok`` (``(...,)``, False where the plain
+    SVD was used).
   """
   m, n = a.shape[-2:]
   resolve_method(m, n, rank, "exact")  # Validates rank.
-  # On G / c (c its mean diagonal entry) and c folded back: the Cholesky of a Gram with
-  # entries near 1e-40 or 1e40 neither underflows nor overflows.
-  g = gram.astype(compute_dtype())
-  c = xp.mean(xp.diagonal(g, axis1=-2, axis2=-1), -1)
-  c = xp.where(c > 0, c, xp.ones_like(c))[..., None, None]
-  l, ok = whitening(g / c, damping, xp=xp)
-  lt = xp.swapaxes(l, -1, -2)
-  u, s, v = exact_svd(lt @ a.astype(l.dtype), rank, xp=xp)
-  root = xp.where(ok[..., None, None], xp.sqrt(c), xp.ones_like(c))  # Failed: plain SVD.
-  return xp.linalg.solve(lt, u) / root, s * root[..., 0], v, ok
+  # On G / c (c its mean diagonal entry, computed in the Gram's own dtype, before the
+  # cast to the compute dtype) and c folded back: a float64 Gram with entries near
+  # 1e-40 or 1e40 neither underflows nor overflows in float32.
+  gram_xp = np if isinstance(gram, np.ndarray) else xp
+  c = gram_xp.mean(gram_xp.diagonal(gram, axis1=-2, axis2=-1), -1)
+  c = gram_xp.where(c > 0, c, gram_xp.ones_like(c))[..., None, None]
+  g = xp.asarray(gram / c).astype(compute_dtype())
+  root = xp.sqrt(xp.asarray(c).astype(compute_dtype()))
+  a = a.astype(g.dtype)
+  if damping == 0:  # On the host in float64: cond(G) = cond(X)^2 exceeds 1/eps(float32).
+    g64, a64 = (g.astype(np.float64), a.astype(np.float64)) if xp is np else (g, a)
+    down, s, v, ok = _eigen_whitened(g64, a64, rank, xp)
+    down, s, v = (x.astype(g.dtype) for x in (down, s, v))
+  else:
+    l, ok = whitening(g, damping, xp=xp)
+    lt = xp.swapaxes(l, -1, -2)
+    u, s, v = exact_svd(lt @ a, rank, xp=xp)
+    down = xp.linalg.solve(lt, u)
+    if xp is np:
+      if not ok.all():  # The Cholesky failed: the eigendecomposition of the damped Gram.
+        bad = ~ok
+        eye = np.eye(m, dtype=g.dtype)
+        gd = g[bad] + damping * np.mean(np.diagonal(g[bad], axis1=-2, axis2=-1), -1)[..., None, None] * eye
+        d2, s2, v2, ok2 = _eigen_whitened(gd, a[bad], rank, np)
+        down, s, v, ok = down.copy(), s.copy(), v.copy(), ok.copy()
+        down[bad], s[bad], v[bad], ok[bad] = d2, s2, v2, ok2
+  root = xp.where(ok[..., None, None], root, xp.ones_like(root))  # Failed: plain SVD.
+  return down / root, s * root[..., 0], v, ok
+
+
+EIGEN_TOL = 1  # Eigenvalues below this many eps * m of the largest: X's null space.
+
+
+def _eigen_whitened(g, a, rank, xp):
+  """``(down, s, v, ok)`` with ``G^{1/2} A = U S V^T`` and ``down = G^{+1/2} U_r``,
+  ``G^{1/2}`` from ``eigh(G)`` (eigenvalues below `EIGEN_TOL` eps m of the largest are
+  X's null space: dropped). Optimal for any positive semi-definite ``G``: the output
+  error ``||X (A - A_r)||`` depends only on ``G^{1/2} (A - A_r)``."""
+  ok = xp.all(xp.isfinite(g), axis=(-2, -1))
+  m = g.shape[-1]
+  eye = xp.eye(m, dtype=g.dtype)
+  g = xp.where(ok[..., None, None], g, eye)
+  w, q = xp.linalg.eigh(g)
+  keep = w > EIGEN_TOL * m * np.finfo(g.dtype).eps * w[..., -1:]
+  sq = xp.where(keep, xp.sqrt(xp.where(keep, w, 1)), 0)
+  inv = xp.where(keep, 1 / xp.sqrt(xp.where(keep, w, 1)), 0)
+  qt = xp.swapaxes(q, -1, -2)
+  u, s, v = exact_svd((q * sq[..., None, :]) @ (qt @ a), rank, xp=xp)
+  down = (q * inv[..., None, :]) @ (qt @ u)
+  return down, s, v, ok
 
 
 def canonical_signs(u, v, *, xp):
