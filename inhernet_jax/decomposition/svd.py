@@ -419,7 +419,7 @@ def whitened_svd(a: jax.Array, gram: jax.Array, rank: int, damping: float = DAMP
   g = xp.asarray(gram / c).astype(compute_dtype())
   root = xp.sqrt(xp.asarray(c).astype(compute_dtype()))
   a = a.astype(g.dtype)
-  if damping == 0:  # On the host in float64: cond(G) = cond(X)^2 exceeds 1/eps(float32).
+  if not isinstance(damping, jax.core.Tracer) and damping == 0:  # On the host in float64: cond(G) = cond(X)^2 exceeds 1/eps(float32).
     g64, a64 = (g.astype(np.float64), a.astype(np.float64)) if xp is np else (g, a)
     down, s, v, ok = _eigen_whitened(g64, a64, rank, xp)
     down, s, v = (x.astype(g.dtype) for x in (down, s, v))
