@@ -63,3 +63,21 @@ def test_energy_target_is_kept_by_the_factors(energy, seed):
   a64 = a.astype(np.float64)
   kept = np.linalg.norm((u * s) @ v.T) ** 2 / np.linalg.norm(a64) ** 2
   assert kept >= energy - 1e-6, (rank, kept)
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(6, 80), log_cond=st.floats(0, 4), rank=st.integers(1, 10),
+       seed=st.integers(0, 2**16))
+@example(rows=10, log_cond=0.0, rank=6, seed=0)  # Rank-deficient: fell back to the plain SVD.
+@example(rows=80, log_cond=4.0, rank=6, seed=0)  # float32 Cholesky rejected: 13-50x.
+def test_undamped_data_aware_truncation_is_optimal(rows, log_cond, rank, seed):
+  """Output error ``||X (A - A_r)||`` within 1.001x of its float64 optimum (host path,
+  damping 0), for full-rank and rank-deficient ``X`` (fewer rows than features)."""
+  rng = np.random.default_rng(seed)
+  m, n = 16, 12
+  x = rng.normal(size=(rows, m)) * np.logspace(0, -log_cond, m)
+  a = rng.normal(size=(m, n))
+  down, s, v, _ = svd.whitened_svd(a.astype(np.float32), x.T @ x / rows, rank, 0.0, xp=np)
+  approx = (np.asarray(down, np.float64) * s) @ np.asarray(v, np.float64).T
+  optimum = np.sqrt(np.sum(np.linalg.svd(x @ a, compute_uv=False)[rank:] ** 2))
+  assert np.linalg.norm(x @ (a - approx)) <= 1.001 * optimum + 1e-9 * np.linalg.norm(x @ a)
