@@ -80,4 +80,5 @@ def test_undamped_data_aware_truncation_is_optimal(rows, log_cond, rank, seed):
   down, s, v, _ = svd.whitened_svd(a.astype(np.float32), x.T @ x / rows, rank, 0.0, xp=np)
   approx = (np.asarray(down, np.float64) * s) @ np.asarray(v, np.float64).T
   optimum = np.sqrt(np.sum(np.linalg.svd(x @ a, compute_uv=False)[rank:] ** 2))
-  assert np.linalg.norm(x @ (a - approx)) <= 1.001 * optimum + 1e-9 * np.linalg.norm(x @ a)
+  # Plus float32 rounding of the returned factors (the optimum is 0 once rank >= rows).
+  assert np.linalg.norm(x @ (a - approx)) <= 1.001 * optimum + 1e-6 * np.linalg.norm(x @ a)
