@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 
 from inhernet_jax import models
 from inhernet_jax.calibration import grams as calibration
@@ -197,3 +197,46 @@ def test_training_gradients_do_not_depend_on_the_running_statistics(resnet):
   ga = jax.grad(loss)(v["params"], v["batch_stats"])
   gb = jax.grad(loss)(v["params"], fresh["batch_stats"])
   jax.tree.map(np.testing.assert_array_equal, ga, gb)
+
+
+class _Bn(nn.Module):
+  """One BatchNorm on the inputs (Flax's defaults: the one-pass fast variance)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    return nn.BatchNorm(use_running_average=not train, name="bn")(x)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), mean=st.floats(-1e4, 1e4), spread=st.floats(0.01, 10.0),
+       rows=st.sampled_from([8, 256]), count=st.integers(1, 2), unbiased=st.booleans())
+@example(seed=0, mean=1e4, spread=1.0, rows=256, count=2, unbiased=True)  # One-pass: 18.4.
+@example(seed=0, mean=1e3, spread=1.0, rows=256, count=2, unbiased=True)  # One-pass: 0.599.
+def test_statistics_match_pytorch_momentum_none_for_large_means(seed, mean, spread, rows,
+                                                                 count, unbiased):
+  """Running statistics are PyTorch's ``momentum=None`` (cumulative) estimate for
+  activations ``mean + spread * N(0, 1)`` with ``|mean|`` up to 1e4: within 1e-6
+  relative of that estimator computed in float64 on the same float32 inputs, and within
+  2e-5 of PyTorch's own float32 numbers (which are themselves up to 1.3e-5 off the
+  float64 value here: its float32 mean)."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(seed)
+  features = 6
+  batches = [np.float32(mean + spread * rng.normal(size=(rows, features)))
+             for _ in range(count)]
+  v = _Bn().init(jax.random.key(0), jnp.zeros((2, features)), train=False)
+  got = recalibrate_batch_stats(_Bn(), v, batches, unbiased=unbiased)["batch_stats"]["bn"]
+  exact = [x.astype(np.float64) for x in batches]
+  want_mean = np.mean([x.mean(0) for x in exact], 0)
+  want_var = np.mean([x.var(0, ddof=1 if unbiased else 0) for x in exact], 0)
+  np.testing.assert_allclose(got["mean"], want_mean, rtol=1e-6, atol=1e-6 * spread)
+  np.testing.assert_allclose(got["var"], want_var, rtol=1e-6, atol=0)
+  bn = torch.nn.BatchNorm1d(features, momentum=None).train()
+  with torch.no_grad():
+    for x in batches:
+      bn(torch.from_numpy(x))
+  torch_var = bn.running_var.numpy().astype(np.float64)
+  if not unbiased:
+    torch_var = torch_var * (rows - 1) / rows
+  np.testing.assert_allclose(got["mean"], bn.running_mean.numpy(), rtol=1e-5, atol=1e-5 * spread)
+  np.testing.assert_allclose(got["var"], torch_var, rtol=2e-5, atol=0)

@@ -622,14 +622,17 @@ def test_whitening_flags_grams_that_are_not_positive_definite(xp):
   grams = np.stack([x.T @ x, dead.T @ dead, twin.T @ twin, indefinite, nan]).astype(np.float32)
   # Jitted as a whole on jax (eager would compile op by op).
   whitening = svd.whitening if xp is np else jax.jit(svd.whitening, static_argnames="xp")
-  whitened_svd = svd.whitened_svd if xp is np else jax.jit(svd.whitened_svd, static_argnames=("rank", "xp"))
+  whitened_svd = svd.whitened_svd if xp is np else jax.jit(svd.whitened_svd, static_argnames=("rank", "xp", "damping"))
   l, ok = whitening(grams, 0.0, xp=xp)
   np.testing.assert_array_equal(ok, [True, False, False, False, False])
   np.testing.assert_array_equal(np.asarray(l)[1:], np.broadcast_to(np.eye(5), (4, 5, 5)))
-  # Those slices get the plain SVD; damping makes a singular Gram definite.
+  # Undamped, whitened_svd whitens the singular and indefinite Grams by the pseudo-inverse
+  # square root of their positive part (issue 26); only the non-finite one gets the plain
+  # SVD. Damping makes a singular Gram definite for the Cholesky.
   a = rng.standard_normal((5, 5, 3)).astype(np.float32)
-  down, s, v, _ = whitened_svd(a, grams, rank=2, damping=0.0, xp=xp)
-  np.testing.assert_allclose(reconstruct(down, s, v)[1:], reconstruct(*svd.exact_svd(a[1:], 2, xp=np)), atol=1e-5)
+  down, s, v, ok = whitened_svd(a, grams, rank=2, damping=0.0, xp=xp)
+  np.testing.assert_array_equal(ok, [True, True, True, True, False])
+  np.testing.assert_allclose(reconstruct(down, s, v)[4:], reconstruct(*svd.exact_svd(a[4:], 2, xp=np)), atol=1e-5)
   np.testing.assert_array_equal(whitening(grams[:3], 0.01, xp=xp)[1], [True] * 3)
 
 

@@ -177,7 +177,7 @@ def _improve(layers, level, remaining: int, max_moves: int) -> np.ndarray:
 
 def _uniform_levels(layers, remaining: int) -> np.ndarray | None:
   """Options of the largest uniform rank that fits (rank past a layer's max_rank keeps
-  it dense, as `InherSpec.plan` does), or None when rank 1 does not fit."""
+  it dense, as `policy.layer_plan` does), or None when rank 1 does not fit."""
   if not layers:
     return np.zeros(0, np.int64)
   top = max(l.dense_option for l in layers) + 1

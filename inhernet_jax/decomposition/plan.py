@@ -327,7 +327,7 @@ def groups(kernels: list[Kernel], spec: InherSpec, key=None) -> tuple[Group, ...
   out: dict[Any, list[Kernel]] = {}
   for k in in_order(kernels):
     if k.plan.factorize:
-      out.setdefault((k.m, k.n, k.plan.rank, *policy.method(spec, k.m, k.n, k.plan)), []).append(k)
+      out.setdefault((k.m, k.n, k.plan.rank, *policy.method(spec, k.path, k.m, k.n, k.plan)), []).append(k)
   return tuple(
       Group(m, n, rank, how, width, spec.power_iters, float(spec.damping), tuple(ks),
             tuple(seeds(key, k) for k in ks) if how == "randomized" else None)

@@ -147,13 +147,15 @@ def stack_plan(spec: InherSpec, path: str, m: int, n: int, use_bias: bool,
   return max(plans, key=lambda p: p.rank)  # Every slice's plan passed the saving checks.
 
 
-def method(spec: InherSpec, m: int, n: int, plan: LayerPlan) -> tuple[str, int]:
+def method(spec: InherSpec, path: str, m: int, n: int, plan: LayerPlan) -> tuple[str, int]:
   """``(method, width)`` of a factorised kernel: ``"whitened"`` (data-aware), or the
-  spec's SVD method with ``"auto"`` resolved (`svd.resolve_method`); ``width`` is the
+  spec's SVD method with ``"auto"`` resolved (`svd.resolve_method`; a rank from an energy
+  target is computed exactly, so the factors keep the energy planned); ``width`` is the
   randomized method's subspace columns (0 otherwise)."""
   if plan.data_aware:
     return "whitened", 0
-  how = svd.resolve_method(m, n, plan.rank, spec.method, spec.oversample)
+  how = svd.resolve_method(m, n, plan.rank, spec.method, spec.oversample,
+                           energy_target=needs_values(spec, path))
   return how, svd.width(m, n, plan.rank, spec.oversample) if how == "randomized" else 0
 
 

@@ -1,0 +1,101 @@
+"""Accuracy sweep of the default SVD setting: error over the optimal (Eckart-Young) one.
+
+For every shape, spectrum and teacher dtype, every rank the ``method="auto"`` rule sends
+to the randomized method (fractions of ``min(m, n)`` up to the largest it routes there)
+is truncated as `inherit` does on the host (`svd.randomized_svd` with NumPy, the
+a-posteriori precision check included), and the Frobenius error of the factors (in
+float64, before they are cast to the parameter dtype) is divided by the optimal one of
+the matrix the method saw (the teacher's dtype rounding included). Spectra: a Gaussian
+matrix (flat) and ``U diag(i^-p) V^T`` with random orthogonal ``U``, ``V``.
+
+Example:
+  ```python
+  python -m benchmarks.accuracy --out=accuracy.json   # also writes accuracy.md
+  python -m benchmarks.accuracy --shapes=512x512 --powers=0,3 --dtypes=float32
+  ```
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from absl import app, flags
+
+from inhernet_jax.decomposition import svd
+
+flags.DEFINE_string("shapes", "512x512,2304x256,4096x256,4096x1024", "m x n matrices")
+flags.DEFINE_string("powers", "0,0.1,0.25,0.5,1,2,3", "spectra s_i = i^-p (0: Gaussian)")
+flags.DEFINE_string("dtypes", "float32,bfloat16", "teacher dtypes")
+flags.DEFINE_string("fractions", "0.0625,0.125,0.1875,0.25", "ranks as fractions of min(m, n)")
+flags.DEFINE_string("out", "accuracy.json", "JSON output; Markdown next to it (.md)")
+FLAGS = flags.FLAGS
+
+
+def matrix(m: int, n: int, power: float, seed: int = 0) -> np.ndarray:
+  """Gaussian (``power == 0``) or ``U diag(i^-power) V^T``, float64."""
+  rng = np.random.default_rng(seed)
+  if power == 0:
+    return rng.normal(size=(m, n))
+  k = min(m, n)
+  u = np.linalg.qr(rng.normal(size=(m, k)))[0]
+  v = np.linalg.qr(rng.normal(size=(n, k)))[0]
+  return (u * np.arange(1, k + 1.0) ** -power) @ v.T
+
+
+def ratio(a: np.ndarray, rank: int, values: np.ndarray) -> float:
+  """Error of the default host truncation of ``a`` over the optimal one."""
+  m, n = a.shape
+  start = svd.start_matrix(None, (1, min(m, n), svd.width(m, n, rank)))
+  u, s, v = (np.asarray(x, np.float64)[0] for x in svd.randomized_svd(a[None], rank, start, xp=np))
+  err = np.linalg.norm(a.astype(np.float64) - (u * s) @ v.T)
+  return float(err / np.sqrt(np.sum(values[rank:] ** 2)))
+
+
+def sweep(shapes, powers, dtypes, fractions):
+  rows = []
+  for m, n in shapes:
+    ranks = sorted({r for f in fractions if (r := max(1, int(f * min(m, n))))
+                    and svd.resolve_method(m, n, r, "auto") == "randomized"})
+    for power in powers:
+      base = matrix(m, n, power)
+      for dtype in dtypes:
+        a = base.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+        a = a.astype(np.float32)  # What the method computes on.
+        values = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+        t = time.perf_counter()
+        got = {r: ratio(a, r, values) for r in ranks}
+        rows.append(dict(shape=f"{m}x{n}", power=power, dtype=dtype, ratios=got,
+                         worst=max(got.values()), seconds=time.perf_counter() - t))
+        print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def markdown(rows) -> str:
+  lines = ["| shape | spectrum | teacher | ranks (error / optimal) | worst |", "|---|---|---|---|---:|"]
+  for r in rows:
+    spectrum = "Gaussian" if r["power"] == 0 else f"i^-{r['power']:g}"
+    each = ", ".join(f"{k}: {v:.4f}" for k, v in r["ratios"].items())
+    lines.append(f"| {r['shape']} | {spectrum} | {r['dtype']} | {each} | {r['worst']:.4f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  shapes = [tuple(int(x) for x in s.split("x")) for s in FLAGS.shapes.split(",")]
+  rows = sweep(shapes, [float(p) for p in FLAGS.powers.split(",")], FLAGS.dtypes.split(","),
+               [float(f) for f in FLAGS.fractions.split(",")])
+  with open(FLAGS.out, "w") as f:
+    json.dump(dict(argv=sys.argv[1:], rows=rows), f, indent=1)
+  md = markdown(rows)
+  with open(FLAGS.out.rsplit(".", 1)[0] + ".md", "w") as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  app.run(main)
