@@ -194,7 +194,7 @@ class InherSpec:
       full, `svd.use_randomized`; exact otherwise), ``"exact"`` (full SVDs: the optimal
       truncation, slowest) or ``"randomized"`` (`svd.randomized_svd`).
     power_iters: power iterations of the randomized method (default
-      `svd.POWER_ITERS` = 4: within 1% of the optimal error on flat spectra, below
+      `svd.POWER_ITERS` = 4: within 1% of the optimal error on every spectrum, below
       PiSSA's fast SVD; ``svd.FAST_POWER_ITERS`` = 2 is the documented faster setting,
       about 2.5% above optimal on flat spectra).
     oversample: extra subspace columns of the randomized method (default

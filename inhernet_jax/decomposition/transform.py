@@ -12,8 +12,9 @@ float rounding. `assemble.rebuild` then makes a new pytree in the layout of
 embeddings and every other leaf pass through as the same objects.
 
 The SVD is set by the spec: ``method="auto"`` (default: the randomized method of
-`svd.randomized_svd` for large kernels at a rank well below full, within 1% of the
-optimal error on flat spectra; exact SVDs for small ones), ``"exact"`` (optimal,
+`svd.randomized_svd` for large kernels at ranks up to a quarter of full, within 1% of
+the optimal error on every spectrum; exact SVDs for small kernels, higher ranks, energy
+targets and steep spectra), ``"exact"`` (optimal,
 slowest) or ``"randomized"``; ``power_iters`` / ``oversample`` trade accuracy for
 speed (``power_iters=2`` is the documented faster setting).
 
