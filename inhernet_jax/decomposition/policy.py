@@ -154,9 +154,9 @@ def method(spec: InherSpec, path: str, m: int, n: int, plan: LayerPlan) -> tuple
   randomized method's subspace columns (0 otherwise)."""
   if plan.data_aware:
     return "whitened", 0
-  how = svd.resolve_method(m, n, plan.rank, spec.method, spec.oversample,
-                           energy_target=needs_values(spec, path))
-  return how, svd.width(m, n, plan.rank, spec.oversample) if how == "randomized" else 0
+  energy_target = needs_values(spec, path)
+  return svd.method_and_width(m, n, plan.rank, spec.method, spec.oversample,
+                              energy_target=energy_target)
 
 
 # ----------------------------------------------------------------- counts and ranks

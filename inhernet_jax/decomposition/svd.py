@@ -150,6 +150,13 @@ def resolve_method(m: int, n: int, rank: int, method: str, oversample: int | Non
   return method
 
 
+def method_and_width(m: int, n: int, rank: int, method: str, oversample: int | None = None,
+                     *, energy_target: bool = False) -> tuple[str, int]:
+  """`resolve_method`'s method and, for the randomized one, its subspace `width` (else 0)."""
+  how = resolve_method(m, n, rank, method, oversample, energy_target=energy_target)
+  return how, width(m, n, rank, oversample) if how == "randomized" else 0
+
+
 def exact_svd(a: jax.Array, rank: int, *, xp=jnp):
   """Top-``rank`` triplets ``(u, s, v)`` from a full SVD (``xp.linalg.svd``), computed
   on ``a / max|a|`` (`normalize`): entries near 1e-20 or 1e20 lose nothing."""
