@@ -48,8 +48,10 @@ def test_reentrant_in_one_process(tmp_path):
 
 def test_two_concurrent_experiments_one_refused(tmp_path):
   """Two `launch.main` on one workdir: the second stops at once with one line."""
+  # Enough epochs that the first run still holds the lock when the second starts (with a
+  # warm compilation cache two epochs of digits end before a second process is up).
   cmd = [sys.executable, "-m", "launch.main", "--config=configs/digits.py:local",
-         "--config.methods=student", f"--workdir={tmp_path}"]
+         "--config.methods=student", "--config.epochs=500", f"--workdir={tmp_path}"]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
