@@ -1,6 +1,6 @@
 """The method: from a teacher's params to the inherited network's params.
 
-* `svd`: the maths on one batch of matrices (exact, randomized and whitened truncated
+* `svd` (and `starts`, its random start matrices): the maths on one batch of matrices (exact, randomized and whitened truncated
   SVDs, spectral energy);
 * `spec`: `InherSpec`, what the user asks for (a rank policy, heads, path rules);
 * `policy`: the rank policy, the one place a kernel's keep-or-factorise, rank, heads
