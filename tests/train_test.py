@@ -165,6 +165,30 @@ def test_checksum_catches_every_single_bit_flip():
       assert integrity.mismatched(base, integrity.checksum(y)) == [leaf]
 
 
+def test_checksum_on_the_host_equals_the_jitted_reduction():
+  """The NumPy path (CPU leaves) and the jitted one (any mesh) give the same sums."""
+  from inhernet_jax.training import integrity
+
+  rng = np.random.default_rng(0)
+  raw = rng.standard_normal((3, 5, 7)).astype(np.float32) * 1e3
+  leaves = [jnp.asarray(raw), jnp.asarray(raw, jnp.bfloat16), jnp.asarray(raw, jnp.float16),
+            jnp.asarray(raw, jnp.int8), jnp.asarray(raw.astype(np.int32)),
+            jnp.asarray(raw, jnp.uint16), jnp.asarray(raw > 0), jnp.float32(3.5),
+            jnp.zeros((0, 4)), jax.random.split(jax.random.key(7), 3),
+            jax.random.PRNGKey(3), jnp.asarray(np.float64(np.pi))]
+  jitted = jax.device_get(jax.jit(integrity._sums_impl)(leaves))
+  host = integrity._host_sums(leaves)
+  for i, (a, b) in enumerate(zip(jitted, host)):
+    np.testing.assert_array_equal(np.asarray(a, np.uint32), b, err_msg=str(leaves[i].dtype))
+  with jax.enable_x64(True):  # 64-bit leaves: two words per element.
+    wide = [jnp.asarray(raw, jnp.float64), jnp.asarray(raw.astype(np.int64))]
+    for a, b in zip(jax.device_get(jax.jit(integrity._sums_impl)(wide)),
+                    integrity._host_sums(wide)):
+      np.testing.assert_array_equal(np.asarray(a, np.uint32), b)
+  nan = {"a": jnp.asarray([1.0, np.nan, np.inf], jnp.bfloat16), "b": np.ones(3, np.float32)}
+  assert integrity.nonfinite(nan) == {"a": 2}
+
+
 @pytest.mark.parametrize("change, field", [
     ({"config": _config(optimizer={"name": "adam", "learning_rate": 1e-2,
                                    "schedule": "constant"})}, "optimizer.learning_rate"),

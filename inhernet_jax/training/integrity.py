@@ -3,8 +3,10 @@
 Two checks guard a resumed run (`checkpoint.restore_latest`):
 
 * `checksum`: a 64-bit position-weighted sum of every leaf's bits (two 32-bit sums with
-  odd weights), computed by one jitted reduction on whatever mesh holds the arrays, so
-  the same values give the same checksum on any mesh or number of processes. A single
+  odd weights), computed by one jitted reduction on whatever mesh holds the arrays (in
+  NumPy when every leaf is on the host CPU: the same integers, without compiling a
+  reduction for every new tree), so the same values give the same checksum on any mesh
+  or number of processes. A single
   flipped bit always changes it (the weight of every element is odd); any other damage
   goes unnoticed with probability about 2**-64 per leaf. Recorded with each save,
   verified after each restore.
@@ -92,6 +94,39 @@ def _replicated(leaves):
   return None
 
 
+def _on_host(leaves) -> bool:
+  """Every leaf a NumPy value or a jax array whole on this process's CPU devices."""
+  for x in leaves:
+    if isinstance(x, jax.Array):
+      if not x.is_fully_addressable or any(d.platform != "cpu" for d in x.devices()):
+        return False
+  return True
+
+
+def _host_bits(x) -> np.ndarray:
+  """`_bits` in NumPy: the same uint32 values, in row-major order."""
+  if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  x = np.asarray(x)
+  if x.dtype == np.bool_:
+    return x.astype(np.uint32)
+  size = x.dtype.itemsize
+  if size == 8:  # Little-endian words, as lax.bitcast_convert_type orders them.
+    return np.ascontiguousarray(x).view("<u4").reshape(*x.shape, 2)
+  return np.ascontiguousarray(x).view({1: np.uint8, 2: "<u2", 4: "<u4"}[size]).astype(np.uint32)
+
+
+def _host_sums(leaves) -> list[np.ndarray]:
+  """`_sums_impl` in NumPy (uint32 arithmetic wraps modulo 2**32, as XLA's does)."""
+  out = []
+  for x in leaves:
+    bits = _host_bits(x).reshape(-1)
+    position = (np.arange(bits.size, dtype=np.uint64) & 0xFFFFFFFF).astype(np.uint32)
+    out.append(np.array([np.sum(bits * ((position * np.uint32(m)) | np.uint32(1)),
+                                dtype=np.uint32) for m in _MULTIPLIERS]))
+  return out
+
+
 def checksum(tree) -> dict[str, str]:
   """``path -> "dtype shape hex"`` for every array leaf of ``tree`` (other leaves skipped).
 
@@ -100,8 +135,14 @@ def checksum(tree) -> dict[str, str]:
   """
   flat = [(p, x) for p, x in utils.flatten_with_names(tree)
           if hasattr(x, "dtype") and hasattr(x, "shape")]
+  # NumPy leaves as jax would hold them (float64 -> float32 without x64, say).
   leaves = [jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x for _, x in flat]
-  sums = jax.device_get(_sums_fn(_replicated(leaves))(leaves)) if flat else []
+  if not flat:
+    sums = []
+  elif _on_host(leaves):
+    sums = _host_sums(leaves)
+  else:
+    sums = jax.device_get(_sums_fn(_replicated(leaves))(leaves))
   return {p: f"{x.dtype} {tuple(x.shape)} {int(s[0]):08x}{int(s[1]):08x}"
           for (p, x), s in zip(flat, sums)}
 
@@ -124,7 +165,11 @@ def nonfinite(tree) -> dict[str, int]:
   if not flat:
     return {}
   leaves = [jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x for _, x in flat]
-  counts = jax.device_get(_nonfinite_fn(_replicated(leaves))(leaves))
+  if _on_host(leaves):
+    counts = [int(np.sum(~np.isfinite(np.asarray(x, np.float32) if x.dtype.itemsize < 4
+                                      else np.asarray(x)))) for x in leaves]
+  else:
+    counts = jax.device_get(_nonfinite_fn(_replicated(leaves))(leaves))
   return {p: int(c) for (p, _), c in zip(flat, counts) if int(c)}
 
 
