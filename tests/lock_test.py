@@ -60,6 +60,8 @@ def test_two_concurrent_experiments_one_refused(tmp_path):
     while not (tmp_path / lock.LOCK_FILE).exists() or not (tmp_path / lock.LOCK_FILE).read_text():
       assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
       time.sleep(0.05)
+    # Stopped, it still holds the lock, and leaves both cores to the second run.
+    first.send_signal(signal.SIGSTOP)
     t0 = time.time()
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 1, second.stderr
