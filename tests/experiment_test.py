@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import ml_collections
 import numpy as np
@@ -21,6 +22,22 @@ def _config(name: str, arg: str) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+  """The local digits teacher, trained once for the tests that run on it unchanged."""
+  config = _config("digits", "local")
+  workdir = tmp_path_factory.mktemp("digits_teacher") / f"seed_{config.seed}"
+  pipeline = experiment.make_pipeline(config, config.seed, experiment.mesh_from_config(config))
+  experiment.load_or_train_teacher(config, pipeline, str(workdir), config.seed)
+  return workdir / "teacher"
+
+
+def _with_teacher(teacher, workdir):
+  """``workdir`` holding a finished copy of ``teacher``'s run (restored, not retrained)."""
+  shutil.copytree(teacher, workdir / "seed_0" / "teacher", ignore=shutil.ignore_patterns(".lock"))
+  return str(workdir)
+
+
 def _by_method(runs):
   out = {}
   for r in runs:
@@ -29,10 +46,10 @@ def _by_method(runs):
 
 
 @pytest.mark.slow
-def test_digits_two_seeds_every_method(tmp_path):
+def test_digits_two_seeds_every_method(digits_teacher, tmp_path):
   config = _config("digits", "local")
   config.seeds = 2
-  results = experiment.train_and_evaluate(config, str(tmp_path))
+  results = experiment.train_and_evaluate(config, _with_teacher(digits_teacher, tmp_path))
   runs = _by_method(results["runs"])
   assert list(runs) == ["teacher", "student", "student_kd", "student_dkd", "student_fitnet",
                         "inherit", "inherit_kd", "inherit_random"]
@@ -74,13 +91,13 @@ def test_digits_two_seeds_every_method(tmp_path):
 
 
 @pytest.mark.slow
-def test_digits_sweep_writes_rank_heads_plot(tmp_path):
+def test_digits_sweep_writes_rank_heads_plot(digits_teacher, tmp_path):
   config = _config("digits", "local")
   config.methods = "inherit"
   config.scratch_method = "none"
   config.sweep = ml_collections.ConfigDict({"ranks": (2, 4), "heads": (1, 2)})
   config.epochs = 1
-  results = experiment.train_and_evaluate(config, str(tmp_path))
+  results = experiment.train_and_evaluate(config, _with_teacher(digits_teacher, tmp_path))
   keys = [r["method"] for r in results["runs"]]
   assert keys == ["teacher", "inherit_r2_h1", "inherit_r2_h2", "inherit_r4_h1", "inherit_r4_h2"]
   params = {r["method"]: r["params"] for r in results["runs"]}
@@ -130,12 +147,12 @@ def test_named_ranks_mean_what_they_mean_on_the_command_line():
 
 
 @pytest.mark.slow
-def test_digits_data_aware_and_budget_matched_methods(tmp_path):
+def test_digits_data_aware_and_budget_matched_methods(digits_teacher, tmp_path):
   config = _config("digits", "local")
   config.methods = "student,inherit_aware,inherit_greedy"
   config.epochs = 1
-  config.teacher.epochs = 1
-  runs = _by_method(experiment.train_and_evaluate(config, str(tmp_path))["runs"])
+  workdir = _with_teacher(digits_teacher, tmp_path)
+  runs = _by_method(experiment.train_and_evaluate(config, workdir)["runs"])
   student = runs["student"][0]["params"]
   aware, greedy = runs["inherit_aware"][0], runs["inherit_greedy"][0]
   # A uniform rank at the student's size, truncated for the output error.
