@@ -55,6 +55,13 @@ def test_unknown_name_and_preset_are_clear_errors():
 _SCANNED = [(n, True) for n in models.NAMES if models.family(n) == "transformer"]
 
 
+@functools.lru_cache(maxsize=None)
+def _teacher(name, scan):
+  """A full-size zoo model and its params' shapes (traced once for all three presets)."""
+  model = models.create(name, **({"scan": True} if scan else {}))
+  return model, models.variable_shapes(model, name)["params"]
+
+
 @pytest.mark.parametrize("name, scan", [(n, False) for n in models.NAMES] + _SCANNED)
 @pytest.mark.parametrize("which", models.PRESETS)
 def test_every_preset_of_every_model(name, scan, which):
@@ -62,8 +69,7 @@ def test_every_preset_of_every_model(name, scan, which):
   stems/heads/embeddings/pooler are kept by `default`, only the head by `demo`; and the
   inherited tree has the structure of ``clone(spec).init`` (traced: full-size models),
   scan-stacked transformers included."""
-  model = models.create(name, **({"scan": True} if scan else {}))
-  shapes = models.variable_shapes(model, name)["params"]
+  model, shapes = _teacher(name, scan)
   kernels = [p for p in _paths(shapes) if p.endswith("/kernel")]
   rules = models.preset(which, name)
   for pattern, _ in rules:
