@@ -45,6 +45,12 @@ HELP = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?")
 EXTRAS = {"tensorflow_datasets": "data", "array_record": "data", "torch": "torch",
           "transformers": "torch", "efficientnet_lite_pytorch": "torch"}
 _TYPE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)(?:\(\w*\))?: ")
+# A write that failed for want of room or rights: the condition, not a bug.
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+# TensorStore (orbax's array writer) reports a failed write(2) as a ValueError whose text
+# ends in "... No space left on device [os_error_code='28']" (no errno attribute).
+_TS_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_TS_PATH = re.compile(r'Failed (?:writing|to write|to open|to create)[^"]*"([^"]+)"')
 
 
 def one_line(text: str) -> str:
@@ -63,6 +69,9 @@ def _os_error(e: OSError) -> str:
   what = e.strerror or str(e)
   if e.errno in (errno.ENOSPC, errno.EDQUOT):
     what += " (free some space, then run the same command again: finished steps are kept)"
+  elif e.errno == errno.EFBIG:
+    what += (" (a file-size limit, see ulimit -f: raise it, then run the same command again: "
+             "finished steps are kept)")
   elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
     what += " (expected a directory this user can write: choose another)"
   return f"{where}: {what}" if where is not None else what
@@ -79,6 +88,29 @@ def _cause(e: BaseException, kinds) -> BaseException | None:
   return None
 
 
+def _chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    yield e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+
+
+def disk_error(e: BaseException) -> OSError | None:
+  """The failed write behind ``e`` when it failed for want of room or rights (a full
+  disk, a quota, a file-size limit, a read-only or forbidden directory), as an OSError;
+  also when TensorStore reported it only in its text. None otherwise."""
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.errno in _DISK:
+      return x
+    code = _TS_CODE.search(str(x)) if isinstance(x, (ValueError, RuntimeError)) else None
+    if code and int(code.group(1)) in _DISK:
+      path = _TS_PATH.search(str(x))
+      n = int(code.group(1))
+      return OSError(n, os.strerror(n), path.group(1) if path else None)
+  return None
+
+
 def message(e: BaseException) -> str | None:
   """The one-line message of an expected failure ``e`` (None for a bug)."""
   missing = _cause(e, ModuleNotFoundError)
@@ -90,8 +122,8 @@ def message(e: BaseException) -> str | None:
     return _os_error(e)
   if isinstance(e, EXPECTED):
     return one_line(str(e)) or type(e).__name__
-  disk = _cause(e, OSError)
-  if disk is not None and disk.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+  disk = disk_error(e)
+  if disk is not None:
     return _os_error(disk)
   return None
 

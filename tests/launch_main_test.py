@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 
@@ -53,3 +55,48 @@ def test_checkpoint_meta_without_history(tmp_path):
   mngr.close()
   proc = _main("--config=configs/digits.py:local", f"--workdir={tmp_path}", "--config.methods=student")
   _one_line_error(proc, "has no 'history'", "delete")
+
+
+def _child_env():
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  return env
+
+
+def test_a_real_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path):
+  """A real SIGINT (what Ctrl-C sends), at a scripted point: once the teacher's first
+  epoch is logged (the child's own progress line, read from its stderr: no sleeps), while
+  it saves that epoch or trains the next. One ``interrupted:`` line with the resume hint,
+  exit status 130, no traceback; then the same command resumes from the checkpoints."""
+  cmd = [sys.executable, "-m", "launch.main", "--config=configs/digits.py:local",
+         f"--workdir={tmp_path}", "--config.methods=student"]
+  # SIGINT as a shell leaves it (a runner may start the tests with it ignored).
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  before = []
+  try:
+    for line in proc.stderr:
+      before.append(line)
+      if "teacher epoch 1:" in line:
+        proc.send_signal(signal.SIGINT)
+        break
+    _, after = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert before and "teacher epoch 1:" in before[-1], "".join(before)[-3000:]
+  assert proc.returncode == 130, after[-3000:]
+  assert "Traceback" not in after and "Exception" not in after, after[-3000:]
+  lines = after.strip().splitlines()
+  assert lines[-1] == ("interrupted: run the same command again to resume from the last "
+                       "checkpoints"), after[-3000:]
+  # Nothing else but the child's own log lines (a save finishing, a step logged).
+  assert all(re.match(r"^[IW]\d{4} ", l) for l in lines[:-1]), after[-3000:]
+  assert not (tmp_path / "results.json").exists()
+  resumed = subprocess.run(cmd, cwd=ROOT, env=_child_env(), capture_output=True, text=True,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert re.search(r"\bteacher: resumed from step [1-9]", resumed.stderr), \
+      resumed.stderr[-3000:]
+  assert (tmp_path / "results.json").exists()
