@@ -130,15 +130,37 @@ def message(e: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def quiet():
-  """INFO logging held back inside the block (the checks before any work: JAX's backend
-  probing and the like would otherwise come before their one-line error)."""
+  """Logging held back inside the block (the checks before any work: JAX's backend
+  probing, a dataset library's warning about a folder it probed, would otherwise come
+  before their one-line error): INFO is dropped; warnings and errors are printed after the
+  block when it ends normally, and dropped with it when it raises (its error is the line
+  that says what is wrong)."""
   root = pylogging.getLogger()
   level = root.level
+  handlers = list(root.handlers)
+  held = []
+
+  def hold(record):
+    held.append(record)
+    return False
+
+  for handler in handlers:
+    handler.addFilter(hold)
   root.setLevel(max(level, pylogging.WARNING))
+  ended = False
   try:
     yield
+    ended = True
   finally:
     root.setLevel(level)
+    for handler in handlers:
+      handler.removeFilter(hold)
+    if ended:
+      seen = set()
+      for record in held:  # A record reaches each handler once: held once per handler.
+        if id(record) not in seen and record.levelno >= pylogging.WARNING:
+          seen.add(id(record))
+          root.handle(record)
 
 
 @contextlib.contextmanager
@@ -150,9 +172,20 @@ def errors(expected=EXPECTED):
     fail(message(e) or one_line(str(e)))
 
 
+def _not_orbax_disk_error(record: pylogging.LogRecord) -> bool:
+  """False for orbax's own log of a failed write for want of room or rights (each of its
+  save threads logs it with a traceback): orbax raises the same error to its caller, which
+  `guarded` prints as the command's one ``error:`` line."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (exc is not None and f"{os.sep}orbax{os.sep}" in record.pathname
+              and disk_error(exc) is not None)
+
+
 def guarded(main, argv, *, interrupted: str = "stopped"):
   """``main(argv)``: an expected failure is one ``error:`` line (exit 1), Ctrl-C one line
   with the ``interrupted`` hint (exit 130), a bug a line saying so and its traceback."""
+  absl_logger = pylogging.getLogger("absl")
+  absl_logger.addFilter(_not_orbax_disk_error)
   try:
     return main(argv)
   except KeyboardInterrupt:
@@ -167,6 +200,8 @@ def guarded(main, argv, *, interrupted: str = "stopped"):
     print(f"error: internal error ({type(e).__name__}), a bug: please report it with the "
           "traceback below", file=sys.stderr, flush=True)
     raise
+  finally:
+    absl_logger.removeFilter(_not_orbax_disk_error)
 
 
 def help_text(module: str | None = None) -> str:

@@ -3,6 +3,7 @@
 import os
 import pathlib
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -100,3 +101,28 @@ def test_a_real_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path):
   assert re.search(r"\bteacher: resumed from step [1-9]", resumed.stderr), \
       resumed.stderr[-3000:]
   assert (tmp_path / "results.json").exists()
+
+
+def test_a_write_refused_by_the_kernel_while_training_is_one_error_line(tmp_path):
+  """A real refused write, through the real command: a file-size limit (RLIMIT_FSIZE,
+  what ``ulimit -f 8`` sets) makes the kernel refuse TensorStore's write of the teacher's
+  first checkpoint, in orbax's save threads, with EFBIG ("File too large"). A full disk
+  is the same write(2) failure with ENOSPC; filling one needs a mount this test cannot
+  make, so ENOSPC's text is checked in tests/bad_inputs_test.py (`disk_full_in_tensorstore`).
+  One ``error:`` line at the end, exit status 1, no traceback, none of orbax's own logs of
+  the failure, and no step counted as saved."""
+  hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+  env = _child_env()
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Its entries would hit the limit too.
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.main", "--config=configs/digits.py:local",
+       f"--workdir={tmp_path}", "--config.methods=student"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=300,  # Pipes: not files, not limited.
+      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard)))
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert [l for l in lines if l.startswith("error: ")] == [lines[-1]], proc.stderr[-3000:]
+  assert "teacher/checkpoints/0" in lines[-1] and "File too large (a file-size limit" in lines[-1]
+  assert not [l for l in lines if re.match(r"^E\d{4} ", l)], proc.stderr[-3000:]
+  assert not (tmp_path / "seed_0" / "teacher" / "checkpoints" / "0").exists()
