@@ -452,6 +452,39 @@ def test_a_read_in_flight_when_orbax_fails_ends_quietly(monkeypatch, caplog):
   assert late() == []
 
 
+def test_only_a_read_finishing_into_its_closed_loop_is_not_printed(monkeypatch):
+  """`teardown.late_read` recognises the real one (TensorStore's callback into a closed
+  loop, made here deterministically) and not the same error raised anywhere else."""
+  import asyncio
+  import tensorstore as ts
+  from inhernet_jax.training import teardown
+
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  loop = asyncio.new_event_loop()
+  promise, future = ts.Promise.new()
+
+  async def read():
+    await future
+
+  loop.run_until_complete(asyncio.sleep(0, loop.create_task(read())))  # Now awaiting.
+  loop.close()
+  promise.set_result(1)  # Completes into the closed loop.
+
+  class Elsewhere:
+    def __del__(self):
+      raise RuntimeError("Event loop is closed")
+
+  Elsewhere()
+  assert len(seen) == 2, seen
+  assert teardown.late_read(seen[0]) and not teardown.late_read(seen[1])
+  passed = []
+  hook = teardown._Hook(passed.append)
+  hook(seen[0])
+  hook(seen[1])
+  assert passed == [seen[1]]
+
+
 def test_a_restore_failing_mid_read_falls_back_without_late_tracebacks(
     tmp_path, monkeypatch, caplog):
   """The real path: step 2's array data deleted, so its restore fails while the other

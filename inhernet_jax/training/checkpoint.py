@@ -251,6 +251,7 @@ def restore_latest(
       listed), or only damaged ones; the message names the directory and says how to
       start over. Never a silent fresh start.
   """
+  teardown.install()  # Again: a hook installed since the import (a test's) is wrapped too.
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None
@@ -408,6 +409,7 @@ def load_variables(directory: str | os.PathLike, abstract_variables: dict) -> di
       leaf named, `check_finite`).
   """
   directory = _checkpoint_dir(directory)
+  teardown.install()
   # Only params and batch_stats are read (a partial restore: no optimizer state), each
   # straight into the sharding of its abstract leaf (replicated on every device when the
   # leaf has none), so a checkpoint from any mesh or number of processes loads here.
