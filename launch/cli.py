@@ -45,6 +45,12 @@ HELP = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?")
 EXTRAS = {"tensorflow_datasets": "data", "array_record": "data", "torch": "torch",
           "transformers": "torch", "efficientnet_lite_pytorch": "torch"}
 _TYPE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)(?:\(\w*\))?: ")
+# A write that failed for want of room or rights: the condition, not a bug.
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+# TensorStore (orbax's array writer) reports a failed write(2) as a ValueError whose text
+# ends in "... No space left on device [os_error_code='28']" (no errno attribute).
+_TS_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_TS_PATH = re.compile(r'Failed (?:writing|to write|to open|to create)[^"]*"([^"]+)"')
 
 
 def one_line(text: str) -> str:
@@ -63,6 +69,9 @@ def _os_error(e: OSError) -> str:
   what = e.strerror or str(e)
   if e.errno in (errno.ENOSPC, errno.EDQUOT):
     what += " (free some space, then run the same command again: finished steps are kept)"
+  elif e.errno == errno.EFBIG:
+    what += (" (a file-size limit, see ulimit -f: raise it, then run the same command again: "
+             "finished steps are kept)")
   elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
     what += " (expected a directory this user can write: choose another)"
   return f"{where}: {what}" if where is not None else what
@@ -79,6 +88,29 @@ def _cause(e: BaseException, kinds) -> BaseException | None:
   return None
 
 
+def _chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    yield e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+
+
+def disk_error(e: BaseException) -> OSError | None:
+  """The failed write behind ``e`` when it failed for want of room or rights (a full
+  disk, a quota, a file-size limit, a read-only or forbidden directory), as an OSError;
+  also when TensorStore reported it only in its text. None otherwise."""
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.errno in _DISK:
+      return x
+    code = _TS_CODE.search(str(x)) if isinstance(x, (ValueError, RuntimeError)) else None
+    if code and int(code.group(1)) in _DISK:
+      path = _TS_PATH.search(str(x))
+      n = int(code.group(1))
+      return OSError(n, os.strerror(n), path.group(1) if path else None)
+  return None
+
+
 def message(e: BaseException) -> str | None:
   """The one-line message of an expected failure ``e`` (None for a bug)."""
   missing = _cause(e, ModuleNotFoundError)
@@ -90,23 +122,45 @@ def message(e: BaseException) -> str | None:
     return _os_error(e)
   if isinstance(e, EXPECTED):
     return one_line(str(e)) or type(e).__name__
-  disk = _cause(e, OSError)
-  if disk is not None and disk.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+  disk = disk_error(e)
+  if disk is not None:
     return _os_error(disk)
   return None
 
 
 @contextlib.contextmanager
 def quiet():
-  """INFO logging held back inside the block (the checks before any work: JAX's backend
-  probing and the like would otherwise come before their one-line error)."""
+  """Logging held back inside the block (the checks before any work: JAX's backend
+  probing, a dataset library's warning about a folder it probed, would otherwise come
+  before their one-line error): INFO is dropped; warnings and errors are printed after the
+  block when it ends normally, and dropped with it when it raises (its error is the line
+  that says what is wrong)."""
   root = pylogging.getLogger()
   level = root.level
+  handlers = list(root.handlers)
+  held = []
+
+  def hold(record):
+    held.append(record)
+    return False
+
+  for handler in handlers:
+    handler.addFilter(hold)
   root.setLevel(max(level, pylogging.WARNING))
+  ended = False
   try:
     yield
+    ended = True
   finally:
     root.setLevel(level)
+    for handler in handlers:
+      handler.removeFilter(hold)
+    if ended:
+      seen = set()
+      for record in held:  # A record reaches each handler once: held once per handler.
+        if id(record) not in seen and record.levelno >= pylogging.WARNING:
+          seen.add(id(record))
+          root.handle(record)
 
 
 @contextlib.contextmanager
@@ -118,9 +172,20 @@ def errors(expected=EXPECTED):
     fail(message(e) or one_line(str(e)))
 
 
+def _not_orbax_disk_error(record: pylogging.LogRecord) -> bool:
+  """False for orbax's own log of a failed write for want of room or rights (each of its
+  save threads logs it with a traceback): orbax raises the same error to its caller, which
+  `guarded` prints as the command's one ``error:`` line."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (exc is not None and f"{os.sep}orbax{os.sep}" in record.pathname
+              and disk_error(exc) is not None)
+
+
 def guarded(main, argv, *, interrupted: str = "stopped"):
   """``main(argv)``: an expected failure is one ``error:`` line (exit 1), Ctrl-C one line
   with the ``interrupted`` hint (exit 130), a bug a line saying so and its traceback."""
+  absl_logger = pylogging.getLogger("absl")
+  absl_logger.addFilter(_not_orbax_disk_error)
   try:
     return main(argv)
   except KeyboardInterrupt:
@@ -135,6 +200,8 @@ def guarded(main, argv, *, interrupted: str = "stopped"):
     print(f"error: internal error ({type(e).__name__}), a bug: please report it with the "
           "traceback below", file=sys.stderr, flush=True)
     raise
+  finally:
+    absl_logger.removeFilter(_not_orbax_disk_error)
 
 
 def help_text(module: str | None = None) -> str:

@@ -143,6 +143,15 @@ def _wrapped_enospc():
     raise RuntimeError("async save failed") from e
 
 
+def _tensorstore_enospc():
+  """TensorStore's own report of a refused write (the text a real one gives, errno 28)."""
+  path = "/w/seed_0/teacher/checkpoints/0.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp"
+  raise ValueError(f'OUT_OF_RANGE: Error writing "step/0" in OCDBT database at local file '
+                   f'"{path}/ocdbt.process_0/": Failed writing: "{path}/ocdbt.process_0/d/1f": '
+                   "Failed to write 16709 bytes to file 11: No space left on device "
+                   "[os_error_code='28']")
+
+
 def _flags(name, *args):
   """Parses ``args`` for launcher ``name`` (`cli.parse`), then runs its validate step."""
   def fn():
@@ -193,6 +202,7 @@ def _cases(tmp_path, monkeypatch):
       "disk_full": (None, lambda: (_blocked(monkeypatch, "write", errno.ENOSPC),
                                    preflight.check_workdir(str(tmp_path / "full")))),
       "disk_full_while_training": _wrapped_enospc,
+      "disk_full_in_tensorstore": _tensorstore_enospc,
       "ctrl_c": ("main", lambda: cli.guarded(_interrupt, ["prog"], interrupted=_resume())),
       "unknown_config_key": _flags("main", "--config=configs/digits.py:local",
                                    f"--workdir={tmp_path}", "--config.epochz=3"),
@@ -303,3 +313,29 @@ def test_the_real_commands():
   assert line.startswith("error: ") and _table()["unknown_config_key"] in line, bad.stderr
   helped = _command("launch.inherit", "--help")
   assert helped.returncode == 0 and "--rank:" in helped.stdout and "--heads:" in helped.stdout
+
+
+def test_a_failed_check_is_not_preceded_by_what_its_probing_logged(capsys):
+  """`cli.quiet` (the checks before any work): a library's warning logged while probing
+  (tfds: "Variant folder ... has no dataset_info.json", before the data check's error)
+  does not come before the one ``error:`` line; when the checks pass it is still shown."""
+  import logging
+
+  handler = logging.StreamHandler(sys.stderr)
+  root = logging.getLogger()
+  root.addHandler(handler)
+
+  def check(fail):
+    with cli.quiet():
+      logging.getLogger("probe").warning("Variant folder x has no dataset_info.json")
+      logging.getLogger("probe").info("probing the backends")
+      if fail:
+        raise preflight.ConfigError("config.data: cifar100 is not prepared")
+
+  try:
+    assert _line(capsys, lambda: check(True)) == "error: config.data: cifar100 is not prepared"
+    check(False)
+    err = capsys.readouterr().err
+  finally:
+    root.removeHandler(handler)
+  assert err == "Variant folder x has no dataset_info.json\n", err

@@ -14,6 +14,7 @@ import os
 import pathlib
 import pickle
 import re
+import shutil
 import stat
 import struct
 import subprocess
@@ -351,10 +352,23 @@ def _abstract(model):
 
 
 def _edit_meta(run_dir, step, edit):
+  """Edits the meta file of ``step`` in place (``edit`` may return a whole new value)."""
   path = run_dir / "checkpoints" / str(step) / "meta" / "metadata"
   meta = json.loads(path.read_text())
-  edit(meta)
-  path.write_text(json.dumps(meta))
+  replaced = edit(meta)
+  path.write_text(json.dumps(meta if replaced is None else replaced))
+
+
+def _not_an_object(meta):
+  return [1, 2]
+
+
+def _step_1_copied_as_2(run_dir):
+  """An older step presented as the latest: step 2's directory replaced by step 1's
+  (every file intact, its digest and checksums valid)."""
+  ckpts = run_dir / "checkpoints"
+  shutil.rmtree(ckpts / "2")
+  shutil.copytree(ckpts / "1", ckpts / "2")
 
 
 def _remove_digest_edit_history(meta):
@@ -380,6 +394,8 @@ CHECKPOINTS = {
     "meta_digest_removed_history_edited": _remove_digest_edit_history,
     "checksum_algorithm_changed": _other_algorithm,
     "checksum_removed": _no_checksum,
+    "meta_not_an_object": _not_an_object,
+    "step_directory_replaced": _step_1_copied_as_2,  # Takes the run directory.
     "teacher_nan": None,  # A teacher whose params hold NaN (saved with valid checksums).
 }
 
@@ -388,7 +404,10 @@ CHECKPOINTS = {
 def test_an_edited_meta_file_is_detected(case, tmp_path):
   model, params = _teacher_params()
   _save_run(tmp_path, params, steps=(1, 2))
-  _edit_meta(tmp_path, 2, CHECKPOINTS[case])
+  if CHECKPOINTS[case] is _step_1_copied_as_2:
+    _step_1_copied_as_2(tmp_path)
+  else:
+    _edit_meta(tmp_path, 2, CHECKPOINTS[case])
   # Loading the edited step: one error naming why.
   with pytest.raises(checkpoint.CheckpointError, match=re.escape(EXPECTED[case])):
     checkpoint.load_variables(tmp_path, _abstract(model))
@@ -399,6 +418,92 @@ def test_an_edited_meta_file_is_detected(case, tmp_path):
   mngr.close()
   assert step == 1 and meta["history"] == {"step": 1}
   assert (tmp_path / "checkpoints.corrupt" / "2").is_dir()
+
+
+def _late_reads(monkeypatch, caplog):
+  """What arrives after a failed orbax run: TensorStore callbacks into a closed loop
+  (sys.unraisablehook) and asyncio's "never retrieved" / "destroyed but pending"."""
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(str(u.exc_value)))
+  caplog.set_level("ERROR", logger="asyncio")
+  return lambda: unraisable + [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
+def test_a_read_in_flight_when_orbax_fails_ends_quietly(monkeypatch, caplog):
+  """Deterministic: orbax's ``run_sync`` fails while a TensorStore read is in flight (a
+  promise this test fulfils afterwards); the loop drains its tasks before closing, so
+  the late read has no closed loop to call into (before: "Event loop is closed")."""
+  import asyncio
+  import tensorstore as ts
+  from orbax.checkpoint._src import asyncio_utils
+
+  late = _late_reads(monkeypatch, caplog)
+  promise, future = ts.Promise.new()
+
+  async def restore():
+    asyncio.ensure_future(future)  # Another array's read, still in flight.
+    await asyncio.sleep(0)
+    raise ValueError("one array cannot be read")
+
+  with pytest.raises(ValueError, match="one array cannot be read"):  # Still raised.
+    asyncio_utils.run_sync(restore())
+  promise.set_result(1)
+  del future
+  assert late() == []
+
+
+def test_only_a_read_finishing_into_its_closed_loop_is_not_printed(monkeypatch):
+  """`teardown.late_read` recognises the real one (TensorStore's callback into a closed
+  loop, made here deterministically) and not the same error raised anywhere else."""
+  import asyncio
+  import tensorstore as ts
+  from inhernet_jax.training import teardown
+
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  loop = asyncio.new_event_loop()
+  promise, future = ts.Promise.new()
+
+  async def read():
+    await future
+
+  loop.run_until_complete(asyncio.sleep(0, loop.create_task(read())))  # Now awaiting.
+  loop.close()
+  promise.set_result(1)  # Completes into the closed loop.
+
+  class Elsewhere:
+    def __del__(self):
+      raise RuntimeError("Event loop is closed")
+
+  Elsewhere()
+  assert len(seen) == 2, seen
+  assert teardown.late_read(seen[0]) and not teardown.late_read(seen[1])
+  passed = []
+  hook = teardown._Hook(passed.append)
+  hook(seen[0])
+  hook(seen[1])
+  assert passed == [seen[1]]
+
+
+def test_a_restore_failing_mid_read_falls_back_without_late_tracebacks(
+    tmp_path, monkeypatch, caplog):
+  """The real path: step 2's array data deleted, so its restore fails while the other
+  arrays are being read; each of four resumes falls back to step 1 and prints nothing
+  late (before: dozens of "Event loop is closed" tracebacks in about one run of two)."""
+  model, params = _teacher_params()
+  _save_run(tmp_path / "base", params, steps=(1, 2))
+  state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+  late = _late_reads(monkeypatch, caplog)
+  for i in range(4):
+    run = tmp_path / str(i)
+    shutil.copytree(tmp_path / "base", run)
+    for f in (run / "checkpoints" / "2" / "state" / "d").iterdir():
+      f.unlink()
+    mngr = checkpoint.manager(run / "checkpoints")
+    step, _, _ = checkpoint.restore_latest(mngr, state)
+    mngr.close()
+    assert step == 1
+  assert late() == []
 
 
 @pytest.mark.parametrize("launcher", ["inherit", "main"])

@@ -43,7 +43,10 @@ from absl import logging
 from flax import serialization
 
 from inhernet_jax.training import integrity
+from inhernet_jax.training import teardown
 from inhernet_jax.common import utils
+
+teardown.install()  # A failed restore ends with its error only (no late tracebacks).
 
 
 class CheckpointError(RuntimeError):
@@ -102,6 +105,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
   # optax namedtuples included, with readable '/'-joined paths.
   tree = serialization.to_state_dict(state)
   meta["checksum"] = {"algorithm": integrity.ALGORITHM, "leaves": integrity.checksum(tree)}
+  meta["saved_step"] = int(step)  # A step directory renamed to another step is refused.
   meta.pop("meta_digest", None)
   meta["meta_digest"] = integrity.digest(meta)
   mngr.save(
@@ -126,16 +130,25 @@ def check_finite(variables, where: str) -> None:
                           "diverge?)")
 
 
-def verified_meta(meta: dict | None, where: str, error: type[Exception] = CheckpointError) -> dict:
-  """``meta`` without its ``meta_digest``, after checking it against that digest and that
-  its ``checksum`` is of this version's algorithm (`integrity.ALGORITHM`).
+def verified_meta(meta: dict | None, where: str, error: type[Exception] = CheckpointError,
+                  step: int | None = None) -> dict:
+  """``meta`` without its ``meta_digest``, after checking it against that digest, that
+  its ``checksum`` is of this version's algorithm (`integrity.ALGORITHM`) and that it was
+  saved as ``step`` (when given, and recorded: checkpoints before the step was recorded
+  have none).
 
   No key's removal disables the check: a meta without ``meta_digest`` or ``checksum`` is
-  refused like a wrong one, and the algorithm is this package's, never the file's.
+  refused like a wrong one, and the algorithm is this package's, never the file's. The
+  digest is an unkeyed sha256: it catches damage and edits that do not recompute it; it
+  is not a signature (whoever can rewrite the files can recompute it, as they could
+  rewrite the state itself), so a workdir is trusted like the code that reads it.
 
   Raises:
     ``error``: the reason, naming ``where``.
   """
+  if meta is not None and not isinstance(meta, dict):
+    raise error(f"checkpoint {where}: its meta is a JSON {type(meta).__name__}, not an "
+                "object (damaged or not written by this package)")
   meta = dict(meta or {})
   digest = meta.pop("meta_digest", None)
   if digest is None:
@@ -149,6 +162,9 @@ def verified_meta(meta: dict | None, where: str, error: type[Exception] = Checkp
   if sums.get("algorithm") != integrity.ALGORITHM:
     raise error(f"checkpoint {where}: its checksum is of algorithm {sums.get('algorithm')!r}; "
                 f"this version verifies {integrity.ALGORITHM!r} only")
+  if step is not None and "saved_step" in meta and meta["saved_step"] != step:
+    raise error(f"checkpoint {where}: its meta was saved as step {meta['saved_step']!r}, not "
+                f"{step} (a step directory renamed?)")
   return meta
 
 
@@ -235,6 +251,7 @@ def restore_latest(
       listed), or only damaged ones; the message names the directory and says how to
       start over. Never a silent fresh start.
   """
+  teardown.install()  # Again: a hook installed since the import (a test's) is wrapped too.
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None
@@ -290,7 +307,7 @@ def _restore_step(mngr, step, abstract_state, template, fingerprint, allow, requ
     raise _Damaged(f"checkpoint {where} is unreadable ({type(e).__name__}: {e})") from e
   if metadata is None:
     raise _Damaged(f"checkpoint {where} has no 'state' item")
-  meta = verified_meta(meta, where, _Damaged)
+  meta = verified_meta(meta, where, _Damaged, step=step)
   missing = [k for k in required if k not in meta]
   if missing:
     raise CheckpointError(
@@ -360,7 +377,7 @@ def run_status(directory: str | os.PathLike) -> dict:
                           f"({type(e).__name__}: {e})") from e
   finally:
     mngr.close()
-  meta = verified_meta(meta, f"{directory}/{step}")  # total_steps decides "finished".
+  meta = verified_meta(meta, f"{directory}/{step}", step=step)  # total_steps: "finished".
   total = meta.get("total_steps")
   return {"step": step, "total_steps": total, "directory": directory,
           "finished": None if total is None else step >= total}
@@ -392,6 +409,7 @@ def load_variables(directory: str | os.PathLike, abstract_variables: dict) -> di
       leaf named, `check_finite`).
   """
   directory = _checkpoint_dir(directory)
+  teardown.install()
   # Only params and batch_stats are read (a partial restore: no optimizer state), each
   # straight into the sharding of its abstract leaf (replicated on every device when the
   # leaf has none), so a checkpoint from any mesh or number of processes loads here.
@@ -433,7 +451,7 @@ def load_variables(directory: str | os.PathLike, abstract_variables: dict) -> di
                           f"({type(e).__name__}: {e})") from e
   finally:
     mngr.close()
-  meta = verified_meta(meta, where)
+  meta = verified_meta(meta, where, step=step)
   saved_sums = {k: v for k, v in meta["checksum"]["leaves"].items() if k.split("/")[0] in out}
   bad = integrity.mismatched(saved_sums, integrity.checksum(out))
   if bad:
