@@ -52,6 +52,7 @@ LONGEST_FIRST = (
     "user_models_test.py",       # eight user models (linen), H = 1 and 3, train + orbax
     "nnx_test.py",               # the NNX models: surgery, nnx.jit training, orbax
     "untrusted_inputs_test.py",  # bad files through launch.convert / launch.inherit / launch.main
+    "launch_main_test.py",       # a real Ctrl-C and resume, a refused write: 4 `launch.main` runs
     "your_model_doc_test.py",    # runs every code block of docs/your-model.md
     "bad_inputs_test.py",
     "launch_user_model_test.py",
