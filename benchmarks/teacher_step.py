@@ -185,7 +185,12 @@ def main(argv):
     unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
     if unknown:
       raise app.UsageError(f"--xla_variants: unknown {unknown}; known: {sorted(VARIANTS)}")
-    rows = [_subprocess(v) for v in _VARIANTS.value]
+    rows = []
+    for v in _VARIANTS.value:  # Written after each variant: a killed run keeps its rows.
+      rows.append(_subprocess(v))
+      if _OUT.value and _OUT.value != "/dev/stdout":
+        with open(_OUT.value, "w") as f:
+          json.dump(rows, f, indent=1)
   else:
     rows = [measure(_DEPTH.value, widths, _BATCH.value, _ROUNDS.value, _WARMUP.value)]
   text = json.dumps(rows if _VARIANTS.value else rows[0])

@@ -233,9 +233,9 @@ def dkd(
   once ``1 - p_g`` underflows.
 
   The cross-entropy term is NOT included: mdistiller's DKD objective is
-  ``ce_weight * cross_entropy(...) + w(epoch) * dkd(...)``; add the CE yourself. Its
-  warmup ``w(epoch) = min(epoch / 20, 1)`` is a training-loop concern: multiply this
-  loss by the schedule's value. Defaults are mdistiller's CIFAR-100 settings
+  ``ce_weight * cross_entropy(...) + w(epoch) * dkd(...)`` with the warm-up ``w(epoch) =
+  min(epoch / 20, 1)``; ``make_loss("dkd", ce_weight=1.0, warmup_steps=N)`` builds it
+  (a config's ``warmup_epochs`` is turned into steps by the trainer). Defaults are mdistiller's CIFAR-100 settings
   (``alpha=1, beta=8, T=4``; ``beta`` is tuned per teacher-student pair there).
 
   Example:
