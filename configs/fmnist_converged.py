@@ -133,7 +133,7 @@ def get_config(arg: str | None = None):
     percent, row = curve[arg.piece]
   widths = STUDENT_WIDTHS[percent]
   if arg.local:  # Tests: a (8, 8, 16, 16) teacher, students at about its 25/10/50%.
-    widths = {25: (4, 4, 8, 8), 10: (3, 3, 5, 6), 50: (6, 6, 12, 12)}[percent]
+    widths = {25: (6, 6, 12, 12), 10: (4, 4, 8, 8), 50: (7, 7, 14, 14)}[percent]
   md = dict(table["student" if row == "teacher" else row])
   if md["kind"] == "student":
     md["kwargs"] = {"num_filters": widths}
