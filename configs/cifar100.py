@@ -64,7 +64,10 @@ def get_config(arg: str | None = None):
       "student": {**student_def, "loss": "ce", "label": f"{student} from scratch"},
       "student_kd": {**student_def, "loss": "kd", "loss_kwargs": kd, "label": f"{student} + KD"},
       "student_dkd": {**student_def, "loss": "dkd", "label": f"{student} + DKD",
-                      "loss_kwargs": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}},
+                      # mdistiller's DKD: CE + a weight warmed up over 20 of 240
+                      # epochs (scaled with the run's epochs).
+                      "loss_kwargs": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0,
+                                      "ce_weight": 1.0, "warmup_epochs": 20 * scale}},
       "inherit_small": {**inherit_def, "rank": small, "loss": "kd", "loss_kwargs": kd,
                         "label": f"InherNet-Small r={small} + KD"},
       "inherit_large": {**inherit_def, "rank": large, "loss": "ce",

@@ -87,6 +87,7 @@ def rank_for_params(
     heads: int = 1,
     rules=(),
     rank_multiple: int = 1,
+    variant: str = "gated",
 ) -> int:
   """Largest uniform rank whose inherited network has at most ``target_params``
   (a multiple of ``rank_multiple``, see `InherSpec.rank_multiple`).
@@ -98,7 +99,8 @@ def rank_for_params(
   Raises:
     ValueError: when even rank 1 exceeds the target (names both counts).
   """
-  spec = InherSpec(rank=1, heads=heads, rules=tuple(rules), rank_multiple=rank_multiple)
+  spec = InherSpec(rank=1, heads=heads, rules=tuple(rules), rank_multiple=rank_multiple,
+                   variant=variant)
   # Searched in units of rank_multiple: the count is a step function of the rank.
   count = lambda u: planned_param_count(teacher_params, spec.replace(rank=u * rank_multiple))
   lo_count = count(1)
@@ -119,8 +121,9 @@ def rank_for_params(
 
 
 def spec_for_params(teacher_params, target_params: int, *, heads: int = 1, rules=(),
-                    rank_multiple: int = 1) -> InherSpec:
+                    rank_multiple: int = 1, variant: str = "gated") -> InherSpec:
   """`rank_for_params` as a ready `InherSpec`."""
   rank = rank_for_params(teacher_params, target_params, heads=heads, rules=rules,
-                         rank_multiple=rank_multiple)
-  return as_spec(InherSpec(rank=rank, heads=heads, rules=tuple(rules), rank_multiple=rank_multiple))
+                         rank_multiple=rank_multiple, variant=variant)
+  return as_spec(InherSpec(rank=rank, heads=heads, rules=tuple(rules), rank_multiple=rank_multiple,
+                           variant=variant))

@@ -2,7 +2,8 @@
 
 Every executor turns a kernel's truncated SVD ``(u, s, v)`` into the layer's params by
 `factor_params` (the shared down-projection ``U_r``, every head ``S_r V_r^T``, the bias
-copied into every head), inside its own computation; `inherited` adds the gate
+copied into every head), inside its own computation; `inherited` adds the gate (none for
+the ``"no_gate"`` variant; the ``"symmetric"`` one gets ``U_r`` once per head)
 (`gate_params`: drawn from ``(key, crc32(path))`` only, so it does not depend on how
 kernels are batched) and keeps what the report reads; `rebuild` puts the new params in
 place of the teacher's kernels and biases.
@@ -86,7 +87,12 @@ def inherited(group, results, ok, key) -> dict[str, Inherited]:
   for i, (k, (factors, params)) in enumerate(zip(group.kernels, results)):
     # device_put, not jnp.asarray: the latter compiles a program per shape.
     params = jax.tree.map(jax.device_put, params)
-    if k.plan.heads > 1:
+    variant = k.plan.variant
+    if variant == "symmetric" and k.plan.heads > 1:
+      # One down-projection per head, each V_r^T: stored side by side, (..., H * r).
+      params["down"]["kernel"] = jnp.concatenate([params["down"]["kernel"]] * k.plan.heads,
+                                                 axis=-1)
+    if k.plan.heads > 1 and variant != "no_gate":
       params["gate"] = gate_params(key, k)
     out[k.path] = Inherited(params, factors, None if whitened is None else whitened[i])
   return out

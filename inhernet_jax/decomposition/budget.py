@@ -80,14 +80,14 @@ def _target(teacher_params, budget) -> int:
 
 
 # --------------------------------------------------------------------------- layers
-def _layer_costs(k, heads: int) -> tuple[int, int, int, int]:
+def _layer_costs(k, heads: int, variant: str = "gated") -> tuple[int, int, int, int]:
   """``(rank-1 cost, cost per extra rank, dense cost, max_rank)`` of a kernel's stack;
   ``max_rank`` is the largest rank whose factorisation has fewer parameters than the
   dense layer (0: none has)."""
   layers = int(np.prod(k.stack_shape))
   use_bias = k.bias is not None
-  base = policy.inherited_params(k.m, k.n, 1, heads, use_bias)
-  step = policy.inherited_params(k.m, k.n, 2, heads, use_bias) - base  # Linear in the rank.
+  base = policy.inherited_params(k.m, k.n, 1, heads, use_bias, variant)
+  step = policy.inherited_params(k.m, k.n, 2, heads, use_bias, variant) - base  # Linear in r.
   dense = policy.dense_params(k.m, k.n, use_bias)
   max_rank = 0 if base >= dense else min(min(k.m, k.n) - 1, (dense - 1 - base) // step + 1)
   return layers * base, layers * step, layers * dense, max_rank
@@ -156,7 +156,7 @@ def _problem(teacher_params, spec: InherSpec, spectra, objective: str = "energy"
     action = spec.match(k.path)[1]
     heads = action.get("heads", spec.heads)
     if k.plan is None and not any(p in action for p in POLICIES):
-      base, step, dense, max_rank = _layer_costs(k, heads)
+      base, step, dense, max_rank = _layer_costs(k, heads, spec.variant)
       if max_rank >= 1:
         free.append((k, heads, base, step, dense, max_rank))
         continue

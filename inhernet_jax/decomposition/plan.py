@@ -96,7 +96,8 @@ class Kernel:
     if self.plan is None or not self.plan.factorize:
       return dense, dense
     return dense, self.layers * policy.inherited_params(self.m, self.n, self.plan.rank,
-                                                        self.plan.heads, use_bias)
+                                                        self.plan.heads, use_bias,
+                                                        self.plan.variant)
 
   def matrices(self):
     """``(prod(stack), m, n)``: every slice of the stack as a matrix (NumPy on the host:

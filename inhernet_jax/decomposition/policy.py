@@ -43,6 +43,8 @@ class LayerPlan:
     full_rank: ``min(in, out)`` of the kernel matrix.
     reason: why a kernel is kept (empty when factorised).
     data_aware: truncate for the output error on calibration inputs (factorised only).
+    variant: the layer's form (`spec.VARIANTS`: ``"gated"``, ``"no_gate"``,
+      ``"symmetric"``).
   """
 
   factorize: bool
@@ -51,6 +53,7 @@ class LayerPlan:
   full_rank: int
   reason: str = ""
   data_aware: bool = False
+  variant: str = "gated"
 
 
 def needs_values(spec: InherSpec, path: str) -> bool:
@@ -111,7 +114,7 @@ def layer_plan(spec: InherSpec, path: str, m: int, n: int, use_bias: bool,
       )
     rank = rank_for_energy(singular_values, value)
   else:
-    rank = rank_for_param_ratio(m, n, value, heads, use_bias)
+    rank = rank_for_param_ratio(m, n, value, heads, use_bias, spec.variant)
     rank -= rank % multiple  # Down: within the budget.
     if rank == 0:
       return LayerPlan(False, 0, heads, full, f"no rank meets param_ratio={value}"
@@ -119,13 +122,14 @@ def layer_plan(spec: InherSpec, path: str, m: int, n: int, use_bias: bool,
   if kind != "param_ratio":
     rank = min(-(-rank // multiple) * multiple, max(rank, full))
   aware = action.get("data_aware", spec.data_aware)
+  variant = spec.variant
   if not spec.skip_if_no_saving:
-    return LayerPlan(True, min(rank, full), heads, full, data_aware=aware)
+    return LayerPlan(True, min(rank, full), heads, full, data_aware=aware, variant=variant)
   if rank >= full:
     return LayerPlan(False, 0, heads, full, f"rank {rank} >= full rank {full}")
-  if inherited_params(m, n, rank, heads, use_bias) >= dense_params(m, n, use_bias):
+  if inherited_params(m, n, rank, heads, use_bias, variant) >= dense_params(m, n, use_bias):
     return LayerPlan(False, 0, heads, full, "factorisation saves no parameters")
-  return LayerPlan(True, rank, heads, full, data_aware=aware)
+  return LayerPlan(True, rank, heads, full, data_aware=aware, variant=variant)
 
 
 def stack_plan(spec: InherSpec, path: str, m: int, n: int, use_bias: bool,
@@ -165,20 +169,25 @@ def dense_params(m: int, n: int, use_bias: bool = True) -> int:
   return m * n + (n if use_bias else 0)
 
 
-def inherited_params(m: int, n: int, rank: int, heads: int = 1, use_bias: bool = True) -> int:
+def inherited_params(m: int, n: int, rank: int, heads: int = 1, use_bias: bool = True,
+                     variant: str = "gated") -> int:
   """Exact parameters of the factorised layer.
 
-  Shared down-projection ``m*r`` (no bias), ``heads`` up-projections ``r*n`` (+ ``n`` bias
-  each), and for ``heads > 1`` a gate Dense ``r -> heads`` with bias. With one head the
-  gate would be a constant softmax over one logit, so there is none.
+  Shared down-projection ``m*r`` (no bias; ``heads * m*r`` for the ``"symmetric"``
+  variant, one per head), ``heads`` up-projections ``r*n`` (+ ``n`` bias each), and for
+  ``heads > 1`` a gate Dense ``r -> heads`` with bias (none for the ``"no_gate"``
+  variant). With one head the gate would be a constant softmax over one logit, so there
+  is none.
   """
-  gate = rank * heads + heads if heads > 1 else 0
-  return m * rank + heads * (rank * n + (n if use_bias else 0)) + gate
+  gate = rank * heads + heads if heads > 1 and variant != "no_gate" else 0
+  downs = heads if variant == "symmetric" else 1
+  return downs * m * rank + heads * (rank * n + (n if use_bias else 0)) + gate
 
 
-def compression_ratio(m: int, n: int, rank: int, heads: int = 1, use_bias: bool = True) -> float:
+def compression_ratio(m: int, n: int, rank: int, heads: int = 1, use_bias: bool = True,
+                      variant: str = "gated") -> float:
   """Teacher parameters over inherited parameters of one layer (> 1 means smaller)."""
-  return dense_params(m, n, use_bias) / inherited_params(m, n, rank, heads, use_bias)
+  return dense_params(m, n, use_bias) / inherited_params(m, n, rank, heads, use_bias, variant)
 
 
 def rank_for_energy(s: Sequence[float] | np.ndarray, energy: float) -> int:
@@ -193,7 +202,8 @@ def rank_for_energy(s: Sequence[float] | np.ndarray, energy: float) -> int:
 
 
 def rank_for_param_ratio(
-    m: int, n: int, ratio: float, heads: int = 1, use_bias: bool = True
+    m: int, n: int, ratio: float, heads: int = 1, use_bias: bool = True,
+    variant: str = "gated",
 ) -> int:
   """Largest rank whose layer has at most ``ratio`` times the teacher's parameters.
 
@@ -201,7 +211,9 @@ def rank_for_param_ratio(
   """
   budget = ratio * dense_params(m, n, use_bias)
   fixed = heads * (n if use_bias else 0)
-  per_rank = m + heads * n + (heads if heads > 1 else 0)
-  extra = heads if heads > 1 else 0  # gate bias
+  gated = heads > 1 and variant != "no_gate"
+  downs = heads if variant == "symmetric" else 1
+  per_rank = downs * m + heads * n + (heads if gated else 0)
+  extra = heads if gated else 0  # gate bias
   r = math.floor((budget - fixed - extra) / per_rank)
   return int(max(0, min(r, min(m, n))))

@@ -305,10 +305,21 @@ def singular_values(k: Kernel, mesh: Mesh) -> np.ndarray:
   return np.concatenate([np.asarray(fn(k.kernel, index)[0]) for index in indices])
 
 
+def _check_variants(plan: Plan) -> None:
+  """The sharded executor builds the paper's gated layer only (`InherSpec.variant`)."""
+  other = [k.path for k in plan.factorised if k.plan.variant != "gated"]
+  if other:
+    variant = next(k.plan.variant for k in plan.factorised if k.plan.variant != "gated")
+    raise ValueError(f"{other[0]}: the sharded executor builds only the 'gated' variant, not "
+                     f"{variant!r}; inherit without a mesh (the "
+                     "default executor) for the ablation variants")
+
+
 def _sharded_schedule(plan: Plan, mesh: Mesh, rules, keep_factors: bool):
   """The stages of the sharded path, the plan's groups' kernels in order: per kernel, one
   stage per layer group, their assembly and the gate. Returns ``(schedule, groups)``:
   the stages, and the most layer groups of any kernel (the group indices to place)."""
+  _check_variants(plan)
   schedule, most = [], 1
 
   def rule(k, name, shape):

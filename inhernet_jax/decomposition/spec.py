@@ -59,6 +59,10 @@ _LITERAL = re.compile(r"(?:\\[^A-Za-z0-9]|[^\\()\[\]{}*+?|^$.])*")
 
 _ACTION_KEYS = ("skip", "rank", "fraction", "energy", "param_ratio", "heads", "stack", "data_aware")
 POLICIES = ("rank", "fraction", "energy", "param_ratio")
+# The inherited layer's form: the paper's (one shared down-projection, H gated heads) and
+# its ablations: heads mixed with fixed equal weights (no gate), and one down-projection
+# per head (symmetric). Plain low-rank is ``heads=1`` (no experts, no gate).
+VARIANTS = ("gated", "no_gate", "symmetric")
 
 
 def _check_rank(value: Any, where: str) -> int | float:
@@ -212,6 +216,12 @@ class InherSpec:
       change, only the factors: `inherit` needs ``calibration=`` Grams.
     damping: the data-aware ridge, ``damping * mean(diag G)`` added to each input Gram
       ``G`` (>= 0; a rank-deficient ``G`` needs > 0).
+    variant: the layer's form (`VARIANTS`): ``"gated"`` (the paper's InherNet),
+      ``"no_gate"`` (the paper's "without gate" ablation: heads mixed with fixed weights
+      ``1/H``, no gate parameters) or ``"symmetric"`` (its "symmetric" ablation: one
+      down-projection per head, each initialised from ``V_r^T``, H times the shared
+      one's parameters; the gate reads the mean of the heads' bottlenecks). Every
+      variant computes the rank-r truncation right after `inherit`.
   """
 
   rank: int | float | None = struct.field(pytree_node=False, default=None)
@@ -226,8 +236,11 @@ class InherSpec:
   skip_if_no_saving: bool = struct.field(pytree_node=False, default=True)
   data_aware: bool = struct.field(pytree_node=False, default=False)
   damping: float = struct.field(pytree_node=False, default=svd.DAMPING)
+  variant: str = struct.field(pytree_node=False, default="gated")
 
   def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"InherSpec.variant must be one of {VARIANTS}, got {self.variant!r}")
     if self.rank is not None:
       _check_rank(self.rank, "InherSpec.rank")
     if self.energy is not None:

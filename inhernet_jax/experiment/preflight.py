@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from inhernet_jax import models
 from inhernet_jax.data import pipeline as data_lib
 from inhernet_jax.decomposition import accounting
-from inhernet_jax.decomposition.spec import InherSpec
+from inhernet_jax.decomposition.spec import VARIANTS, InherSpec
 from inhernet_jax.decomposition.transform import resolve
 from inhernet_jax.experiment import validate
 from inhernet_jax.experiment.records import MethodDef
@@ -125,6 +125,9 @@ def _check_inhernet(p, config, name: str, md, t_params, student_params, num_clas
   heads_list = (sweep.get("heads") or (md.get("heads", _default("heads")),)) if swept else (
       md.get("heads", _default("heads")),)
   allocation = md.get("allocation", _default("allocation"))
+  variant = md.get("variant", _default("variant"))
+  if variant not in VARIANTS:
+    return  # Reported by check_config.
   for raw in ranks:
     try:
       rank = validate.parse_rank(raw, f"{where}.rank")
@@ -145,10 +148,11 @@ def _check_inhernet(p, config, name: str, md, t_params, student_params, num_clas
           p.append(f"{where}.rank {rank!r}: {target:,} parameters are not fewer than the "
                    f"teacher's {teacher_count:,}: nothing to compress; expected a smaller size")
           continue
-        rank = p.call(at, accounting.rank_for_params, t_params, target, heads=heads, rules=rules)
+        rank = p.call(at, accounting.rank_for_params, t_params, target, heads=heads, rules=rules,
+                      variant=variant)
         if rank is None or allocation == "greedy":
           continue
-      spec = p.call(at, InherSpec, rank=rank, heads=heads, rules=rules)
+      spec = p.call(at, InherSpec, rank=rank, heads=heads, rules=rules, variant=variant)
       if spec is not None:
         inherits_a_layer(p, at, t_params, spec, teacher_count)
 

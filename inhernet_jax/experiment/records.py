@@ -44,6 +44,8 @@ class MethodDef:
   ``kwargs``. An InherNet: ``rank`` (an int, a fraction, ``"params:<method>"`` or
   ``"student:<zoo model>"``),
   ``heads``, the layer ``preset``, ``init`` (``"svd"`` or the ``"random"`` ablation),
+  ``variant`` (`InherSpec.variant`: ``"gated"``, or the ``"no_gate"`` / ``"symmetric"``
+  ablations),
   ``svd`` (the `svd.METHODS` solver), ``data_aware`` truncation on
   ``calibration_batches`` training batches, ``allocation`` (``"uniform"`` or per-layer
   ``"greedy"`` at ``objective``), ``sweep`` (False: not expanded over ``config.sweep``),
@@ -67,6 +69,7 @@ class MethodDef:
   heads: int = 1
   preset: str = "default"
   init: str = "svd"
+  variant: str = "gated"
   svd: str = "auto"
   data_aware: bool = False
   calibration_batches: int = 8

@@ -157,11 +157,12 @@ def _student_size(rank, student_params: dict[str, int], name: str,
 
 
 def _resolve_rank(rank, teacher_params, heads: int, rules, student_params: dict[str, int],
-                  name: str, num_classes: int | None = None):
+                  name: str, num_classes: int | None = None, variant: str = "gated"):
   size = _student_size(rank, student_params, name, num_classes)
   if size is None:
     return rank
-  return accounting.rank_for_params(teacher_params, size, heads=heads, rules=rules)
+  return accounting.rank_for_params(teacher_params, size, heads=heads, rules=rules,
+                                    variant=variant)
 
 
 def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_params, grams_cache):
@@ -178,7 +179,8 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   heads = int(md.heads)
   rules = models.preset(md.preset, config.teacher.model)
   aware = bool(md.data_aware)
-  base = InherSpec(rank=1, heads=heads, rules=rules, method=md.svd, data_aware=aware)
+  base = InherSpec(rank=1, heads=heads, rules=rules, method=md.svd, data_aware=aware,
+                   variant=md.variant)
   grams = None
   if aware:  # One set of Grams per seed and batch count, shared by the methods.
     count = int(md.calibration_batches)
@@ -191,7 +193,7 @@ def _inherit_spec(md, name: str, config, t_model, t_vars, pipeline, student_para
   t_params = t_vars["params"]
   if allocation == "uniform":
     rank = _resolve_rank(md.rank, t_params, heads, rules, student_params, name,
-                         pipeline.task.num_classes)
+                         pipeline.task.num_classes, md.variant)
     return base.replace(rank=rank), grams, rank
   if allocation != "greedy":
     raise ValueError(f"config.method_defs.{name}.allocation must be 'uniform' or 'greedy', "

@@ -30,6 +30,7 @@ from inhernet_jax.training import optim
 from inhernet_jax.models import sizes
 from inhernet_jax.decomposition import svd
 from inhernet_jax.data import pipeline as data_lib
+from inhernet_jax.decomposition.spec import VARIANTS
 from inhernet_jax.experiment.records import INITS, KINDS, MethodDef
 
 _default = MethodDef.default  # The method fields' defaults, kept in one place.
@@ -38,7 +39,7 @@ _default = MethodDef.default  # The method fields' defaults, kept in one place.
 METHOD_FIELDS = {
     "common": ("kind", "label", "loss", "loss_kwargs", "hint", "optimizer"),
     "student": ("model", "kwargs"),
-    "inhernet": ("rank", "heads", "preset", "init", "data_aware", "calibration_batches",
+    "inhernet": ("rank", "heads", "preset", "init", "variant", "data_aware", "calibration_batches",
                  "allocation", "objective", "svd", "sweep", "recalibrate",
                  "recalibration_batches", "init_key"),
 }
@@ -142,6 +143,10 @@ def _check_loss(p: _Problems, where: str, md: Mapping) -> None:
   elif not p.check(loss in losses.LOSSES,
                    f"{where}.loss: unknown loss {loss!r}; known: {[*losses.LOSSES, 'fitnet']}"):
     return
+  if loss == "dkd" and "warmup_epochs" in kwargs:  # The trainer turns it into steps.
+    epochs = kwargs.pop("warmup_epochs")
+    p.check(isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs >= 0,
+            f"{where}.loss_kwargs.warmup_epochs: expected a number >= 0, got {epochs!r}")
   p.call(f"{where}.loss_kwargs", losses.make_loss, loss, **kwargs)
 
 
@@ -173,7 +178,7 @@ def _check_method(p: _Problems, config, name: str, md: Mapping, students: list[s
                                      f"known: {', '.join(models.NAMES)}")
   heads = md.get("heads", _default("heads"))
   p.check(_is_int(heads) and heads >= 1, f"{where}.heads: expected an int >= 1, got {heads!r}")
-  for field, choices in (("init", INITS), ("preset", models.PRESETS),
+  for field, choices in (("init", INITS), ("variant", VARIANTS), ("preset", models.PRESETS),
                          ("allocation", ALLOCATIONS), ("objective", budget.OBJECTIVES),
                          ("svd", svd.METHODS)):
     value = md.get(field, _default(field))

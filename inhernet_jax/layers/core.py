@@ -3,7 +3,11 @@
 An inherited layer is ``z = down(x)`` (the teacher's own layer type into ``r``
 channels), gate weights ``g = softmax(gate(summary(z)))`` (one per token for denses,
 one per sample for convs, from the spatially pooled ``z``) and ``y = mix(z, up, g)``
-(`inhernet_jax.layers.mixing`). The framework modules (`layers.linen`: ``InherDense``,
+(`inhernet_jax.layers.mixing`). The paper's ablations (`InherSpec.variant`) change two
+steps: ``"no_gate"`` mixes with the fixed weights ``1/H`` (`fixed_gate`), and
+``"symmetric"`` has one down-projection per head (``H r`` channels, `split_heads`), the
+gate reading their mean and each head its own bottleneck (`mix_separate`). The framework
+modules (`layers.linen`: ``InherDense``,
 ``InherConv`` and the layers `surgery` puts into a user's linen model; `layers.nnx`:
 their NNX counterparts) own the parameters and the down-projection; everything between
 the down-projection and the output is here.
@@ -79,3 +83,41 @@ def stacked_init(init, heads: int):
     return jnp.stack([init(k, shape[1:], dtype) for k in keys])
 
   return init_fn
+
+
+def fixed_gate(summary: jax.Array, heads: int) -> jax.Array:
+  """The ``"no_gate"`` ablation's weights: ``1/H`` for every head, shaped like the gate's
+  output on ``summary`` (``(*positions, H)``), in its dtype."""
+  return jnp.full((*summary.shape[:-1], heads), 1.0 / heads, summary.dtype)
+
+
+def split_heads(z: jax.Array, heads: int) -> jax.Array:
+  """``(..., H r)`` -> ``(..., H, r)``: the ``"symmetric"`` ablation's per-head bottlenecks."""
+  if z.shape[-1] % heads:
+    raise ValueError(f"a symmetric layer's bottleneck has {z.shape[-1]} channels, not a "
+                     f"multiple of its {heads} heads")
+  return z.reshape(*z.shape[:-1], heads, z.shape[-1] // heads)
+
+
+def mix_separate(zs: jax.Array, kernel: jax.Array, bias: jax.Array | None, g: jax.Array,
+                 *, per_sample: bool, precision=None) -> jax.Array:
+  """``y = y_0 + sum_{h>0} g_h (y_h - y_0)`` with ``y_h = zs_h @ kernel_h + bias_h``: the
+  ``"symmetric"`` ablation, each head on its own bottleneck.
+
+  Written as head 0 plus gated differences (as `mixing.mix`), so identical heads on
+  identical bottlenecks (right after `inherit`) give head 0 bit for bit.
+
+  Args:
+    zs: ``(batch, *positions, H, r)``.
+    kernel: ``(H, r, n)``; bias ``(H, n)`` or None.
+    g: ``(batch, H)`` when ``per_sample`` (one gate per sample), else
+      ``(batch, *positions, H)``.
+  """
+  y = jnp.einsum("...hr,hrn->...hn", zs, kernel, precision=precision)
+  if bias is not None:
+    y = y + bias
+  if per_sample:
+    g = g.reshape(g.shape[0], *([1] * (zs.ndim - 3)), g.shape[-1])
+  head0 = y[..., 0, :]
+  return head0 + jnp.einsum("...h,...hn->...n", g[..., 1:], y[..., 1:, :] - head0[..., None, :],
+                            precision=precision)

@@ -12,7 +12,9 @@ y = sum_h g_h * (z @ up_h + b_h)  # H expert up-projections r -> out (1x1 for co
 ```
 
 with parameters ``{"down": {"kernel"}, "up": {"kernel": (H, r, out), "bias": (H, out)},
-"gate": {"kernel": (r, H), "bias": (H,)}}`` (no gate when ``H == 1``). After
+"gate": {"kernel": (r, H), "bias": (H,)}}`` (no gate when ``H == 1``). The spec's
+``variant`` builds the paper's ablations: ``"no_gate"`` (fixed weights ``1/H``, no gate
+params) and ``"symmetric"`` (``down`` has ``H r`` outputs, one ``r``-block per head). After
 `inhernet_jax.inherit` every head is ``S_r V_r^T`` and the gate weights sum to one, so the
 layer computes exactly the rank-r truncation of the teacher, for every H. (The public
 demo initialises each head to ``U_r S_r / H``, which scales the layer by ``1/H``; we do
@@ -86,7 +88,8 @@ class _Experts(nn.Module):
                       self.param_dtype)
 
   @nn.compact
-  def __call__(self, z: jax.Array, g: jax.Array | None, per_sample: bool, groups: int = 1) -> jax.Array:
+  def __call__(self, z: jax.Array, g: jax.Array | None, per_sample: bool, groups: int = 1,
+               separate: bool = False) -> jax.Array:
     """Mixes the experts (`mixing.mix`: head 0 plus the gated differences of the others).
 
     Args:
@@ -97,11 +100,16 @@ class _Experts(nn.Module):
       per_sample: one gate per sample (convs) or per position (dense/token).
       groups: the conv's ``feature_group_count``: group ``i``'s outputs read only group
         ``i``'s ``r`` bottleneck channels.
+      separate: ``z`` is ``(..., H, r)``, one bottleneck per head (the symmetric variant,
+        `core.mix_separate`).
     """
     r = z.shape[-1]
     kernel = self._stacked("kernel", self.kernel_init, (r, self.features))
     bias = self._stacked("bias", self.bias_init, (self.features,)) if self.use_bias else None
     z, kernel, bias, g = nn.dtypes.promote_dtype(z, kernel, bias, g, dtype=self.dtype)
+    if separate:
+      return core.mix_separate(z, kernel, bias, g, per_sample=per_sample,
+                               precision=self.precision)
     return mixing_lib.mix(z, kernel, bias, g, per_sample=per_sample, groups=groups,
                       strategy=self.mixing, precision=self.precision)
 
@@ -225,11 +233,39 @@ class InherConv(nn.Conv):
 # Called inside a compact method of ``module`` (an `nn.Dense` / `nn.Conv`, the
 # package's layers or a user's own, intercepted by `inhernet_jax.surgery.linen`): the
 # factor params are its submodules ``down``, ``up`` and ``gate``.
+def down_width(plan: LayerPlan) -> int:
+  """The down-projection's outputs: ``r``, or ``H r`` for the symmetric variant."""
+  return plan.rank * (plan.heads if plan.variant == "symmetric" else 1)
+
+
+def _mix(module, z: jax.Array, plan: LayerPlan, mixing: str, *, per_sample: bool,
+         spatial: int = 0, groups: int = 1, features: int | None = None) -> jax.Array:
+  """Gate and experts from the bottleneck ``z`` for every variant of ``plan``."""
+  symmetric = plan.variant == "symmetric" and plan.heads > 1
+  if symmetric and groups != 1:
+    raise ValueError(f"{'/'.join(module.path)}: the symmetric variant does not support "
+                     f"grouped convs (feature_group_count={groups})")
+  zs = core.split_heads(z, plan.heads) if symmetric else None
+  g = None
+  if plan.heads > 1:
+    summary = core.gate_summary(zs.mean(axis=-2) if symmetric else z, per_sample=per_sample,
+                                spatial=spatial, groups=groups)
+    if plan.variant == "no_gate":
+      g = core.fixed_gate(summary, plan.heads)
+    else:
+      g = _gate(module, summary, plan.heads)
+      _sow_gate_stats(module, g)
+  experts = _experts(module, plan, mixing, features)
+  if not symmetric:
+    return experts(z, g, per_sample=per_sample, groups=groups)
+  return experts(zs, g, per_sample=per_sample, separate=True)
+
+
 def factorised_dense(module: nn.Module, inputs: jax.Array, plan: LayerPlan,
                      mixing: str = "auto") -> jax.Array:
   """The factorised `nn.Dense` ``module`` (one gate per token) of ``plan``."""
   z = _down(
-      module, nn.Dense, plan.rank, dot_general=module.dot_general,
+      module, nn.Dense, down_width(plan), dot_general=module.dot_general,
       dot_general_cls=module.dot_general_cls,
   )(inputs)
   return gated_experts(module, z, plan, mixing)
@@ -238,11 +274,7 @@ def factorised_dense(module: nn.Module, inputs: jax.Array, plan: LayerPlan,
 def gated_experts(module: nn.Module, z: jax.Array, plan: LayerPlan, mixing: str,
                   features: int | None = None) -> jax.Array:
   """Gate (per token) and experts of a dense-like layer from its bottleneck ``z``."""
-  g = None
-  if plan.heads > 1:
-    g = _gate(module, core.gate_summary(z, per_sample=False), plan.heads)
-    _sow_gate_stats(module, g)
-  return _experts(module, plan, mixing, features)(z, g, per_sample=False)
+  return _mix(module, z, plan, mixing, per_sample=False, features=features)
 
 
 def factorised_conv(module: nn.Module, inputs: jax.Array, plan: LayerPlan,
@@ -265,19 +297,14 @@ def factorised_conv(module: nn.Module, inputs: jax.Array, plan: LayerPlan,
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
   z = _down(
-      module, nn.Conv, plan.rank, kernel_size=kernel_size, strides=module.strides,
+      module, nn.Conv, down_width(plan), kernel_size=kernel_size, strides=module.strides,
       padding=module.padding, input_dilation=module.input_dilation,
       kernel_dilation=module.kernel_dilation, conv_general_dilated=module.conv_general_dilated,
       conv_general_dilated_cls=module.conv_general_dilated_cls,
   )(x)
   if groups != 1:
     z = core.merge_groups(z, b, groups)  # (batch, *spatial', groups, r)
-  g = None
-  if plan.heads > 1:
-    summary = core.gate_summary(z, per_sample=True, spatial=len(kernel_size), groups=groups)
-    g = _gate(module, summary, plan.heads)
-    _sow_gate_stats(module, g)
-  return _experts(module, plan, mixing)(z, g, per_sample=True, groups=groups)
+  return _mix(module, z, plan, mixing, per_sample=True, spatial=len(kernel_size), groups=groups)
 
 
 # --------------------------------------------------------------------- gate statistics

@@ -153,7 +153,7 @@ def read_model(model: nn.Module, variables: Mapping[str, Any], inputs: tuple,
 def _dense_general(module, inputs, plan, mixing, args, kwargs):
   features = _features(module)
   z = nn.DenseGeneral(
-      plan.rank, axis=module.axis, use_bias=False, dtype=module.dtype,
+      layers_lib.down_width(plan), axis=module.axis, use_bias=False, dtype=module.dtype,
       param_dtype=module.param_dtype, precision=module.precision,
       kernel_init=module.kernel_init, dot_general=module.dot_general,
       dot_general_cls=module.dot_general_cls, name="down")(inputs)
@@ -172,7 +172,7 @@ def _einsum(module, inputs, plan, mixing, args, kwargs):
   rows = "".join(c for c in result if c not in outs)
   sizes = dict(zip(equation.replace(" ", "").split("->")[0].split(",")[1], module.shape))
   z = nn.Einsum(
-      (*(sizes[c] for c in ins), plan.rank), f"{lhs},{ins}{free}->{rows}{free}",
+      (*(sizes[c] for c in ins), layers_lib.down_width(plan)), f"{lhs},{ins}{free}->{rows}{free}",
       use_bias=False, dtype=module.dtype, param_dtype=module.param_dtype,
       precision=module.precision, kernel_init=module.kernel_init, name="down")(inputs)
   out_shape = tuple(sizes[c] for c in outs)

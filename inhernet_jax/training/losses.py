@@ -233,9 +233,9 @@ def dkd(
   once ``1 - p_g`` underflows.
 
   The cross-entropy term is NOT included: mdistiller's DKD objective is
-  ``ce_weight * cross_entropy(...) + w(epoch) * dkd(...)``; add the CE yourself. Its
-  warmup ``w(epoch) = min(epoch / 20, 1)`` is a training-loop concern: multiply this
-  loss by the schedule's value. Defaults are mdistiller's CIFAR-100 settings
+  ``ce_weight * cross_entropy(...) + w(epoch) * dkd(...)`` with the warm-up ``w(epoch) =
+  min(epoch / 20, 1)``; ``make_loss("dkd", ce_weight=1.0, warmup_steps=N)`` builds it
+  (a config's ``warmup_epochs`` is turned into steps by the trainer). Defaults are mdistiller's CIFAR-100 settings
   (``alpha=1, beta=8, T=4``; ``beta`` is tuned per teacher-student pair there).
 
   Example:
@@ -371,6 +371,9 @@ def fitnet_hint(
 # ---------------------------------------------------------------------------- configs
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "kd": kd, "dkd": dkd}
 
+# mdistiller's objective around DKD (`make_loss` options): the CE weight, the warm-up.
+DKD_OBJECTIVE = ("ce_weight", "warmup_steps")
+
 # Losses that read the teacher's logits (the others ignore them).
 _NEEDS_TEACHER = frozenset({"kd", "dkd"})
 
@@ -391,15 +394,23 @@ def make_loss(name: str, **kwargs: Any) -> Callable[..., Array]:
     loss = loss_fn(student_logits, teacher_logits, labels, mask)
     ```
 
+  ``"dkd"`` also takes mdistiller's objective around the loss (`DKD_OBJECTIVE`):
+  ``ce_weight`` (default 0: the bare `dkd` term) adds ``ce_weight * CE``, and
+  ``warmup_steps`` (default 0: none) multiplies the DKD term by ``min(step /
+  warmup_steps, 1)``, mdistiller's linear warm-up (``min(epoch / 20, 1)`` there, per
+  epoch; per step here): the loss then takes ``step=`` (the trainer passes it).
+
   Args:
     name: a key of `LOSSES`: ``"ce"``, ``"kd"`` or ``"dkd"``.
     **kwargs: that loss's keyword options (``label_smoothing`` for ``"ce"``; ``alpha``,
-      ``temperature`` for ``"kd"``; ``alpha``, ``beta``, ``temperature`` for ``"dkd"``).
+      ``temperature`` for ``"kd"``; ``alpha``, ``beta``, ``temperature``, ``ce_weight``,
+      ``warmup_steps`` for ``"dkd"``).
 
   Returns:
-    ``loss_fn(student_logits, teacher_logits, labels, mask=None) -> float32 scalar``;
-    ``"ce"`` ignores ``teacher_logits`` (None is fine), the KD losses raise ValueError
-    when it is None.
+    ``loss_fn(student_logits, teacher_logits, labels, mask=None, step=None) -> float32
+    scalar``; ``"ce"`` ignores ``teacher_logits`` (None is fine), the KD losses raise
+    ValueError when it is None; ``step`` (the optimizer step, an int or a traced int)
+    is read by a DKD warm-up only.
 
   Raises:
     ValueError: an unknown loss name, or an option out of range.
@@ -408,6 +419,16 @@ def make_loss(name: str, **kwargs: Any) -> Callable[..., Array]:
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}")
   fn = LOSSES[name]
+  kwargs = dict(kwargs)
+  objective = {}
+  if name == "dkd":
+    objective = {k: kwargs.pop(k) for k in DKD_OBJECTIVE if k in kwargs}
+    where = "make_loss('dkd')"
+    if "ce_weight" in objective:
+      _check_nonnegative(objective["ce_weight"], "ce_weight", where)
+    steps = objective.get("warmup_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+      raise ValueError(f"{where}: warmup_steps must be an int >= 0, got {steps!r}")
   allowed = _options(fn)
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
@@ -429,12 +450,23 @@ def make_loss(name: str, **kwargs: Any) -> Callable[..., Array]:
     if key in kwargs:
       _check_nonnegative(kwargs[key], key, where)
 
-  def loss_fn(student_logits, teacher_logits, labels, mask=None):
+  ce_weight = float(objective.get("ce_weight", 0.0))
+  warmup = int(objective.get("warmup_steps", 0))
+
+  def loss_fn(student_logits, teacher_logits, labels, mask=None, step=None):
     if name not in _NEEDS_TEACHER:
       return fn(student_logits, labels, mask=mask, **kwargs)
     if teacher_logits is None:
       raise ValueError(f"loss {name!r} needs teacher_logits, got None")
-    return fn(student_logits, teacher_logits, labels, mask=mask, **kwargs)
+    loss = fn(student_logits, teacher_logits, labels, mask=mask, **kwargs)
+    if warmup:
+      if step is None:
+        raise ValueError(f"loss {name!r} with warmup_steps={warmup} needs step=")
+      loss = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0) * loss
+    if ce_weight:
+      loss = loss + ce_weight * cross_entropy(student_logits, labels, mask=mask)
+    return loss
 
   loss_fn.__name__ = f"{name}_loss"
+  loss_fn.takes_step = True
   return loss_fn

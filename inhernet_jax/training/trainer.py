@@ -159,7 +159,10 @@ def make_train_step(
           variables, x, train=True, mutable=mutable, rngs={"dropout": rng},
           capture_intermediates=_capture(hint.student_layer if hint else None),
       )
-      loss = loss_fn(logits, t_logits, batch["label"], batch["mask"])
+      if getattr(loss_fn, "takes_step", False):  # A DKD warm-up reads the step.
+        loss = loss_fn(logits, t_logits, batch["label"], batch["mask"], step=state.step)
+      else:
+        loss = loss_fn(logits, t_logits, batch["label"], batch["mask"])
       if hint:
         s_feat = _feature(new_state["intermediates"], hint.student_layer)
         loss = loss + hint.weight * losses_lib.fitnet_hint(s_feat, t_feat, connector)
@@ -269,9 +272,19 @@ def train_and_evaluate(
     ValueError: the batch size is not divisible by the mesh's data-parallel devices, or a
       sharding rule does not fit a parameter (the message names it).
   """
-  loss_fn = _make_loss_fn(loss, dict(loss_kwargs or {}), teacher, hint, desc)
+  kwargs = dict(loss_kwargs or {})
+  # DKD's warm-up in epochs (mdistiller's 20), turned into steps once they are known.
+  warmup_epochs = kwargs.pop("warmup_epochs", None) if loss == "dkd" else None
+  if warmup_epochs is not None and (isinstance(warmup_epochs, bool) or not isinstance(
+      warmup_epochs, (int, float)) or not warmup_epochs >= 0):
+    raise ValueError(f"{desc}: loss_kwargs.warmup_epochs must be a number >= 0, got "
+                     f"{warmup_epochs!r}")
+  loss_fn = _make_loss_fn(loss, kwargs, teacher, hint, desc)
   setup = _setup(model, variables, pipeline, config, seed=seed, epochs=epochs, teacher=teacher,
                  hint=hint, desc=desc, mesh=mesh, sharding_rules=sharding_rules)
+  if warmup_epochs:
+    kwargs["warmup_steps"] = max(1, round(warmup_epochs * setup.steps_per_epoch))
+    loss_fn = _make_loss_fn(loss, kwargs, teacher, hint, desc)
   run_fingerprint = _fingerprint(setup, pipeline, config, seed=seed, epochs=epochs, loss=loss,
                                  loss_kwargs=dict(loss_kwargs or {}), hint=hint, more=fingerprint)
   steps = _jit_steps(setup, loss_fn, seed=seed, hint=hint, desc=desc)
