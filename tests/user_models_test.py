@@ -310,3 +310,34 @@ def test_no_input_call_reads_setup_layers_and_checks_each_view_when_traced():
   student, new_vars = ij.inherit_model(model, variables, spec)
   with pytest.raises(ValueError, match=r"embed/kernel was inherited as the \(32,\) -> \(32,\) matrix \(perm None\), but the model calls it as a einsum \(32,\) -> \(32,\) \(perm \(1, 0\)\)"):
     student.apply(new_vars, x)
+
+
+class EncDec(nn.Module):
+  """A model with a method besides ``__call__``."""
+
+  def setup(self):
+    self.enc = nn.Dense(W)
+    self.mid = nn.Dense(W)
+    self.head = nn.Dense(10)
+
+  def encode(self, x):
+    return self.mid(nn.relu(self.enc(x)))
+
+  def __call__(self, x):
+    return self.head(nn.relu(self.encode(x)))
+
+
+def test_other_methods_of_the_user_model_run_with_the_inherited_layers():
+  model, x = EncDec(), jax.random.normal(jax.random.key(1), (4, W))
+  variables = model.init(KEY, x)
+  student, new_vars = ij.inherit_model(model, variables, ij.InherSpec(rank=RANK, heads=1))
+  ref_params, factorised = _reference(variables["params"], new_vars["params"], ())
+  assert factorised == 2  # enc and mid; the head is the output layer, kept.
+  want = model.apply({"params": ref_params}, x, method="encode")
+  for method in ("encode", model.encode, EncDec.encode):
+    assert _rel(student.apply(new_vars, x, method=method), want) <= 1e-5
+  spec = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)  # noqa: E731
+  assert spec(student.init(KEY, x, method="encode")["params"]) == spec(
+      {k: new_vars["params"][k] for k in ("enc", "mid")})
+  with pytest.raises(AttributeError, match="EncDec has no method 'decode'"):
+    student.apply(new_vars, x, method="decode")

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -266,9 +267,44 @@ class InheritedModel(nn.Module):
     nn.share_scope(self, self.model)
 
   def __call__(self, *args, **kwargs):
+    return self.run_method("__call__", *args, **kwargs)
+
+  def run_method(self, name: str, *args, **kwargs):
+    """The user's model's method ``name``, with the inherited layers."""
     planned = {p.path: p for p in self.planned}
     with nn.intercept_methods(_interceptor(tuple(self.path), planned, self.mixing)):
-      return self.model(*args, **kwargs)
+      return getattr(self.model, name)(*args, **kwargs)
+
+  def _user_method(self, method):
+    """``apply``'s ``method`` for one of the user model's methods (its name, a method
+    bound to the model, or the function of its class); anything else as given."""
+    name = None
+    if isinstance(method, str) and not hasattr(InheritedModel, method):
+      name = method
+    elif inspect.ismethod(method) and isinstance(method.__self__, nn.Module) and (
+        not isinstance(method.__self__, InheritedModel)):
+      name = method.__name__
+    elif callable(method) and getattr(type(self.model), getattr(method, "__name__", ""),
+                                      None) is method:
+      name = method.__name__
+    if name is None:
+      return method
+    if not callable(getattr(type(self.model), name, None)):
+      raise AttributeError(f"InheritedModel: {type(self.model).__name__} has no method {name!r}")
+    return lambda module, *args, **kwargs: module.run_method(name, *args, **kwargs)
+
+  def apply(self, variables, *args, method=None, **kwargs):
+    """`nn.Module.apply`; ``method`` may also name a method of the user's model
+    (``"encode"``, ``model.encode``, ``MyModel.encode``): it runs with the inherited layers."""
+    return super().apply(variables, *args, method=self._user_method(method), **kwargs)
+
+  def init(self, rngs, *args, method=None, **kwargs):
+    """`nn.Module.init`; ``method`` as in `apply`."""
+    return super().init(rngs, *args, method=self._user_method(method), **kwargs)
+
+  def init_with_output(self, rngs, *args, method=None, **kwargs):
+    """`nn.Module.init_with_output`; ``method`` as in `apply`."""
+    return super().init_with_output(rngs, *args, method=self._user_method(method), **kwargs)
 
 
 def inherit_model(model: nn.Module, variables: Mapping[str, Any], spec, *inputs,
