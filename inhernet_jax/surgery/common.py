@@ -92,13 +92,14 @@ class Planned:
   """A factorised layer of the student: where, its rank and heads, and its matrix view.
 
   ``view`` is ``(in_shape, out_shape, perm)`` of the `Layer` it was inherited from (perm
-  None when the identity): the student checks it against the layer as called.
+  None when the identity): the student checks it against the layer as called (not part
+  of equality: a student rebuilt without views is the same student, unchecked).
   """
 
   path: tuple[str, ...]
   rank: int
   heads: int
-  view: tuple | None = None
+  view: tuple | None = dataclasses.field(default=None, compare=False)
 
 
 def layer_view(in_shape, out_shape, perm) -> tuple:
