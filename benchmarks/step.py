@@ -203,7 +203,8 @@ def interleaved(name: str, batch: int, dtype_name: str = "float32", *, rank: flo
   rounds times ``calls`` steps of each (the order alternating each round), so that load
   on a shared machine hits both alike. Returns the per-round ratios user / zoo (of each
   round's median), their median, minimum and maximum, and whether the two lowered
-  programs have the same operations (op counts of the StableHLO).
+  programs have the same operations (op counts of the StableHLO) or are the same
+  program (the same StableHLO text: the interception costs trace time only).
   """
   import collections
   import re
@@ -211,14 +212,15 @@ def interleaved(name: str, batch: int, dtype_name: str = "float32", *, rank: flo
   import jax
   import jax.numpy as jnp
 
-  steps, ops = {}, {}
+  steps, ops, texts = {}, {}, {}
   for variant in ("inherited", "user"):
     params, stats, train_step, _, tx = _build(name, batch, variant, dtype_name, rank=rank,
                                               heads=heads, mixing=mixing)
     fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
     args = (params, stats, tx.init(params))
     lowered = fn.lower(*args)
-    ops[variant] = collections.Counter(re.findall(r"stablehlo\.[a-z_]+", lowered.as_text()))
+    texts[variant] = lowered.as_text()
+    ops[variant] = collections.Counter(re.findall(r"stablehlo\.[a-z_]+", texts[variant]))
     steps[variant] = [lowered.compile(), jax.tree.map(jnp.copy, args)]
   for variant in steps:  # Warm-up.
     compiled, args = steps[variant]
@@ -242,7 +244,8 @@ def interleaved(name: str, batch: int, dtype_name: str = "float32", *, rank: flo
           "user_train_ms": statistics.median(medians["user"]) * 1e3,
           "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
           "ratio_max": max(ratios), "ratios": ratios,
-          "same_ops": ops["inherited"] == ops["user"]}
+          "same_ops": ops["inherited"] == ops["user"],
+          "same_program": texts["inherited"] == texts["user"]}
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:

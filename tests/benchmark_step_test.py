@@ -28,6 +28,7 @@ def test_interleaved_user_model_path_against_the_zoo():
   assert len(row["ratios"]) == 2 and row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
   assert row["ratio_median"] == pytest.approx(sorted(row["ratios"])[0] / 2 + sorted(row["ratios"])[1] / 2)
   assert row["same_ops"], "inherit_model's step lowers to other operations than the zoo's"
+  assert row["same_program"], "inherit_model's step lowers to another program than the zoo's"
 
 
 def test_bfloat16_step_has_no_float32_matmuls():

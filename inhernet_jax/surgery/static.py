@@ -9,16 +9,20 @@ matrix view from what is known before any call:
   ``Einsum_0``) and `nn.MultiHeadDotProductAttention`'s ``query`` / ``key`` / ``value`` /
   ``out``: the layer's kind, hence its kernel's inner rank;
 * the stored shapes: a 2-D kernel is one ``in x out`` matrix; a bias is
-  ``(*stack, *out_axes)``; layers of one module share its stack axes (`nn.scan`).
+  ``(*stack, *out_axes)``; layers of one module share its stack axes (`nn.scan`); a
+  bias-free conv or unnamed kernel that nothing else dates is read in the conventional
+  view (every axis but the last an input; its module's stack axes, else none).
 
 A kernel whose view these leave open (an `nn.Einsum` written in a compact ``__call__``:
-its equation is known only from a call; a bias-free multi-axis DenseGeneral; a bias-free
-stacked kernel with no sibling giving the stack) raises a one-line error naming it and
+its equation is known only from a call; a bias-free `DenseGeneral_N`, maybe multi-axis;
+a bias that fits several stack / output splits) raises a one-line error naming it and
 asking for an example input, unless a ``"skip"`` rule keeps it. Each view is checked
-again when the student is first traced (`linen.InheritedModel`): a layer called with
-another view than the one it was inherited in is an error, never a wrong matrix. The
-output layer (kept by default) is the last kernel, in the params' order (linen creates
-them in call order), among the shallowest ones.
+again when the student is first traced (`linen.InheritedModel`, trace time only): a
+layer called as another matrix than the one it was inherited as (a conventional view
+that was wrong: a stacked or multi-output kernel) is an error naming it, never a
+wrong factorisation. The
+output layer (kept by default) is read as the layer whose outputs no layer takes in (a
+classifier's classes), the shallowest, then the last in natural name order.
 
 Example:
     ```python
@@ -28,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -164,7 +169,7 @@ def read_params(model: nn.Module, variables: Mapping[str, Any], spec=None):
         stacks.setdefault(path[:-2], len(shape) - inner)
     elif path in bias and len(_bias_splits(shape, bias[path])) == 1:
       stacks.setdefault(path[:-1], _bias_splits(shape, bias[path])[0][0])
-  layers, order = [], {}
+  layers = []
   for i, (path, shape) in enumerate(kernels):
     kind, inner, how, keep, ins, outs, extra = info[path]
     if not kind:
@@ -179,12 +184,27 @@ def read_params(model: nn.Module, variables: Mapping[str, Any], spec=None):
         continue
       raise
     layers.append(layer)
-    order[path] = i
+  return layers, output_layer(layers)
+
+
+def _natural(path: tuple) -> tuple:
+  """A path's sort key with numbers as numbers (``Dense_10`` after ``Dense_2``: call order)."""
+  return tuple(tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)) for k in path)
+
+
+def output_layer(layers: list[Layer]) -> tuple | None:
+  """The output layer read without a call: a layer whose outputs no layer takes as
+  inputs (a classifier's ``classes``), the shallowest, then the last in natural name
+  order; with no such layer, the shallowest and last of all (params' key order is not
+  call order once a tree has been through ``jit``: keys come back sorted)."""
   candidates = [l for l in layers if not l.keep]
-  output = None
-  if candidates:
-    depth = min(len(l.path) for l in candidates)
-    output = max((l for l in candidates if len(l.path) == depth), key=lambda l: l.order).path
+  if not candidates:
+    return None
+  taken = {l.in_shape[-1] for l in layers} | {math.prod(l.in_shape) for l in layers
+                                              if l.kind != "conv"}
+  sinks = [l for l in candidates if l.n not in taken] or candidates
+  depth = min(len(l.path) for l in sinks)
+  return max((l for l in sinks if len(l.path) == depth), key=lambda l: _natural(l.path)).path
   return layers, output
 
 
@@ -215,6 +235,10 @@ def _view(path, shape, bias, kind, inner, how, keep, ins, outs, extra, group_sta
         splits = [s for s in splits if s[0] == group_stack]
       elif kind == "conv" or len(shape) - group_stack == 2:
         splits = [(group_stack, 1)]
+    if splits is None and kind in ("conv", "matrix"):
+      # Bias-free and dated by nothing else: the conventional view (every axis but the
+      # last an input; the module's stack axes, else none), checked at the first trace.
+      splits = [(group_stack or 0, 1)]
     if not splits or len(splits) != 1:
       what = "layer" if kind == "matrix" else kind
       raise ambiguous(f"{'a bias-free ' if bias is None else 'a '}{what}"
