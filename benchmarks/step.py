@@ -59,6 +59,9 @@ def _define_flags() -> None:
   flags.DEFINE_float("row_budget_s", 60.0, "Per row: once spent (compiles included), each "
                      "pass is timed at most once more.")
   flags.DEFINE_float("budget_s", 240.0, "Whole run: rows that would start later are skipped.")
+  flags.DEFINE_integer("interleave", 0, "If > 0: only compare the user-model path with the "
+                       "zoo's (benchmarks.step.interleaved), this many interleaved rounds "
+                       "of --steps calls each, per model.")
   flags.DEFINE_string("out", "step.json", "Where to write the JSON figures.")
   flags.DEFINE_string("markdown", "", "Where to write the table (default: --out with .md).")
 
@@ -95,16 +98,9 @@ def _timed(fn, args, warmup: int, steps: int, carry=None, deadline: float | None
   return statistics.median(times), len(times)
 
 
-def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float = 0.25,
-            heads: int = 2, warmup: int = 1, steps: int = 5, mixing: str = "auto",
-            budget_s: float | None = None) -> dict:
-  """One row: a model's train step and eval forward (``rank``: a fraction of every
-  layer's full rank; the median of ``steps`` calls after ``warmup``).
-
-  ``mixing``: the inherited layers' head mixing (`inhernet_jax.layers.mixing`). ``budget_s``:
-  the row's time limit; once spent (compiles included) each pass is timed once more at
-  most (a compile itself cannot be cut short) and ``*_steps`` says how many calls were.
-  """
+def _build(name: str, batch: int, variant: str, dtype_name: str, *, rank: float, heads: int,
+           mixing: str):
+  """``(params, batch_stats, train_step, eval_step, tx)`` of one variant (not jitted)."""
   import functools
 
   import jax
@@ -113,11 +109,8 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
   import optax
 
   from inhernet_jax import InherConv, InherDense, InherSpec, models
-  from inhernet_jax.decomposition import accounting
   from inhernet_jax import inherit
 
-  start = time.perf_counter()
-  deadline = None if budget_s is None else start + budget_s
   dtype = jnp.dtype(dtype_name)
   teacher, shape, classes, preset = build(name, dtype_name)
   if mixing != "auto":
@@ -158,6 +151,28 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
   def eval_step(p, s):
     return model.apply({"params": p, "batch_stats": s} if s else {"params": p}, x, train=False)
 
+  return params, stats, train_step, eval_step, tx
+
+
+def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float = 0.25,
+            heads: int = 2, warmup: int = 1, steps: int = 5, mixing: str = "auto",
+            budget_s: float | None = None) -> dict:
+  """One row: a model's train step and eval forward (``rank``: a fraction of every
+  layer's full rank; the median of ``steps`` calls after ``warmup``).
+
+  ``mixing``: the inherited layers' head mixing (`inhernet_jax.layers.mixing`). ``budget_s``:
+  the row's time limit; once spent (compiles included) each pass is timed once more at
+  most (a compile itself cannot be cut short) and ``*_steps`` says how many calls were.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from inhernet_jax.decomposition import accounting
+
+  start = time.perf_counter()
+  deadline = None if budget_s is None else start + budget_s
+  params, stats, train_step, eval_step, tx = _build(
+      name, batch, variant, dtype_name, rank=rank, heads=heads, mixing=mixing)
   row = {"model": name, "batch": batch, "variant": variant, "dtype": dtype_name,
          "params": accounting.param_count(params),
          "mixing": mixing if variant in ("inherited", "user") else ""}
@@ -177,6 +192,60 @@ def measure(name: str, batch: int, variant: str, dtype_name: str, *, rank: float
     row[f"{what}_examples_per_s"] = batch / seconds
   row["row_s"] = time.perf_counter() - start
   return row
+
+
+def interleaved(name: str, batch: int, dtype_name: str = "float32", *, rank: float = 0.25,
+                heads: int = 2, mixing: str = "auto", rounds: int = 11, calls: int = 3) -> dict:
+  """The user-model path against the zoo's, in one process, interleaved.
+
+  Builds the zoo's inherited network (``teacher.clone(spec=...)``) and the same network
+  by `inherit_model` on the teacher, compiles both train steps, then for ``rounds``
+  rounds times ``calls`` steps of each (the order alternating each round), so that load
+  on a shared machine hits both alike. Returns the per-round ratios user / zoo (of each
+  round's median), their median, minimum and maximum, and whether the two lowered
+  programs have the same operations (op counts of the StableHLO) or are the same
+  program (the same StableHLO text: the interception costs trace time only).
+  """
+  import collections
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  steps, ops, texts = {}, {}, {}
+  for variant in ("inherited", "user"):
+    params, stats, train_step, _, tx = _build(name, batch, variant, dtype_name, rank=rank,
+                                              heads=heads, mixing=mixing)
+    fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    args = (params, stats, tx.init(params))
+    lowered = fn.lower(*args)
+    texts[variant] = lowered.as_text()
+    ops[variant] = collections.Counter(re.findall(r"stablehlo\.[a-z_]+", texts[variant]))
+    steps[variant] = [lowered.compile(), jax.tree.map(jnp.copy, args)]
+  for variant in steps:  # Warm-up.
+    compiled, args = steps[variant]
+    steps[variant][1] = jax.block_until_ready(compiled(*args))[:3]
+  ratios, medians = [], {"inherited": [], "user": []}
+  for r in range(rounds):
+    order = ("inherited", "user") if r % 2 == 0 else ("user", "inherited")
+    for variant in order:
+      compiled, args = steps[variant]
+      times = []
+      for _ in range(calls):
+        t = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+        args = out[:3]
+      steps[variant][1] = args
+      medians[variant].append(statistics.median(times))
+    ratios.append(medians["user"][-1] / medians["inherited"][-1])
+  return {"model": name, "batch": batch, "dtype": dtype_name, "rounds": rounds, "calls": calls,
+          "zoo_train_ms": statistics.median(medians["inherited"]) * 1e3,
+          "user_train_ms": statistics.median(medians["user"]) * 1e3,
+          "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+          "ratio_max": max(ratios), "ratios": ratios,
+          "same_ops": ops["inherited"] == ops["user"],
+          "same_program": texts["inherited"] == texts["user"]}
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
@@ -258,6 +327,15 @@ def main(argv):
   from inhernet_jax.common import utils
 
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
+  if FLAGS.interleave > 0:
+    rows = []
+    for entry in FLAGS.models:
+      name, _, batch = entry.partition(":")
+      rows.append(interleaved(name, int(batch), FLAGS.dtype, rank=FLAGS.rank, heads=FLAGS.heads,
+                              mixing=FLAGS.mixing, rounds=FLAGS.interleave, calls=FLAGS.steps))
+      print(json.dumps(rows[-1]), flush=True)
+    utils.write_json(FLAGS.out, {"device": device, "rows": rows}, indent=1)
+    return
   t = time.perf_counter()
   try:
     rows = run(FLAGS.models, dtype=FLAGS.dtype, rank=FLAGS.rank, heads=FLAGS.heads,

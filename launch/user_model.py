@@ -90,10 +90,19 @@ def _spec() -> InherSpec:
     raise app.UsageError(f"--rank={spec_flags.RANK.value!r} / --heads / --energy: {e}") from None
 
 
+def _view(saved):
+  """A `Planned.view` from its JSON lists (None when the export has none)."""
+  if not saved or saved[0] is None:
+    return None
+  ins, outs, perm = saved[0]
+  return tuple(ins), tuple(outs), None if perm is None else tuple(perm)
+
+
 def student_from_export(model, directory: str) -> surgery.InheritedModel:
   """The student of an ``OUT/export`` written by this launcher, around ``model``."""
   _, metadata = export.load_spec(os.path.join(directory, export.SPEC))
-  planned = tuple(surgery.Planned(tuple(p), int(r), int(h)) for p, r, h in metadata["planned"])
+  planned = tuple(surgery.Planned(tuple(p[0]), int(p[1]), int(p[2]), _view(p[3:]))
+                  for p in metadata["planned"])
   return surgery.InheritedModel(model=model, planned=planned)
 
 
@@ -115,7 +124,7 @@ def inherit(config, teacher_dir: str, out: str) -> None:
   ckpt_lib.save(mngr, 0, new_vars, {"teacher": os.path.abspath(teacher_dir), "model": MODEL.value})
   mngr.wait_until_finished()
   mngr.close()
-  planned = [[list(p.path), p.rank, p.heads] for p in student.planned]
+  planned = [[list(p.path), p.rank, p.heads, p.view] for p in student.planned]
   export.save(os.path.join(out, "export"), new_vars, spec, metadata={
       "model": MODEL.value, "model_kwargs": json.loads(MODEL_KWARGS.value), "planned": planned})
   print(export.save_report(out, rows, f"{MODEL.value} inherited", (f"teacher: {teacher_dir}",)))

@@ -23,6 +23,14 @@ def test_rows_of_teacher_and_inherited_with_ratios():
   assert "cnn" in step.markdown(rows, "cpu", 1)
 
 
+def test_interleaved_user_model_path_against_the_zoo():
+  row = step.interleaved("cnn", 4, rank=0.5, rounds=2, calls=1)
+  assert len(row["ratios"]) == 2 and row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+  assert row["ratio_median"] == pytest.approx(sorted(row["ratios"])[0] / 2 + sorted(row["ratios"])[1] / 2)
+  assert row["same_ops"], "inherit_model's step lowers to other operations than the zoo's"
+  assert row["same_program"], "inherit_model's step lowers to another program than the zoo's"
+
+
 def test_bfloat16_step_has_no_float32_matmuls():
   with pytest.raises(ValueError, match="no dtype field"):
     step.measure("cnn", 4, "inherited", "bfloat16", **FAST)

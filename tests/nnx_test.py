@@ -204,3 +204,38 @@ def test_data_aware_inheritance_lowers_the_output_error():
   # An inherited model inherited again: its InherLayers are left as they are.
   _, rows = ij.nnx.inherit(plain, ij.InherSpec(rank=2), return_report=True)
   assert [r["path"] for r in rows if r["action"] == "factorize"] == []
+
+
+def test_scan_stacked_layers_get_stacked_grams_and_gramless_layers_are_refused_by_name():
+  """nnx.vmap-created layers run by nnx.scan: each slice's Gram is its own input's
+  ``X^T X`` (checked against the slices run one by one); a grouped conv (no Gram) asked
+  to be data-aware is refused, naming it; data-aware beats plain on the stack."""
+  model = ScanStack(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (8, 6, W))
+  grams = ij.nnx.input_grams(model, [x[:4], x[4:]])
+  assert isinstance(model.blocks.fc1, nnx.Linear)  # The recorders are gone.
+  graphdef, state = nnx.split(model.blocks)
+  h = model.embed(x)
+  for i in range(L):
+    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    rows = block.norm(h).reshape(-1, W)
+    np.testing.assert_allclose(grams["blocks/fc1/kernel"]["gram"][i], rows.T @ rows,
+                               rtol=1e-4, atol=1e-3)
+    h = block(h)
+  np.testing.assert_array_equal(grams["blocks/fc2/kernel"]["count"], [8 * 6] * L)
+  spec = ij.InherSpec(rank=RANK, heads=3, data_aware=True)
+  plain = nnx.clone(model)
+  _, aware = ij.nnx.inherit(model, spec, calibration=grams, return_report=True)
+  _, rows = ij.nnx.inherit(plain, spec.replace(data_aware=False), calibration=grams,
+                           return_report=True)
+  plain_error = {r["path"]: r["output_rel_error"] for r in rows}
+  stacked = [r for r in aware if r["path"].startswith("blocks/") and r["data_aware"]]
+  assert len(stacked) == 2, aware
+  for r in stacked:
+    assert r["output_rel_error"] <= plain_error[r["path"]] + 1e-6, r["path"]
+  cnn = CNN(nnx.Rngs(0))
+  grams = ij.nnx.input_grams(cnn, [jax.random.normal(jax.random.key(1), (2, 8, 8, 3))])
+  assert "conv2/kernel" not in grams
+  with pytest.raises(ValueError, match=r"conv2/kernel: .*none for a grouped nnx.Conv"):
+    ij.nnx.inherit(cnn, spec, calibration=grams)
+  assert isinstance(cnn.conv2, nnx.Conv)  # Nothing modified on an error.

@@ -249,3 +249,95 @@ def test_data_aware_inherit_model_lowers_the_output_error():
   assert [r["path"] for r in rows] == ["Conv_0/kernel", "Conv_1/kernel"], aware
   for r in rows:
     assert r["output_rel_error"] <= plain_error[r["path"]] + 1e-6, r["path"]
+
+
+# ------------------------------------------------- no example input: read without a call
+COMPACT_EINSUM = r".*Einsum_\d+/kernel"  # A compact nn.Einsum's equation needs a call.
+
+
+def test_no_input_call_is_the_traced_call(case):
+  """``inherit_model(model, variables, spec)``: the same params, layers and outputs as
+  with an example input; compact einsums (equation unknown without a call) are an error
+  naming the kernel, unless a rule keeps them."""
+  name, model, x, kwargs, views, variables = case
+  spec = ij.InherSpec(rank=RANK, heads=3)
+  if "transformer" in name:
+    with pytest.raises(ValueError, match=r"Einsum_0/kernel .*pass an example input"):
+      ij.inherit_model(model, variables, spec)
+    spec = spec.replace(rules=((COMPACT_EINSUM, "skip"),))
+  traced, traced_vars = ij.inherit_model(model, variables, spec, x, apply_kwargs=kwargs)
+  student, new_vars = ij.inherit_model(model, variables, spec)
+  assert student.planned == traced.planned and len(student.planned) >= 2
+  chex.assert_trees_all_equal(new_vars, traced_vars)
+  chex.assert_trees_all_equal(student.apply(new_vars, x, **kwargs),
+                              traced.apply(traced_vars, x, **kwargs))
+
+
+class SetupModel(nn.Module):
+  """Layers from ``setup``, user names: the einsum's equation is a field, read by binding."""
+
+  def setup(self):
+    self.embed = nn.Einsum((W, W), "btd,ed->bte", use_bias=False)  # Kernel (out, in).
+    self.proj = nn.DenseGeneral((2, W // 2), use_bias=False)
+    self.head = nn.Dense(10)
+
+  def __call__(self, x):
+    h = self.proj(nn.relu(self.embed(x)))
+    return self.head(h.reshape(*h.shape[:-2], W).mean(1))
+
+
+def test_no_input_call_reads_setup_layers_and_checks_each_view_when_traced():
+  x = jax.random.normal(jax.random.key(1), (2, 6, W))
+  model = SetupModel()
+  variables = model.init(KEY, x)
+  spec = ij.InherSpec(rank=RANK, heads=3)
+  traced, traced_vars = ij.inherit_model(model, variables, spec, x)
+  student, new_vars = ij.inherit_model(model, variables, spec)
+  assert [p.path for p in student.planned] == [("embed",), ("proj",)]
+  assert student.planned == traced.planned
+  chex.assert_trees_all_equal(new_vars, traced_vars)
+  # The same einsum written compactly under a user name is read as a plain (in, out)
+  # matrix: the first trace finds the permuted kernel and refuses it.
+
+  class Compact(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Einsum((W, W), "btd,ed->bte", use_bias=False, name="embed")(x)
+      return nn.Dense(10)(nn.Dense(W)(x).mean(1))
+
+  model = Compact()
+  variables = model.init(KEY, x)
+  student, new_vars = ij.inherit_model(model, variables, spec)
+  with pytest.raises(ValueError, match=r"embed/kernel was inherited as the \(32,\) -> \(32,\) matrix \(perm None\), but the model calls it as a einsum \(32,\) -> \(32,\) \(perm \(1, 0\)\)"):
+    student.apply(new_vars, x)
+
+
+class EncDec(nn.Module):
+  """A model with a method besides ``__call__``."""
+
+  def setup(self):
+    self.enc = nn.Dense(W)
+    self.mid = nn.Dense(W)
+    self.head = nn.Dense(10)
+
+  def encode(self, x):
+    return self.mid(nn.relu(self.enc(x)))
+
+  def __call__(self, x):
+    return self.head(nn.relu(self.encode(x)))
+
+
+def test_other_methods_of_the_user_model_run_with_the_inherited_layers():
+  model, x = EncDec(), jax.random.normal(jax.random.key(1), (4, W))
+  variables = model.init(KEY, x)
+  student, new_vars = ij.inherit_model(model, variables, ij.InherSpec(rank=RANK, heads=1))
+  ref_params, factorised = _reference(variables["params"], new_vars["params"], ())
+  assert factorised == 2  # enc and mid; the head is the output layer, kept.
+  want = model.apply({"params": ref_params}, x, method="encode")
+  for method in ("encode", model.encode, EncDec.encode):
+    assert _rel(student.apply(new_vars, x, method=method), want) <= 1e-5
+  spec = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)  # noqa: E731
+  assert spec(student.init(KEY, x, method="encode")["params"]) == spec(
+      {k: new_vars["params"][k] for k in ("enc", "mid")})
+  with pytest.raises(AttributeError, match="EncDec has no method 'decode'"):
+    student.apply(new_vars, x, method="decode")

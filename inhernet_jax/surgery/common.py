@@ -89,11 +89,25 @@ def canonical_bias(bias, layer: Layer):
 
 @dataclasses.dataclass(frozen=True)
 class Planned:
-  """A factorised layer of the student: where, and its rank and heads."""
+  """A factorised layer of the student: where, its rank and heads, and its matrix view.
+
+  ``view`` is ``(in_shape, out_shape, perm)`` of the `Layer` it was inherited from (perm
+  None when the identity): the student checks it against the layer as called (not part
+  of equality: a student rebuilt without views is the same student, unchecked).
+  """
 
   path: tuple[str, ...]
   rank: int
   heads: int
+  view: tuple | None = dataclasses.field(default=None, compare=False)
+
+
+def layer_view(in_shape, out_shape, perm) -> tuple:
+  """``(in_shape, out_shape, perm)`` with an identity perm as None (comparable views)."""
+  if perm is not None and tuple(perm) == tuple(range(len(perm))):
+    perm = None
+  return (tuple(int(d) for d in in_shape), tuple(int(d) for d in out_shape),
+          None if perm is None else tuple(perm))
 
 
 def inherit_layers(params: Mapping[str, Any], layers: list[Layer], spec, *,
@@ -151,7 +165,9 @@ def inherit_layers(params: Mapping[str, Any], layers: list[Layer], spec, *,
       up = out
       for k in (*keys[:-2], "up", "kernel"):
         up = up[k]
-      planned.append(Planned(tuple(keys[:-2]), int(value.shape[-1]), int(up.shape[-3])))
+      l = by_path[tuple(keys[:-2])]
+      planned.append(Planned(tuple(keys[:-2]), int(value.shape[-1]), int(up.shape[-3]),
+                             layer_view(l.in_shape, l.out_shape, l.perm)))
   # Kept layers get their kernels back as given (not in the canonical view).
   out_flat = {k: flat.get(k, v) for k, v in traverse_util.flatten_dict(out).items()}
   new = traverse_util.unflatten_dict(out_flat)

@@ -1,6 +1,9 @@
 """`inherit_model`: inherit a user's own linen model, unchanged, in one call.
 
-The model is read, not guessed: one abstract call (`jax.eval_shape`, nothing computed)
+Without an example input, each kernel's view is read from the params, Flax's automatic
+names and the layers ``setup`` defines (`surgery.static`; a kernel these leave open is
+an error asking for an input), and checked against the layer when the student is first
+traced. With one, the model is read, not guessed: one abstract call (`jax.eval_shape`, nothing computed)
 with an interceptor on every `nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum`
 records each layer's path, its kernel's input and output axes (a multi-axis
 DenseGeneral's, an einsum's), its stack axes (stored kernel against the kernel the
@@ -15,7 +18,7 @@ with its factor params as submodules ``down``, ``up``, ``gate`` at the layer's p
 
 Example:
     ```python
-    student, new_variables = inherit_model(model, variables, InherSpec(rank=8, heads=3), x)
+    student, new_variables = inherit_model(model, variables, InherSpec(rank=8, heads=3))
     y = student.apply(new_variables, x)            # the user's code, inherited layers
     student.init(key, x)                           # the tree of new_variables
     ```
@@ -23,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +39,8 @@ from flax.core import FrozenDict
 from inhernet_jax.decomposition.policy import LayerPlan
 from inhernet_jax.layers import linen as layers_lib
 from inhernet_jax.layers import mixing as mixing_lib
-from inhernet_jax.surgery import common
+from inhernet_jax.decomposition.spec import as_spec
+from inhernet_jax.surgery import common, static
 from inhernet_jax.surgery.common import Layer, Planned
 
 KINDS = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Conv: "conv",
@@ -192,6 +197,34 @@ def _conv(module, inputs, plan, mixing, args, kwargs):
 FORWARD = {"dense": _dense, "dense_general": _dense_general, "conv": _conv, "einsum": _einsum}
 
 
+def _check_view(module, kind, inputs, planned: Planned, args, kwargs) -> None:
+  """Raises unless ``module``, as called, is the matrix ``planned`` was inherited as.
+
+  Runs when the student is traced (never per step): a view read without a call (no
+  example input) that the call contradicts is an error, never a wrong matrix.
+  """
+  shape = tuple(inputs.shape)
+  if kind == "dense":
+    inner = (shape[-1], module.features)
+  elif kind == "conv":
+    size = module.kernel_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+    inner = (*size, shape[-1] // module.feature_group_count, module.features)
+  elif kind == "dense_general":
+    inner = (*(shape[a] for a in _axes(module, len(shape))), *_features(module))
+  else:
+    inner = tuple(module.shape)
+  r = _describe(module, kind, inner, args, kwargs)
+  called = common.layer_view(r["in_shape"], r["out_shape"], r.get("perm"))
+  if r.get("keep") or (planned.view is not None and called != planned.view):
+    name = "/".join((*planned.path, "kernel"))
+    raise ValueError(
+        f"InheritedModel: {name} was inherited as the {planned.view[0]} -> {planned.view[1]} "
+        f"matrix (perm {planned.view[2]}), but the model calls it as a {kind} "
+        f"{called[0]} -> {called[1]} (perm {called[2]}){'; ' + r['keep'] if r.get('keep') else ''}"
+        ": pass an example input to inherit_model so that it reads the layer from a call")
+
+
 def _interceptor(prefix: tuple, planned: Mapping[tuple, Planned], mixing: str):
   n = len(prefix)
 
@@ -205,7 +238,8 @@ def _interceptor(prefix: tuple, planned: Mapping[tuple, Planned], mixing: str):
       return next_fun(*args, **kwargs)
     plan = LayerPlan(True, p.rank, p.heads, p.rank)
     inputs = args[0] if args else kwargs["inputs"]
-    return FORWARD[kind](module, inputs, plan, mixing, args[1:], kwargs)
+    _check_view(module, kind, inputs, p, args, kwargs)
+    return FORWARD[kind](module, inputs, plan, mixing, args, kwargs)
 
   return intercept
 
@@ -233,9 +267,44 @@ class InheritedModel(nn.Module):
     nn.share_scope(self, self.model)
 
   def __call__(self, *args, **kwargs):
+    return self.run_method("__call__", *args, **kwargs)
+
+  def run_method(self, name: str, *args, **kwargs):
+    """The user's model's method ``name``, with the inherited layers."""
     planned = {p.path: p for p in self.planned}
     with nn.intercept_methods(_interceptor(tuple(self.path), planned, self.mixing)):
-      return self.model(*args, **kwargs)
+      return getattr(self.model, name)(*args, **kwargs)
+
+  def _user_method(self, method):
+    """``apply``'s ``method`` for one of the user model's methods (its name, a method
+    bound to the model, or the function of its class); anything else as given."""
+    name = None
+    if isinstance(method, str) and not hasattr(InheritedModel, method):
+      name = method
+    elif inspect.ismethod(method) and isinstance(method.__self__, nn.Module) and (
+        not isinstance(method.__self__, InheritedModel)):
+      name = method.__name__
+    elif callable(method) and getattr(type(self.model), getattr(method, "__name__", ""),
+                                      None) is method:
+      name = method.__name__
+    if name is None:
+      return method
+    if not callable(getattr(type(self.model), name, None)):
+      raise AttributeError(f"InheritedModel: {type(self.model).__name__} has no method {name!r}")
+    return lambda module, *args, **kwargs: module.run_method(name, *args, **kwargs)
+
+  def apply(self, variables, *args, method=None, **kwargs):
+    """`nn.Module.apply`; ``method`` may also name a method of the user's model
+    (``"encode"``, ``model.encode``, ``MyModel.encode``): it runs with the inherited layers."""
+    return super().apply(variables, *args, method=self._user_method(method), **kwargs)
+
+  def init(self, rngs, *args, method=None, **kwargs):
+    """`nn.Module.init`; ``method`` as in `apply`."""
+    return super().init(rngs, *args, method=self._user_method(method), **kwargs)
+
+  def init_with_output(self, rngs, *args, method=None, **kwargs):
+    """`nn.Module.init_with_output`; ``method`` as in `apply`."""
+    return super().init_with_output(rngs, *args, method=self._user_method(method), **kwargs)
 
 
 def inherit_model(model: nn.Module, variables: Mapping[str, Any], spec, *inputs,
@@ -251,8 +320,12 @@ def inherit_model(model: nn.Module, variables: Mapping[str, Any], spec, *inputs,
     variables: the model's trained variables (``params`` and the rest, e.g.
       ``batch_stats``: passed through).
     spec: an `InherSpec`, an int rank or a float fraction (as `inherit`).
-    *inputs: one example call's positional arguments (shapes only: the model is read
-      by an abstract trace, nothing is computed).
+    *inputs: optional, one example call's positional arguments (shapes only: the model
+      is read by an abstract trace, nothing is computed). Without them each kernel's
+      matrix view is read from the params, the automatic names and ``setup``
+      (`surgery.static`): a kernel these leave open (a compact `nn.Einsum`, a bias-free
+      multi-axis DenseGeneral or stacked kernel) is a one-line error asking for them,
+      and the student checks every view against the layer when first traced.
     apply_kwargs: the call's keyword arguments (``{"train": False}``).
     heads: overrides the spec's heads.
     keep_output: keep the output layer (the last layer producing the model's output;
@@ -271,7 +344,8 @@ def inherit_model(model: nn.Module, variables: Mapping[str, Any], spec, *inputs,
     tree, shapes and dtypes of ``new_variables["params"]``.
 
   Raises:
-    TypeError: no example inputs, or ``variables`` without ``params``.
+    TypeError: ``variables`` without ``params``.
+    ValueError: without example inputs, a kernel whose view needs a call.
   """
   if not isinstance(model, nn.Module):
     raise TypeError(f"inherit_model: model must be a flax.linen Module, got {type(model).__name__}"
@@ -280,12 +354,11 @@ def inherit_model(model: nn.Module, variables: Mapping[str, Any], spec, *inputs,
     raise TypeError("inherit_model: variables must be the model's variables dict, with "
                     f"'params' (got {type(variables).__name__} with keys "
                     f"{sorted(variables) if isinstance(variables, Mapping) else '-'})")
-  if not inputs:
-    raise TypeError(
-        "inherit_model reads the model by tracing one abstract call: pass an example input "
-        "(shapes only), inherit_model(model, variables, spec, x, apply_kwargs={'train': False})")
   mixing_lib.check_strategy(mixing, "inherit_model")
-  layers, output = read_model(model, variables, inputs, apply_kwargs)
+  if inputs:
+    layers, output = read_model(model, variables, inputs, apply_kwargs)
+  else:
+    layers, output = static.read_params(model, variables, as_spec(spec, heads))
   new_params, planned, rows = common.inherit_layers(
       variables["params"], layers, spec, output=output, keep_output=keep_output, heads=heads,
       key=key, calibration=calibration, return_report=return_report)

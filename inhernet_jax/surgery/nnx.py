@@ -28,9 +28,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax import traverse_util
 
+from inhernet_jax.decomposition.spec import as_spec
 from inhernet_jax.layers import mixing as mixing_lib
 from inhernet_jax.layers.nnx import Experts, InherLayer
 from inhernet_jax.surgery import common
@@ -177,6 +179,7 @@ def inherit(model: nnx.Module, spec, *, heads: int | None = None, keep_output: b
     raise ValueError(f"inhernet_jax.nnx.inherit: {type(model).__name__} has no nnx.Linear, "
                      "nnx.LinearGeneral, nnx.Conv or nnx.Einsum layer")
   output = max(layers, key=lambda l: l.order).path if layers else None
+  _check_gramless(found, layers, as_spec(spec, heads), calibration or {})
   new, planned, rows = common.inherit_layers(
       traverse_util.unflatten_dict(params), layers, spec, output=output, keep_output=keep_output,
       heads=heads, key=key, calibration=calibration, return_report=return_report)
@@ -199,6 +202,34 @@ def inherit(model: nnx.Module, spec, *, heads: int | None = None, keep_output: b
 
 
 # ------------------------------------------------------------- data-aware: input Grams
+def _gramless(module, kind: str) -> str:
+  """Why `input_grams` records no Gram for ``module`` ("" when it does)."""
+  if kind == "einsum":
+    return "an nnx.Einsum"
+  if kind == "conv" and module.feature_group_count != 1:
+    return f"a grouped nnx.Conv (feature_group_count={module.feature_group_count})"
+  if kind == "conv" and module.mask is not None:
+    return "a masked nnx.Conv"
+  if kind == "dense_general" and module.batch_axis:
+    return "an nnx.LinearGeneral with batch_axis"
+  return ""
+
+
+def _check_gramless(found, layers, spec, calibration) -> None:
+  """Refuses data-aware inheritance of a layer `input_grams` gives no Gram, by name."""
+  for (path, module, kind), layer in zip(found, layers):
+    name = layer.kernel_path
+    action = spec.match(name)[1]
+    why = _gramless(module, kind)
+    if (why and not layer.keep and name not in calibration and not action.get("skip")
+        and action.get("data_aware", spec.data_aware)):
+      raise ValueError(
+          f"{name}: data-aware inheritance needs this kernel's input Gram, and "
+          f"inhernet_jax.nnx.input_grams records none for {why} (Linear, LinearGeneral and "
+          f"ungrouped Conv layers only, nnx.scan-stacked ones included): add a rule "
+          f"({name!r}, {{'data_aware': False}}) or pass its Gram in calibration")
+
+
 class _Gram(nnx.Variable):
   """A recorded input Gram (not a Param: never trained, never in an optimizer)."""
 
@@ -206,15 +237,23 @@ class _Gram(nnx.Variable):
 class _Recorder(nnx.Module):
   """Wraps a layer for `input_grams`: sums ``X^T X`` of the matrix its kernel multiplies."""
 
-  def __init__(self, layer, kind: str):
-    self.layer, self.kind = layer, kind
-    self.gram = _Gram(None)
-    self.count = _Gram(0)
+  def __init__(self, layer, kind: str, stack: tuple[int, ...] = (), m: int = 0, name: str = ""):
+    self.layer, self.kind, self.name, self.m = layer, kind, name, m
+    # A stacked layer's Gram is stacked like its kernel, so that the model's nnx.scan /
+    # nnx.vmap hands each slice its own (m, m) Gram and stacks the sums back.
+    self.gram = _Gram(jnp.zeros((*stack, m, m), jnp.float32) if stack else None)
+    self.count = _Gram(jnp.zeros(stack, jnp.int32) if stack else 0)
 
   def __call__(self, x, *args, **kwargs):
     rows = _input_matrix(self.layer, self.kind, x)
     gram = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
     old = self.gram.get_value()
+    if old is not None and tuple(old.shape) != tuple(gram.shape):
+      raise ValueError(
+          f"input_grams: {self.name} is stacked, but the model's nnx.scan / nnx.vmap gave "
+          f"its Gram of shape {tuple(old.shape)} unsliced (expected {tuple(gram.shape)}): "
+          "its transform must split every state of the stacked module (in_axes 0), not "
+          "nnx.Param only")
     self.gram.set_value(gram if old is None else old + gram)
     self.count.set_value(self.count.get_value() + rows.shape[0])
     return self.layer(x, *args, **kwargs)
@@ -234,12 +273,14 @@ def _input_matrix(layer, kind: str, x):
 
 
 def input_grams(model: nnx.Module, batches) -> dict[str, dict[str, Any]]:
-  """Input Grams of ``model``'s unstacked Linear / LinearGeneral / Conv layers (eager).
+  """Input Grams of ``model``'s Linear / LinearGeneral / ungrouped Conv layers (eager).
 
   The NNX counterpart of `inhernet_jax.calibration.grams.input_grams`, for
   ``inherit(model, spec.replace(data_aware=True), calibration=grams)``: each layer is
-  wrapped for the calls, then put back. Grouped and masked convs, einsums and stacked
-  layers get no Gram (data-aware inheritance then names them).
+  wrapped for the calls, then put back. Stacked layers (`nnx.vmap`-created, run by
+  `nnx.scan`) get Grams stacked like their kernels ``(*stack, m, m)``. Grouped and
+  masked convs, einsums and batch-axis LinearGenerals get none: data-aware inheritance
+  of one is refused, naming it.
 
   Args:
     model: the NNX teacher (put it in eval mode first).
@@ -254,11 +295,11 @@ def input_grams(model: nnx.Module, batches) -> dict[str, dict[str, Any]]:
     if kind is None or kind == "einsum":
       continue
     layer = read_layer(path, module, kind, 0)
-    if layer.keep or layer.stack or (kind == "conv" and module.feature_group_count != 1):
+    if layer.keep or _gramless(module, kind):
       continue
-    if kind == "dense_general" and module.batch_axis:
-      continue
-    found.append((path, module, _Recorder(module, kind)))
+    shape = tuple(int(d) for d in module.kernel.shape)
+    found.append((path, module, _Recorder(module, kind, shape[: layer.stack],
+                                          math.prod(layer.in_shape), layer.kernel_path)))
   try:
     for path, _, recorder in found:
       _set(model, path, recorder)
@@ -271,5 +312,10 @@ def input_grams(model: nnx.Module, batches) -> dict[str, dict[str, Any]]:
       _set(model, path, module)
   if not seen:
     raise ValueError("input_grams: batches is empty; pass at least one calibration batch")
-  return {"/".join((*path, "kernel")): {"gram": r.gram.get_value(), "count": int(r.count.get_value())}
-          for path, _, r in found if r.gram.get_value() is not None}
+  out = {}
+  for path, _, r in found:
+    gram, count = r.gram.get_value(), r.count.get_value()
+    if gram is not None and (np.ndim(count) == 0 or np.all(np.asarray(count) > 0)):
+      out["/".join((*path, "kernel"))] = {
+          "gram": gram, "count": int(count) if np.ndim(count) == 0 else np.asarray(count)}
+  return out
