@@ -1,9 +1,9 @@
 """Tests for `inherit` on teachers sharded over a mesh (the sharded path).
 
-The checks need 8 devices, and XLA's device count is fixed when JAX starts, so each
-test runs this file as a script in one subprocess with
+The checks need 8 devices, and XLA's device count is fixed when JAX starts, so they run
+this file as a script, both tests' checks in one subprocess (a module fixture) with
 ``--xla_force_host_platform_device_count=8``: ``python tests/inherit_sharded_test.py
-equality`` (or ``memory``). The references are the unsharded `inherit` of the same
+all`` (or ``equality``, ``memory``). The references are the unsharded `inherit` of the same
 params as host NumPy arrays.
 
 Teacher kernels have well separated top singular values (``1, 0.8, 0.6, 0.45``), so
@@ -21,6 +21,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 # (data, fsdp, model). The transformer's 12 layers: no axis of (8, 1, 1) divides 12, so
 # one layer at a time (Gram rows split); on the others 3 groups of 4 layers over 4
@@ -32,6 +33,10 @@ DATA_RULES = ((r".*/kernel", ("data",)), (r".*", "replicate"))
 RULES = {(8, 1, 1): (DATA_RULES, None), (4, 2, 1): (None, None),
          (2, 1, 4): ("tensor_parallel", "tensor_parallel")}
 TOL = 1e-5
+# XLA's CPU backend (LLVM) at -O0: the subprocess' programs, tiny and many, compile in
+# about half the CPU time. Every check compares programs compiled alike (the memory
+# check's figures, from XLA's buffer assignment, are the same as at the default level).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 # ------------------------------------------------------------------------- teachers
@@ -244,8 +249,8 @@ def check_memory():
 def _run(check):
   env = dict(os.environ)
   # The device count first: XLA stops reading flags at the bare token of the others.
-  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false "
-                      "intra_op_parallelism_threads=1")
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count=8 {FAST_COMPILE} "
+                      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
   env["JAX_PLATFORMS"] = "cpu"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -260,24 +265,35 @@ def _run(check):
   return result
 
 
-def test_sharded_inherit_equals_unsharded():
+@pytest.fixture(scope="module")
+def checks():
+  """Both checks in one 8-device subprocess (one JAX start): the memory check first, on
+  a fresh process with nothing else alive."""
+  return _run("all")
+
+
+def test_sharded_inherit_equals_unsharded(checks):
   """3 meshes x 2 trees x {exact, randomized}, H=1 and H=3 layers in every call; and
   `mesh=` with host params, `resolve` (energy), the report."""
-  result = _run("equality")
+  result = checks["equality"]
   assert result["checked"] == len(MESHES) * len(TREES) * 2 and result["extras"]
 
 
-def test_sharded_inherit_peak_memory_below_twice_the_teacher():
-  result = _run("memory")
+def test_sharded_inherit_peak_memory_below_twice_the_teacher(checks):
+  result = checks["memory"]
   assert result["stages"] > 0
   assert result["ratio"] < 2.0 and result["planned_ratio"] < 2.0, result
   # The plan (nothing allocated) predicts the measured peak.
   assert abs(result["planned_ratio"] - result["ratio"]) < 0.05, result
 
 
+def check_all():
+  return {"memory": check_memory(), "equality": check_equality()}
+
+
 if __name__ == "__main__":
   import jax
 
   jax.config.update("jax_platforms", "cpu")
-  result = {"equality": check_equality, "memory": check_memory}[sys.argv[1]]()
+  result = {"equality": check_equality, "memory": check_memory, "all": check_all}[sys.argv[1]]()
   print(json.dumps(result))

@@ -6,7 +6,6 @@ JAX starts.
 
   python tests/sharded_train_script.py meshes OUT.json
   python tests/sharded_train_script.py worker OUT.json WORKDIR COORDINATOR NUM_PROCESSES ID
-  python tests/sharded_train_script.py single OUT.json WORKDIR
 """
 
 import json
@@ -20,7 +19,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inhernet_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from inhernet_jax import models
 from inhernet_jax.data import pipeline as data
 from inhernet_jax.parallel import distributed
@@ -102,27 +100,28 @@ def meshes(out):
       "resnet": (resnet, digits_pipeline, "default", "fsdp"),
       "gpt": (gpt, chars_pipeline, "tensor_parallel", "model"),
   }
-  for name, (build, pipe, rules, second) in cases.items():
-    model, variables = build()
-    for shape in ((1, 1), (8, 1), (4, 2), (2, 4)):
-      devices = jax.devices()[: shape[0] * shape[1]]
-      mesh = sharding.make_mesh({"data": shape[0], second: shape[1]}, devices=devices)
-      with tempfile.TemporaryDirectory() as tmp:
-        results[f"{name} {shape}"] = run(model, variables, pipe(mesh), mesh, rules, tmp)
-  # Killed after one epoch on a (4, 2) mesh, resumed on (2, 4): the checkpoint restores
-  # onto the new mesh and the run ends where an uninterrupted one-device run ends.
-  model, variables = resnet()
-  mesh = lambda a, b: sharding.make_mesh({"data": a, "fsdp": b})  # noqa: E731
-  single = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   with tempfile.TemporaryDirectory() as tmp:
+    for name, (build, pipe, rules, second) in cases.items():
+      model, variables = build()
+      for shape in ((1, 1), (8, 1), (4, 2), (2, 4)):
+        devices = jax.devices()[: shape[0] * shape[1]]
+        mesh = sharding.make_mesh({"data": shape[0], second: shape[1]}, devices=devices)
+        workdir = os.path.join(tmp, f"{name}_{shape[0]}x{shape[1]}")
+        results[f"{name} {shape}"] = run(model, variables, pipe(mesh), mesh, rules, workdir)
+      if name == "resnet":
+        resnet_model, resnet_variables = model, variables
+    # The (4, 2) run above, killed after its one epoch, resumed on (2, 4): the checkpoint
+    # restores onto the new mesh and the run ends where an uninterrupted one-device run
+    # ends. Extended deliberately from one epoch to two (the fingerprint records the
+    # epochs).
+    model, variables = resnet_model, resnet_variables
+    single = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     results["resnet 2 epochs (1, 1)"] = run(model, variables, digits_pipeline(single), single,
-                                            "default", tmp, epochs=2)
-  with tempfile.TemporaryDirectory() as tmp:
-    run(model, variables, digits_pipeline(mesh(4, 2)), mesh(4, 2), "default", tmp)
-    # Extended deliberately from one epoch to two (the fingerprint records the epochs).
+                                            "default", os.path.join(tmp, "two_epochs"), epochs=2)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     results["resnet resumed (4, 2) -> (2, 4)"] = run(
-        model, variables, digits_pipeline(mesh(2, 4)), mesh(2, 4), "default", tmp, epochs=2,
-        allow_resume_changes="epochs")
+        model, variables, digits_pipeline(mesh), mesh, "default", os.path.join(tmp, "resnet_4x2"),
+        epochs=2, allow_resume_changes="epochs")
   with open(out, "w") as f:
     json.dump(results, f)
 
@@ -139,20 +138,6 @@ def worker(out, workdir, coordinator, num_processes, process_id):
       json.dump(result, f)
 
 
-def single(out, workdir):
-  """Restores the checkpoint the workers wrote, then trains the same run from scratch."""
-  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  model, variables = resnet()
-  mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"), async_save=False)
-  abstract = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  restored = ckpt_lib.load_variables(workdir, abstract)
-  result = run(model, variables, digits_pipeline(mesh), mesh, "default", workdir + "_single")
-  result["restored"] = jax.tree.map(lambda x: np.asarray(x).tolist(), restored)
-  result["steps"] = list(mngr.all_steps())
-  with open(out, "w") as f:
-    json.dump(result, f)
-
-
 if __name__ == "__main__":
   mode, *args = sys.argv[1:]
-  {"meshes": meshes, "worker": worker, "single": single}[mode](*args)
+  {"meshes": meshes, "worker": worker}[mode](*args)
