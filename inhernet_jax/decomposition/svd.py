@@ -341,26 +341,27 @@ def whitened_svd(a: jax.Array, gram: jax.Array, rank: int, damping: float = DAMP
   """Data-aware top-``rank`` factors of ``a`` (``(..., m, n)``) for inputs with Gram ``gram``.
 
   ``A_r = down @ diag(s) @ v^T`` minimises ``tr((A - A_r)^T G (A - A_r))`` over rank-r
-  matrices, ``G`` the Gram plus the ridge ``damping * mean(diag G) * I``. With ``G = Q W
-  Q^T`` (``eigh``; negative rounding clipped) and ``W^{1/2} Q^T A = U S V^T`` (exact
-  SVD), the optimum is ``A_r = A V_r V_r^T``: ``v = V_r``, ``s = S_r`` and ``down = A V_r
+  matrices, ``G`` the Gram plus the ridge ``damping * mean(diag G) * I``. With any ``F``,
+  ``F^T F = G`` (the Cholesky ``L^T`` where it holds, else ``W^{1/2} Q^T`` from ``G = Q W
+  Q^T``, ``eigh``) and ``F A = U S V^T`` (exact SVD), the optimum is ``A_r = A V_r
+  V_r^T``: ``v = V_r``, ``s = S_r`` and ``down = A V_r
   / S_r`` (which is ``G^{-1/2} U_r`` where ``G`` is invertible). Nothing is inverted or
   Cholesky-factored, so the optimum holds for any positive semi-definite ``G``: a
   rank-deficient ``X`` (fewer rows than features), and a Gram whose float32 Cholesky
   fails (the jitted path included: the inverse square root it replaces lost 1.04x / 1.92x
-  at cond(X) = 1e5 / 1e7 in float32, this route 1.0000 / 1.0021). Singular values below
+  at cond(X) = 1e5 / 1e7 in float32, this route 1.0000 / 1.0000). Singular values below
   `EIGEN_TOL` eps of the largest count as 0 (their outputs are rounding). Slices whose
   Gram is not finite get the plain SVD (``ok`` False). The factor scales follow the
   Gram's: pass a per-row mean (``X^T X / rows``) so that ``x @ down`` has about unit
-  second moment per component, whatever the number of rows. On the host (NumPy) in
-  float64, jitted in `compute_dtype`. Jit-able (``rank`` and ``damping`` static).
+  second moment per component, whatever the number of rows. In `compute_dtype` on
+  every path (so host, jitted and sharded agree). Jit-able (``rank`` and ``damping``
+  static).
 
   The damping trades optimality for conditioning: measured true output error over the
   float64 optimum, rank 24 of a 64x48 kernel, 400 rows, worst of 3 seeds
   (``python -m benchmarks.accuracy --data_aware``): ``damping=0.01``: 1.019 at cond(X) =
-  1e3, 2.32 at 1e5, 8.85 at 1e7; ``damping=0``: 1.0000 at each on the host, and jitted
-  with a float32 Gram up to 1e5 (1.0021 at 1e7, where the float32 Gram itself, cond
-  1e14, has lost it).
+  1e3, 2.32 at 1e5, 8.85 at 1e7; ``damping=0``: 1.0000 at each, host and jitted (a
+  float32 Gram).
 
   Args:
     a: matrix or batch of matrices.
@@ -382,35 +383,50 @@ def whitened_svd(a: jax.Array, gram: jax.Array, rank: int, damping: float = DAMP
   gram_xp = np if isinstance(gram, np.ndarray) else xp
   c = gram_xp.mean(gram_xp.diagonal(gram, axis1=-2, axis2=-1), -1)
   c = gram_xp.where(c > 0, c, gram_xp.ones_like(c))[..., None, None]
-  out_dtype = compute_dtype()
-  work = np.float64 if xp is np else out_dtype  # The host's eigh and SVD in float64.
-  g = xp.asarray(gram / c).astype(work)
-  root = xp.sqrt(xp.asarray(c).astype(work))
-  down, s, v, ok = _eigen_whitened(g, a.astype(work), rank, damping, xp)
+  g = xp.asarray(gram / c).astype(compute_dtype())
+  root = xp.sqrt(xp.asarray(c).astype(compute_dtype()))
+  down, s, v, ok = _eigen_whitened(g, a.astype(g.dtype), rank, damping, xp)
   root = xp.where(ok[..., None, None], root, xp.ones_like(root))  # Failed: plain SVD.
-  down, s = down / root, s * root[..., 0]
-  return down.astype(out_dtype), s.astype(out_dtype), v.astype(out_dtype), ok
+  return down / root, s * root[..., 0], v, ok
 
 
 EIGEN_TOL = 1  # Singular values below this many eps * max(m, n) of the largest: zero.
 
 
 def _eigen_whitened(g, a, rank, damping, xp):
-  """``(down, s, v, ok)`` of `whitened_svd` for a normalised Gram ``g`` (mean diagonal 1)."""
+  """``(down, s, v, ok)`` of `whitened_svd` for a normalised Gram ``g`` (mean diagonal 1).
+
+  The factor ``F`` (``F^T F = G``, damped) is ``L^T`` from the Cholesky where it holds
+  (`whitening`; the same rounding on every path, so host, jit and sharded agree as
+  closely as before), else ``W^{1/2} Q^T`` from ``eigh`` (singular or ill-conditioned
+  Grams); either way ``V`` comes from the SVD of ``F A`` and nothing is inverted."""
   ok = xp.all(xp.isfinite(g), axis=(-2, -1))
   m, n = a.shape[-2:]
   eye = xp.eye(m, dtype=g.dtype)
   g = xp.where(ok[..., None, None], g, eye)
-  g = g + damping * xp.mean(xp.diagonal(g, axis1=-2, axis2=-1), -1)[..., None, None] * eye
-  w, q = xp.linalg.eigh(g)
-  b = xp.sqrt(xp.maximum(w, 0))[..., :, None] * (xp.swapaxes(q, -1, -2) @ a)
-  # V from the SVD of W^{1/2} Q^T A (the left factor Q does not change it).
-  _, s, v = exact_svd(b, rank, xp=xp)
+  l, chol = whitening(g, damping, xp=xp)
+  f = xp.swapaxes(l, -1, -2)
+  if xp is np:
+    if not chol.all():
+      f = f.copy()
+      f[~chol] = _eigen_factor(g[~chol], damping, np)
+  else:
+    f = jax.lax.cond(jnp.all(chol), lambda: f,
+                     lambda: jnp.where(chol[..., None, None], f, _eigen_factor(g, damping, jnp)))
+  _, s, v = exact_svd(f @ a, rank, xp=xp)
   zero = s <= EIGEN_TOL * max(m, n) * np.finfo(g.dtype).eps * s[..., :1]
   s = xp.where(zero, 0, s)
   top = xp.where(s[..., :1] > 0, s[..., :1], 1)
   down = (a @ v) / xp.where(zero, top, s)[..., None, :]
   return down, s, v, ok
+
+
+def _eigen_factor(g, damping, xp):
+  """``W^{1/2} Q^T`` of the damped ``g = Q W Q^T`` (negative rounding clipped)."""
+  eye = xp.eye(g.shape[-1], dtype=g.dtype)
+  g = g + damping * xp.mean(xp.diagonal(g, axis1=-2, axis2=-1), -1)[..., None, None] * eye
+  w, q = xp.linalg.eigh(g)
+  return xp.sqrt(xp.maximum(w, 0))[..., :, None] * xp.swapaxes(q, -1, -2)
 
 
 def canonical_signs(u, v, *, xp):
