@@ -215,10 +215,11 @@ class _Bn(nn.Module):
 def test_statistics_match_pytorch_momentum_none_for_large_means(seed, mean, spread, rows,
                                                                  count, unbiased):
   """Running statistics are PyTorch's ``momentum=None`` (cumulative) estimate for
-  activations ``mean + spread * N(0, 1)`` with ``|mean|`` up to 1e4: within 1e-6
-  relative of that estimator computed in float64 on the same float32 inputs, and within
-  2e-5 of PyTorch's own float32 numbers (which are themselves up to 1.3e-5 off the
-  float64 value here: its float32 mean)."""
+  activations ``mean + spread * N(0, 1)`` with ``|mean|`` up to 1e4: within 1e-5
+  relative of PyTorch's ``BatchNorm1d(momentum=None)`` run in float64 on the same float32
+  inputs (the reference; PyTorch's own float32 run is not: it is up to 6e-6 off it at
+  mean 1e4, spread 1, and 1.7e-2 at spread 0.01, docs/robustness.md), and within 1e-6 of
+  that estimator written out in NumPy float64."""
   torch = pytest.importorskip("torch")
   rng = np.random.default_rng(seed)
   features = 6
@@ -231,12 +232,12 @@ def test_statistics_match_pytorch_momentum_none_for_large_means(seed, mean, spre
   want_var = np.mean([x.var(0, ddof=1 if unbiased else 0) for x in exact], 0)
   np.testing.assert_allclose(got["mean"], want_mean, rtol=1e-6, atol=1e-6 * spread)
   np.testing.assert_allclose(got["var"], want_var, rtol=1e-6, atol=0)
-  bn = torch.nn.BatchNorm1d(features, momentum=None).train()
+  bn = torch.nn.BatchNorm1d(features, momentum=None).double().train()
   with torch.no_grad():
-    for x in batches:
+    for x in exact:
       bn(torch.from_numpy(x))
-  torch_var = bn.running_var.numpy().astype(np.float64)
+  torch_var = bn.running_var.numpy()
   if not unbiased:
     torch_var = torch_var * (rows - 1) / rows
   np.testing.assert_allclose(got["mean"], bn.running_mean.numpy(), rtol=1e-5, atol=1e-5 * spread)
-  np.testing.assert_allclose(got["var"], torch_var, rtol=2e-5, atol=0)
+  np.testing.assert_allclose(got["var"], torch_var, rtol=1e-5, atol=0)

@@ -7,7 +7,11 @@ at rank 100 gave 1.054x; s_i = i^-0.1 at 0.37 min(m, n) gave 1.015x); host path 
 as `inherit` runs on the CPU.
 """
 
+import functools
+
 import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import example, given, settings
 
@@ -81,4 +85,24 @@ def test_undamped_data_aware_truncation_is_optimal(rows, log_cond, rank, seed):
   approx = (np.asarray(down, np.float64) * s) @ np.asarray(v, np.float64).T
   optimum = np.sqrt(np.sum(np.linalg.svd(x @ a, compute_uv=False)[rank:] ** 2))
   # Plus float32 rounding of the returned factors (the optimum is 0 once rank >= rows).
+  assert np.linalg.norm(x @ (a - approx)) <= 1.001 * optimum + 1e-6 * np.linalg.norm(x @ a)
+
+
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(6, 200), log_cond=st.floats(0, 6), rank=st.integers(1, 10),
+       seed=st.integers(0, 2**16))
+@example(rows=200, log_cond=5.0, rank=8, seed=0)  # Inverse square root in float32: 1.57x.
+@example(rows=10, log_cond=2.0, rank=8, seed=1)  # Rank-deficient.
+def test_undamped_data_aware_truncation_is_optimal_jitted(rows, log_cond, rank, seed):
+  """The jitted path (float32 Gram, float32 compute) reaches the same optimum: nothing
+  is inverted or Cholesky-factored (`svd.whitened_svd`)."""
+  rng = np.random.default_rng(seed)
+  m, n = 16, 12
+  x = rng.normal(size=(rows, m)) * np.logspace(0, -log_cond, m)
+  a = rng.normal(size=(m, n))
+  fn = jax.jit(functools.partial(svd.whitened_svd, rank=rank, damping=0.0))
+  down, s, v, ok = fn(jnp.asarray(a, jnp.float32), jnp.asarray(x.T @ x / rows, jnp.float32))
+  assert bool(ok)
+  approx = (np.asarray(down, np.float64) * np.asarray(s, np.float64)) @ np.asarray(v, np.float64).T
+  optimum = np.sqrt(np.sum(np.linalg.svd(x @ a, compute_uv=False)[rank:] ** 2))
   assert np.linalg.norm(x @ (a - approx)) <= 1.001 * optimum + 1e-6 * np.linalg.norm(x @ a)

@@ -99,8 +99,9 @@ def inherited(group, results, ok, key) -> dict[str, Inherited]:
 
 
 def note_whitening(kernels, ok, damping):
-  """Per kernel, which stack slices were whitened; warns for each kernel whose Cholesky
-  failed. Under jit: None, and the warnings come when it runs."""
+  """Per kernel, which stack slices were whitened; warns for each kernel whose input
+  Gram was not finite (`svd.whitened_svd`: the only case it cannot whiten). Under jit:
+  None, and the warnings come when it runs."""
   if isinstance(ok, jax.core.Tracer):
     jax.debug.callback(functools.partial(note_whitening, kernels, damping=damping), ok)
     return None
@@ -112,9 +113,9 @@ def note_whitening(kernels, ok, damping):
     if not whitened.all():
       where = f" (stack slices {np.flatnonzero(~whitened).tolist()})" if k.stack else ""
       warnings.warn(
-          f"{k.path}: Cholesky of the damped input Gram failed{where} (not positive definite "
-          f"or not finite); plain SVD used instead. Raise InherSpec.damping (now {damping}) "
-          "or calibrate on more (or non-degenerate) inputs", stacklevel=5)
+          f"{k.path}: the input Gram is not finite{where}; plain SVD used instead "
+          f"(InherSpec.damping {damping}). Calibrate on finite inputs (an overflow in the "
+          "Gram's accumulation: rescale the inputs or accumulate in float64)", stacklevel=5)
   return out
 
 

@@ -40,7 +40,7 @@ def decompose_group(arrays, biases, grams, counts, bits, *, group_meta, method, 
   their truncated SVD by ``method`` (randomized: from the packed start ``bits`` of
   ``width`` columns, `start_bits`, or their unpacked `svd.signs`), and each kernel's
   ``((u, s, v), params)`` (`assemble.factor_params`); plus, data-aware, whether each
-  slice's Cholesky succeeded (else None)."""
+  slice was whitened (its Gram finite) (else None)."""
   a = xp.concatenate([x.reshape(-1, m, n) for x in arrays])
   start_matrices = bits
   if bits is not None and bits.dtype == np.uint8:

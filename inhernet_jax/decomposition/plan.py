@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +38,32 @@ from inhernet_jax.decomposition.policy import LayerPlan
 from inhernet_jax.decomposition.spec import InherSpec
 
 MAX_KERNEL_NDIM = 5  # Dense (2) and 1D/2D/3D convs.
+MAX_SPATIAL = 11  # A bias-free 4-D kernel with both leading axes <= this: a 2-D conv.
+
+
+class AmbiguousKernelWarning(UserWarning):
+  """A bias-free kernel whose layout its params do not tell (see `ambiguous`)."""
+
+
+def ambiguous(shape: tuple[int, ...]) -> bool:
+  """Whether a bias-free kernel of this shape, no ``stack`` rule given, may not be the
+  ``(prod(shape[:-1]), shape[-1])`` matrix `inherit` reads it as.
+
+  Without a bias (whose shape tells the output axes and the stack axes) a 3-D kernel
+  ``(a, b, c)`` is a 1-D conv (read right), a multi-axis `DenseGeneral` such as the
+  query kernel ``(features, heads, head_dim)`` of ``MultiHeadDotProductAttention(
+  use_bias=False)`` (really ``features x heads*head_dim``) or a scan-stacked Dense
+  ``(layers, in, out)`` (really ``layers`` matrices ``in x out``); a 5-D kernel a 3-D
+  conv or a stacked 2-D conv. A 4-D kernel is read as the 2-D conv ``(kh, kw, C_in,
+  C_out)`` when ``kh, kw <= MAX_SPATIAL`` (every conv of the model zoo), ambiguous
+  otherwise (e.g. a stacked multi-axis DenseGeneral ``(layers, features, heads,
+  head_dim)``). A stacked 1-D conv ``(layers, k, C_in, C_out)`` with both leading axes
+  small is the one layout this cannot tell from a 2-D conv: declare it with a
+  ``{'stack': 1}`` rule, or use `inherit_model`, which reads every layout from the model.
+  """
+  if len(shape) == 4:
+    return max(shape[:2]) > MAX_SPATIAL
+  return len(shape) in (3, 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +232,7 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
         "params looks like a full variables dict (it has 'params' and "
         f"{sorted(k for k in params if k != 'params')}); pass variables['params']")
   kernels = []
+  unclear = []
 
   def visit(node, keys):
     for k, v in node.items():
@@ -220,6 +248,9 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
         continue
       stack = spec.stack_axes(path)
       bias = node.get("bias")
+      if (stack is None and not is_array(bias, abstract) and not spec.match(path)[1].get("skip")
+          and ambiguous(tuple(v.shape))):
+        unclear.append(f"{path} {tuple(v.shape)}")
       if stack is None:
         # A scan-stacked layer has a bias with the same leading layer axes.
         stack = 0
@@ -250,6 +281,17 @@ def collect(params, spec: InherSpec, abstract: bool = False) -> list[Kernel]:
       kernels.append(Kernel(keys, path, v, bias, stack))
 
   visit(params, ())
+  if unclear:
+    warnings.warn(
+        f"{len(unclear)} bias-free kernel(s) whose layout the params do not tell: "
+        f"{'; '.join(unclear[:4])}{' ...' if len(unclear) > 4 else ''}. Each is read as "
+        "(every axis but the last) x (last axis); a multi-axis DenseGeneral (e.g. a "
+        "use_bias=False attention query kernel (features, heads, head_dim)) or a "
+        "scan-stacked kernel would be factorised as the wrong matrix. Fix: "
+        "inherit_model(model, variables, ...), which reads each kernel from the model; or "
+        "declare the layout with a rule, e.g. (r'<path regex>', {'stack': 1}) for one "
+        "leading layer axis, {'stack': 0} if the reading above is right, or 'skip'",
+        AmbiguousKernelWarning, stacklevel=3)
   rules_lib.warn_unmatched(spec.rules, [k.path for k in kernels], "InherSpec.rules", "kernel",
                            stacklevel=3)
   return kernels

@@ -204,8 +204,8 @@ def _matrices(kernel, index, in_shape, n, layout, via):
 def _group_stage(kernel, bias, gram, bits, index, *, meta, layout, via, parts, keep_factors, method,
                  width, power_iters, damping):
   """One layer group's params (``down/kernel``, ``up/kernel``, [``up/bias``]), then
-  (``keep_factors``) its ``u, s, v`` and (data-aware) whether each slice's Cholesky
-  succeeded: `compute.decompose_group` on the group's ``D`` slices, its randomized start
+  (``keep_factors``) its ``u, s, v`` and (data-aware) whether each slice was whitened
+  (its Gram finite): `compute.decompose_group` on the group's ``D`` slices, its randomized start
   matrices unpacked here (`compute.start_bits`' packed bits ``(B, bytes)``)."""
   stack, in_shape, n, rank, heads, dtype = meta
   a = _matrices(kernel, index, in_shape, n, layout, via)
@@ -333,7 +333,7 @@ def _sharded_schedule(plan: Plan, mesh: Mesh, rules, keep_factors: bool):
     return shapes
 
   def extra(k):
-    """Factors (for the report) and a data-aware kernel's Cholesky flags: replicated."""
+    """Factors (for the report) and a data-aware kernel's whitening flags: replicated."""
     return (NamedSharding(mesh, P()),) * (3 * keep_factors + k.plan.data_aware)
 
   def part_shardings(k):

@@ -179,13 +179,13 @@ def inherit(
     calibration: ``{kernel path: {"gram": (*stack, m, m), "count": rows}}`` input Grams
       (`inhernet_jax.calibration.grams.input_grams`), required for every data-aware kernel
       (the spec's ``data_aware``); others only use them for the report's
-      ``output_rel_error``. A data-aware kernel whose damped Gram is not positive
-      definite falls back to the plain SVD, with a warning naming it.
+      ``output_rel_error``. A data-aware kernel whose Gram is not finite falls back
+      to the plain SVD, with a warning naming it.
 
   Returns:
     The inherited params (and the report rows when ``return_report``). Right after this
     call the inherited network computes the rank-r truncation of the teacher exactly
-    (the data-aware one ``A_r = L^{-T} U_r S_r V_r^T`` for data-aware kernels).
+    (the data-aware one ``A_r = A V_r V_r^T`` for data-aware kernels, `svd.whitened_svd`).
 
   Raises:
     TypeError: a wrong type, naming the offending argument or leaf path.
