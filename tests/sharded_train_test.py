@@ -19,16 +19,11 @@ import pytest
 ROOT = pathlib.Path(__file__).parents[1]
 SCRIPT = ROOT / "tests" / "sharded_train_script.py"
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-# XLA's CPU backend (LLVM) at -O0 in every process of this file (the meshes, the (1, 1)
-# reference and the two workers alike): each mesh compiles its own programs, and the
-# comparisons are between runs made with the same flags.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def _env(devices: int) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} {SINGLE_THREAD} "
-                      f"{FAST_COMPILE}")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {SINGLE_THREAD}"
   env["PYTHONPATH"] = str(ROOT)
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
