@@ -43,12 +43,7 @@ from inhernet_jax.decomposition.spec import as_spec
 from inhernet_jax.surgery import common, static
 from inhernet_jax.surgery.common import Layer, Planned
 
-KINDS = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Conv: "conv",
-         nn.Einsum: "einsum"}
-
-
-# This package's layers without a spec are `nn.Dense` / `nn.Conv` (a zoo teacher).
-PLAIN = {layers_lib.InherDense: "dense", layers_lib.InherConv: "conv"}
+KINDS, PLAIN = static.KINDS, static.PLAIN  # The linen layer types it replaces, by kind.
 
 
 def _kind(module, method_name: str) -> str | None:

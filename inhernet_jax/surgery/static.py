@@ -42,10 +42,17 @@ from flax import traverse_util
 from flax.core import FrozenDict
 
 from inhernet_jax.decomposition.spec import as_spec
+from inhernet_jax.layers import linen as layers_lib
 from inhernet_jax.surgery import common
 from inhernet_jax.surgery.common import Layer
 
 AUTO = re.compile(r"(Dense|DenseGeneral|Conv|Einsum)_\d+")
+KINDS = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Conv: "conv",
+         nn.Einsum: "einsum"}
+
+# This package's layers without a spec are `nn.Dense` / `nn.Conv` (a zoo teacher).
+PLAIN = {layers_lib.InherDense: "dense", layers_lib.InherConv: "conv"}
+
 AUTO_KINDS = {"Dense": "dense", "DenseGeneral": "dense_general", "Conv": "conv",
               "Einsum": "einsum"}
 ATTENTION = ("query", "key", "value", "out")
@@ -118,8 +125,6 @@ def read_params(model: nn.Module, variables: Mapping[str, Any], spec=None):
   Raises:
     Ambiguous: a kernel, not skipped by a rule, whose view is not known without a call.
   """
-  from inhernet_jax.surgery.linen import KINDS, PLAIN
-
   spec = as_spec(spec) if spec is not None else None
   params = variables["params"]
   flat = traverse_util.flatten_dict(dict(params) if isinstance(params, FrozenDict) else params)
