@@ -71,6 +71,12 @@ def run_until_complete_and_drain(coro: Coroutine[Any, Any, Any]) -> Any:
   try:
     asyncio.set_event_loop(loop)
     return loop.run_until_complete(coro)
+  except BaseException:
+    # The run failed and that error propagates; sibling tasks that had already failed
+    # (done, so not among the tasks `_drain` awaits) are the same failure: not logged
+    # again as "never retrieved" when they are collected.
+    loop.set_exception_handler(_sibling_failures_quiet)
+    raise
   finally:
     try:
       _drain(loop)
@@ -79,6 +85,12 @@ def run_until_complete_and_drain(coro: Coroutine[Any, Any, Any]) -> Any:
     finally:
       asyncio.set_event_loop(None)
       loop.close()
+
+
+def _sibling_failures_quiet(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+  if context.get("message") == "Task exception was never retrieved":
+    return
+  loop.default_exception_handler(context)
 
 
 def _drain(loop: asyncio.AbstractEventLoop) -> None:
