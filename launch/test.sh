@@ -8,7 +8,11 @@ INHERNET_REQUIREMENTS="tests/requirements.txt ${INHERNET_REQUIREMENTS:-}"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # Two pytest workers on a 2-core machine: one XLA/BLAS thread each, or their spinning
 # thread pools oversubscribe the cores and slow everything down many times.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# XLA's CPU backend (LLVM) at -O0: the suite's tiny programs are compiled far more often
+# than they run long (benchmark_step_test: 40.6 s -> 24.9 s of CPU). First: XLA stops
+# reading flags at the bare `intra_op_parallelism_threads=1`. (Files whose subprocesses
+# compare runs across meshes to 1e-5 set their own XLA_FLAGS, at the default level.)
+export XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # One persistent XLA compilation cache for the whole run (both workers and the tests'
 # subprocesses): the suite compiles the same tiny models many times (every seed, every
