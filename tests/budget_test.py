@@ -31,6 +31,8 @@ from inhernet_jax.decomposition.transform import inherit, planned_param_count
 from inhernet_jax.decomposition.policy import layer_plan
 from inhernet_jax.decomposition.spec import InherSpec
 
+import launcher_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -328,8 +330,7 @@ def test_launch_inherit_with_a_budget(tmp_path):
   checkpoint.save(mngr, 0, state, {"history": {}})
   mngr.wait_until_finished()
   mngr.close()
-  env = dict(os.environ, PYTHONPATH=str(ROOT),
-             XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  env = launcher_env.env()
   out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, "-m", "launch.inherit", "--config=configs/digits.py:local",

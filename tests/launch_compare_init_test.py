@@ -1,20 +1,20 @@
 """launch/compare_init.py end to end (a subprocess) on the digits local variant."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+import launcher_env
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
 @pytest.mark.slow
 def test_compare_init_writes_both_comparisons(tmp_path):
-  env = dict(os.environ, PYTHONPATH=str(ROOT),
-             XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  env = launcher_env.env()
   proc = subprocess.run(
       [sys.executable, "-m", "launch.compare_init", "--config=configs/digits.py:local",
        f"--workdir={tmp_path}", "--ranks=2,4", "--calibration_batches=2"],

@@ -2,7 +2,6 @@
 `launch.main` saves one (a TrainState under ``RUN_DIR/checkpoints``)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from inhernet_jax.training import trainer as train_lib
 from inhernet_jax.decomposition.transform import inherit, resolve
 from inhernet_jax.decomposition.spec import InherSpec
 
+import launcher_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOCAL = (8, 16, 32)      # configs/digits.py:local teacher widths.
 DEFAULT = (32, 64, 128)  # configs/digits.py teacher widths (151,306 params).
@@ -29,9 +30,7 @@ X = jnp.zeros((1, 8, 8, 1), jnp.float32)
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  return env
+  return launcher_env.env()
 
 
 def launch(*args):

@@ -1,6 +1,5 @@
 """`launch/main.py`'s errors: one line, no traceback, before anything trains."""
 
-import os
 import pathlib
 import re
 import signal
@@ -13,12 +12,13 @@ import jax.numpy as jnp
 from inhernet_jax import models
 from inhernet_jax.training import checkpoint
 
+import launcher_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _main(*args):
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  env = launcher_env.env()
   return subprocess.run([sys.executable, "-m", "launch.main", *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -58,9 +58,7 @@ def test_checkpoint_meta_without_history(tmp_path):
 
 
 def _child_env():
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  return env
+  return launcher_env.env()
 
 
 # `python -m launch.main ARGS`, after setting what a shell would have set (no preexec_fn:

@@ -2,7 +2,6 @@
 launch/compare_init.py's re-estimated rows, on Fashion-MNIST IDX files the test writes."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from inhernet_jax.calibration import batch_stats
 from inhernet_jax.calibration import grams as calibration
 from inhernet_jax.data import pipeline as data
 from inhernet_jax.data import fashion_mnist
+
+import launcher_env
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -83,8 +84,7 @@ def test_errors_name_the_flag(recal, setup):
 @pytest.mark.slow
 def test_compare_init_reports_each_row_with_and_without_re_estimation(tmp_path):
   fashion_mnist.write_fake(str(tmp_path), 64, 16)
-  env = dict(os.environ, PYTHONPATH=str(ROOT),
-             XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  env = launcher_env.env()
   proc = subprocess.run(
       [sys.executable, "-m", "launch.compare_init", "--config=configs/fashion_mnist.py:local",
        f"--config.data.data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}", "--ranks=2",

@@ -23,6 +23,8 @@ from inhernet_jax.training import trainer as train
 from inhernet_jax.decomposition.transform import inherit
 from inhernet_jax.decomposition.spec import InherSpec
 
+import launcher_env
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
@@ -251,9 +253,7 @@ _CMD = [sys.executable, "-m", "launch.main", "--config=configs/digits.py:local",
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  return env
+  return launcher_env.env()
 
 
 def _checkpoints(workdir: pathlib.Path) -> int:

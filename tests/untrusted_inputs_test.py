@@ -36,6 +36,8 @@ from inhernet_jax.training import integrity
 from inhernet_jax.training import lock
 from inhernet_jax.training import trainer as train_lib
 
+import launcher_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TABLE = ROOT / "tests" / "bad_files.md"
 X = jnp.zeros((1, 8, 8, 1), jnp.float32)
@@ -308,9 +310,7 @@ def test_specs_within_the_bounds_still_load(tmp_path):
 
 # ------------------------------------------------------------------- checkpoints
 def _env():
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  return env
+  return launcher_env.env()
 
 
 def _command_error(proc, *fragments):
