@@ -14,6 +14,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # compare runs across meshes to 1e-5 set their own XLA_FLAGS, at the default level.)
 export XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# Bytecode cached on first import (some machines set PYTHONDONTWRITEBYTECODE=1): the suite
+# starts about a hundred Python processes (two workers, every launcher test's subprocess),
+# and without .pyc files each one compiles jax, flax, orbax, ... from source again, 3-4 s
+# of CPU each (launch_inherit + launch_main tests in a fresh venv: 160 -> 82 s of CPU).
+unset PYTHONDONTWRITEBYTECODE
 # One persistent XLA compilation cache for the whole run (both workers and the tests'
 # subprocesses): the suite compiles the same tiny models many times (every seed, every
 # method, every launcher run), and a cached executable loads in milliseconds.
