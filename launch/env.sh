@@ -11,8 +11,9 @@ py="${PYTHON:-python3}"
 # Each file has a stamp (its sha256): a file is installed again only when it changed.
 # One pip call (one resolve), the venv's own pip (no self-upgrade), and no ahead-of-time
 # bytecode compilation (--no-compile: Python compiles the modules it imports, once, on
-# first import, where writing bytecode is on (test.sh turns it on); precompiling all ~17k files of jax, torch and transformers costs ~50 CPU
-# seconds that a test run mostly never uses).
+# first import, where writing bytecode is on (test.sh turns it on); precompiling all
+# ~17k files of jax, torch and transformers costs ~50 CPU seconds that a test run mostly
+# never uses).
 stamp_of() { case "$1" in requirements.txt) echo "$venv/.requirements.sha" ;;
   tests/requirements.txt) echo "$venv/.test-requirements.sha" ;; *) echo "$venv/.${1//\//-}.sha" ;; esac; }
 todo=()
