@@ -15,10 +15,13 @@ import pathlib
 import pickle
 import re
 import shutil
+import signal
 import stat
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,7 @@ from inhernet_jax.interop import export
 from inhernet_jax.training import checkpoint
 from inhernet_jax.training import integrity
 from inhernet_jax.training import lock
+from inhernet_jax.training import teardown
 from inhernet_jax.training import trainer as train_lib
 
 import launcher_env
@@ -548,3 +552,26 @@ def test_exports_follow_the_umask(tmp_path):
     os.umask(old)
   assert modes == {export.WEIGHTS: 0o644, export.SPEC: 0o644}
   assert group_only == 0o640
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_lands_after_it():
+  # What the loop's last wait and every save do (teardown.ctrl_c_deferred): a SIGINT that
+  # arrives inside the block is held until the block (the save) has finished, then raised;
+  # a second one interrupts at once; the handler before is back either way.
+  assert threading.current_thread() is threading.main_thread()  # Signals reach this thread.
+  before = signal.getsignal(signal.SIGINT)
+  finished = []
+  with pytest.raises(KeyboardInterrupt):
+    with teardown.ctrl_c_deferred():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)  # The handler runs here (the main thread's next bytecodes).
+      finished.append("save")
+  assert finished == ["save"] and signal.getsignal(signal.SIGINT) is before
+  with pytest.raises(KeyboardInterrupt):
+    with teardown.ctrl_c_deferred():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: a save that hangs is left.
+      time.sleep(0.01)
+      finished.append("not reached")
+  assert finished == ["save"] and signal.getsignal(signal.SIGINT) is before

@@ -47,13 +47,8 @@ KINDS, PLAIN = static.KINDS, static.PLAIN  # The linen layer types it replaces, 
 
 
 def _kind(module, method_name: str) -> str | None:
-  # Exact types: a subclass may compute something else with its kernel.
-  if method_name != "__call__":
-    return None
-  kind = KINDS.get(type(module))
-  if kind is None and type(module) in PLAIN and module.spec is None:
-    kind = PLAIN[type(module)]
-  return kind
+  # Only the layer's own call: another method may use the kernel differently.
+  return static.layer_kind(module) if method_name == "__call__" else None
 
 
 def _equation(module, args, kwargs) -> str | None:

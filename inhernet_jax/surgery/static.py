@@ -53,6 +53,19 @@ KINDS = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Conv: "conv",
 # This package's layers without a spec are `nn.Dense` / `nn.Conv` (a zoo teacher).
 PLAIN = {layers_lib.InherDense: "dense", layers_lib.InherConv: "conv"}
 
+
+
+def layer_kind(module) -> str | None:
+  """The kind of linen layer ``module`` is (a key of the executors), or None.
+
+  Exact types: a subclass may compute something else with its kernel.
+  """
+  kind = KINDS.get(type(module))
+  if kind is None and type(module) in PLAIN and module.spec is None:
+    kind = PLAIN[type(module)]
+  return kind
+
+
 AUTO_KINDS = {"Dense": "dense", "DenseGeneral": "dense_general", "Conv": "conv",
               "Einsum": "einsum"}
 ATTENTION = ("query", "key", "value", "out")
@@ -148,9 +161,7 @@ def read_params(model: nn.Module, variables: Mapping[str, Any], spec=None):
     module = known.get(path)
     kind = None
     if module is not None:
-      kind = KINDS.get(type(module))
-      if kind is None and type(module) in PLAIN and module.spec is None:
-        kind = PLAIN[type(module)]
+      kind = layer_kind(module)
       if kind is None:
         info[path] = ("", None, None, "", None, None, None)  # Not one of these layers.
         continue

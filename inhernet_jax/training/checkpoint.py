@@ -108,14 +108,15 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
   meta["saved_step"] = int(step)  # A step directory renamed to another step is refused.
   meta.pop("meta_digest", None)
   meta["meta_digest"] = integrity.digest(meta)
-  mngr.save(
-      int(step),
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(tree),
-          meta=ocp.args.JsonSave(meta),
-      ),
-      force=True,
-  )
+  with teardown.ctrl_c_deferred():  # A Ctrl-C lands after the save, not inside orbax's.
+    mngr.save(
+        int(step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
 
 
 def check_finite(variables, where: str) -> None:

@@ -29,6 +29,7 @@ from absl import logging
 
 from inhernet_jax.layers import linen as layers
 from inhernet_jax.training import progress
+from inhernet_jax.training import teardown
 from inhernet_jax.parallel import sharding as sharding_lib
 
 # Metrics of one training run, one entry per epoch (epoch 0: before training).
@@ -142,7 +143,8 @@ def run(ckpt_lib, steps: Steps, state, pipeline, mesh, config, workdir, *, finge
   finally:
     if bar is not None:
       bar.close()
-    mngr.wait_until_finished()
+    with teardown.ctrl_c_deferred():  # The checkpoint being written completes first.
+      mngr.wait_until_finished()
   if loop.gates is None and steps.gates_on:
     _, _, loop.gates = loop.evaluate()
   mngr.close()

@@ -31,10 +31,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Any, Coroutine
+from typing import Any, Coroutine, Iterator
 
 _PATCHED = "_inhernet_drains_tasks"
 _BASE_EVENTS = os.path.join("asyncio", "base_events.py")
@@ -123,4 +126,41 @@ def install() -> bool:
   return True
 
 
-__all__ = ["install", "late_read", "run_until_complete_and_drain"]
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+  """Ctrl-C (SIGINT) held back while the block runs, then raised as ``KeyboardInterrupt``.
+
+  For a checkpoint being written: a ``KeyboardInterrupt`` inside orbax's wait for its save
+  thread is logged by orbax with a traceback, and leaves that thread committing while the
+  interpreter shuts down (it then fails, "cannot schedule new futures after shutdown",
+  with another traceback), the step half written. Held back, the save completes and the
+  interrupt follows it; a second Ctrl-C interrupts at once (a save that hangs). Only the
+  main thread receives signals; elsewhere the block runs as it is.
+
+  Example:
+    ```python
+    with teardown.ctrl_c_deferred():
+      mngr.wait_until_finished()
+    ```
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught = []
+
+  def hold(signum, frame):
+    if caught:
+      raise KeyboardInterrupt
+    caught.append(signum)
+
+  previous = signal.signal(signal.SIGINT, hold)
+  try:
+    yield
+  finally:
+    # None: a handler not set from Python (the default one); SIG_DFL restores it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+  if caught:
+    raise KeyboardInterrupt
+
+
+__all__ = ["ctrl_c_deferred", "install", "late_read", "run_until_complete_and_drain"]
