@@ -485,6 +485,19 @@ def test_tiny_and_huge_entries_keep_relative_accuracy(method, scale):
                              np.asarray(svd.singular_values(a)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax"])
+def test_normalize_divides_by_a_power_of_two_without_rounding(xp):
+  rng = np.random.default_rng(3)
+  a = np.stack([rng.standard_normal((5, 4)) * 3.7, np.zeros((5, 4)), rng.standard_normal((5, 4)) * 1e-30,
+                np.full((5, 4), 2.0**100), np.full((5, 4), 3e38)]).astype(np.float32)
+  unit, scale = (np.asarray(x) for x in svd.normalize(a if xp is np else jnp.asarray(a), xp=xp))
+  np.testing.assert_array_equal(unit * scale[:, None, None], a)  # Nothing rounded.
+  mantissa, _ = np.frexp(scale)
+  np.testing.assert_array_equal(mantissa, 0.5)  # Powers of two.
+  peak = np.abs(unit).max(axis=(-2, -1))
+  assert np.all((peak[[0, 2, 3]] >= 0.5) & (peak[[0, 2, 3]] < 1)) and peak[1] == 0 and peak[4] < 4
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e20])
 def test_whitened_svd_scale_safe(scale):
   rng = np.random.default_rng(0)
