@@ -7,7 +7,8 @@ NumPy's LAPACK. Jitted, it is chosen by the backend the program is compiled for
 `jax.pure_callback` (`host_svd`), cast back; on accelerators, XLA's SVD. Inside the
 sharded executor's stages (`batch_sharding`), the CPU callback runs per device under
 `jax.shard_map`: a callback in an automatically partitioned program would run on one
-device with every operand gathered onto it.
+device with every operand gathered onto it. The callback has no derivative rule (nothing
+differentiates through a decomposition here) and lowers for one platform at a time.
 
 Example:
   ```python
@@ -34,7 +35,7 @@ def thin_svd(a, *, xp=jnp):
   On the host (NumPy) LAPACK's ``gesdd`` in ``a``'s dtype. Jitted, by the backend the
   program is compiled for (`jax.lax.platform_dependent`): on the CPU, NumPy's LAPACK in
   float64 through `jax.pure_callback` (`host_svd`), the results cast back; elsewhere
-  XLA's SVD (``jnp.linalg.svd``: cuSOLVER on GPUs, Jacobi on TPUs).
+  XLA's SVD (``jnp.linalg.svd``: cuSOLVER on GPUs, a QDWH polar SVD on TPUs).
 
   Why not XLA's on the CPU: it calls the ``gesdd`` of SciPy's OpenBLAS, whose float32
   SVD loses the small singular directions of steep spectra (512^2, s_i = i^-3, error
