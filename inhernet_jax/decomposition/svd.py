@@ -161,8 +161,9 @@ def method_and_width(m: int, n: int, rank: int, method: str, oversample: int | N
 
 
 def exact_svd(a: jax.Array, rank: int, *, xp=jnp):
-  """Top-``rank`` triplets ``(u, s, v)`` from a full SVD (`thin_svd`), computed on
-  ``a / max|a|`` (`normalize`): entries near 1e-20 or 1e20 lose nothing."""
+  """Top-``rank`` triplets ``(u, s, v)`` from a full SVD (`thin_svd`), computed on ``a``
+  over a power of two near ``max|a|`` (`normalize`): entries near 1e-20 or 1e20 lose
+  nothing."""
   a, scale = normalize(a, xp=xp)
   u, s, vt = thin_svd(a, xp=xp)
   return u[..., :rank], s[..., :rank] * scale[..., None], xp.swapaxes(vt, -1, -2)[..., :rank]
