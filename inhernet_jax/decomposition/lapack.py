@@ -32,7 +32,8 @@ from jax.sharding import PartitionSpec as P
 def thin_svd(a, *, xp=jnp):
   """``(u, s, vt)``: the thin SVD of ``a`` (``(..., m, n)``), batched, in ``a``'s dtype.
 
-  On the host (NumPy) LAPACK's ``gesdd`` in ``a``'s dtype. Jitted, by the backend the
+  On the host NumPy's (LAPACK's ``gesdd``, in float64 even for float32 inputs: NumPy's
+  linear algebra computes in double and casts back). Jitted, by the backend the
   program is compiled for (`jax.lax.platform_dependent`): on the CPU, NumPy's LAPACK in
   float64 through `jax.pure_callback` (`host_svd`), the results cast back; elsewhere
   XLA's SVD (``jnp.linalg.svd``: cuSOLVER on GPUs, a QDWH polar SVD on TPUs).
