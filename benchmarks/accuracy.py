@@ -13,7 +13,16 @@ Example:
   python -m benchmarks.accuracy --out=accuracy.json   # also writes accuracy.md
   python -m benchmarks.accuracy --shapes=512x512 --powers=0,3 --dtypes=float32
   python -m benchmarks.accuracy --data_aware   # the damping table (svd.whitened_svd)
+  python -m benchmarks.accuracy --exact --fractions=0.26,0.3,0.4,0.5,0.75 --out=exact.json
   ```
+
+``--exact``: the ranks ``auto`` sends to the exact SVD instead (fractions above 1/4 of
+``min(m, n)``: ``--fractions=0.26,0.3,0.4,0.5,0.75``), truncated on the host (NumPy) and
+jitted (`svd.truncated_svd` under `jax.jit`: on the CPU NumPy's LAPACK in float64 through
+a callback, `inhernet_jax.decomposition.lapack`), each over the optimal error, with the
+floor float32 factors allow: the float64 SVD's factors rounded to float32 (on steep
+spectra at high ranks the optimal error is a few float32 ulps of ``||A||``, and no
+float32 factorisation reaches it).
 
 ``--data_aware``: data-aware truncation instead (`svd.whitened_svd`), the true output
 error ``||X (A - A_r)||`` over its float64 optimum, for damping 0 and the default, on
@@ -45,6 +54,8 @@ flags.DEFINE_string("fractions", "0.015625,0.03125,0.0625,0.09375,0.125,0.15625,
                     "are left out")
 flags.DEFINE_string("out", "accuracy.json", "JSON output; Markdown next to it (.md)")
 flags.DEFINE_bool("data_aware", False, "Print the data-aware (damping) table instead.")
+flags.DEFINE_bool("exact", False, "Sweep the ranks `auto` sends to the exact SVD, host and "
+                  "jitted, with the float32 floor (set --fractions above 0.25).")
 FLAGS = flags.FLAGS
 
 
@@ -88,6 +99,50 @@ def sweep(shapes, powers, dtypes, fractions):
                          worst=max(got.values()), seconds=time.perf_counter() - t))
         print(json.dumps(rows[-1]), flush=True)
   return rows
+
+
+def _error(a, u, s, v, values, rank) -> float:
+  u, s, v = (np.asarray(x, np.float64) for x in (u, s, v))
+  return float(np.linalg.norm(a.astype(np.float64) - (u * s) @ v.T)
+               / np.sqrt(np.sum(values[rank:] ** 2)))
+
+
+def exact_sweep(shapes, powers, dtypes, fractions):
+  """The ranks ``auto`` sends to the exact SVD: host, jitted and the float32 floor."""
+  rows = []
+  for m, n in shapes:
+    ranks = sorted({r for f in fractions if (r := max(1, int(f * min(m, n))))
+                    and svd.resolve_method(m, n, r, "auto") == "exact"})
+    for power in powers:
+      base = matrix(m, n, power)
+      for dtype in dtypes:
+        teacher = base.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+        a = teacher.astype(np.float32)
+        u64, values, vt64 = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+        t = time.perf_counter()
+        row = dict(shape=f"{m}x{n}", power=power, dtype=dtype, host={}, jitted={}, floor={})
+        for r in ranks:
+          host = [x[0] for x in svd.exact_svd(a[None], r, xp=np)]
+          jitted = jax.jit(functools.partial(svd.truncated_svd, rank=r))(jnp.asarray(teacher))
+          row["host"][r] = _error(a, *host, values, r)
+          row["jitted"][r] = _error(a, *jitted, values, r)
+          row["floor"][r] = _error(a, *(x.astype(np.float32) for x in (
+              u64[:, :r], values[:r], vt64[:r].T)), values, r)
+        row.update(worst_jitted=max(row["jitted"].values()), seconds=time.perf_counter() - t)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  return rows
+
+
+def exact_markdown(rows) -> str:
+  lines = ["| shape | spectrum | teacher | ranks: jitted / host / float32 floor | worst jitted |",
+           "|---|---|---|---|---:|"]
+  for r in rows:
+    spectrum = "Gaussian" if r["power"] == 0 else f"i^-{r['power']:g}"
+    each = ", ".join(f"{k}: {r['jitted'][k]:.4f} / {r['host'][k]:.4f} / {r['floor'][k]:.4f}"
+                     for k in r["jitted"])
+    lines.append(f"| {r['shape']} | {spectrum} | {r['dtype']} | {each} | {r['worst_jitted']:.4f} |")
+  return "\n".join(lines) + "\n"
 
 
 def markdown(rows) -> str:
@@ -134,11 +189,12 @@ def main(argv):
     print(data_aware())
     return
   shapes = [tuple(int(x) for x in s.split("x")) for s in FLAGS.shapes.split(",")]
-  rows = sweep(shapes, [float(p) for p in FLAGS.powers.split(",")], FLAGS.dtypes.split(","),
-               [float(f) for f in FLAGS.fractions.split(",")])
+  run = exact_sweep if FLAGS.exact else sweep
+  rows = run(shapes, [float(p) for p in FLAGS.powers.split(",")], FLAGS.dtypes.split(","),
+             [float(f) for f in FLAGS.fractions.split(",")])
   with open(FLAGS.out, "w") as f:
     json.dump(dict(argv=sys.argv[1:], rows=rows), f, indent=1)
-  md = markdown(rows)
+  md = (exact_markdown if FLAGS.exact else markdown)(rows)
   with open(FLAGS.out.rsplit(".", 1)[0] + ".md", "w") as f:
     f.write(md)
   print(md)

@@ -292,6 +292,32 @@ def test_jit_matches_host():
   chex.assert_trees_all_close(jitted, host, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["host", "jit"])
+def test_whitened_spectra_whiten_as_the_truncation_does(host):
+  """Undamped, on singular Grams (a dead input unit, fewer rows than features): the
+  spectra are those of ``G^{1/2} A`` (no plain-SVD fallback, no warning), and their tail
+  is the output error of the data-aware truncation `inherit` computes."""
+  params, grams = dense_case(stack=(2,), dead=[1])
+  grams = {"fc/kernel": {"gram": grams["fc/kernel"]["gram"] * np.array([1, 0.2], np.float32)[:, None, None],
+                         "count": 20}}
+  spec = InherSpec(rank=2, heads=1, data_aware=True, damping=0.0, skip_if_no_saving=False)
+  if not host:
+    params, grams = jax.tree.map(jnp.asarray, (params, grams))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    spectra = whitened_spectra(params, grams, spec)["fc/kernel"]
+    out = ij.inherit(params, spec, calibration=grams)
+  a = np.asarray(params["fc"]["kernel"], np.float64)
+  g = np.asarray(grams["fc/kernel"]["gram"], np.float64) / 20
+  approx = np.asarray(out["fc"]["down"]["kernel"], np.float64) @ np.asarray(out["fc"]["up"]["kernel"], np.float64)[:, 0]
+  for i in range(2):
+    w, q = np.linalg.eigh(g[i])
+    root = (q * np.sqrt(np.maximum(w, 0))) @ q.T
+    np.testing.assert_allclose(spectra[i], np.linalg.svd(root @ a[i], compute_uv=False), rtol=1e-4, atol=1e-6)
+    error = np.trace((a[i] - approx[i]).T @ g[i] @ (a[i] - approx[i]))
+    np.testing.assert_allclose(error, np.sum(spectra[i][2:] ** 2), rtol=1e-3)
+
+
 def test_whitened_spectra():
   _, params, _, grams = cnn()
   spectra = whitened_spectra(params, grams, InherSpec(rank=1, rules=models.preset("default", "cnn")))

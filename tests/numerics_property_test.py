@@ -106,3 +106,24 @@ def test_undamped_data_aware_truncation_is_optimal_jitted(rows, log_cond, rank, 
   approx = (np.asarray(down, np.float64) * np.asarray(s, np.float64)) @ np.asarray(v, np.float64).T
   optimum = np.sqrt(np.sum(np.linalg.svd(x @ a, compute_uv=False)[rank:] ** 2))
   assert np.linalg.norm(x @ (a - approx)) <= 1.001 * optimum + 1e-6 * np.linalg.norm(x @ a)
+
+
+@settings(max_examples=6, deadline=None)
+@given(shape=st.sampled_from([(128, 128), (160, 128), (128, 160)]),
+       power=st.sampled_from([0.1, 1.0, 2.5, 3.0]), fraction=st.floats(0.26, 0.8),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 2**16))
+@example(shape=(128, 128), power=3.0, fraction=0.75, dtype=jnp.float32, seed=0)  # Was 1.25x.
+@example(shape=(128, 128), power=3.0, fraction=0.5, dtype=jnp.bfloat16, seed=0)
+def test_jitted_exact_svd_is_within_1_percent_of_optimal(shape, power, fraction, dtype, seed):
+  """The jitted path (`inherit` under `jax.jit`, or on accelerators) on the ranks
+  ``method="auto"`` sends to the exact SVD: within 1.01x of the optimal error. (XLA's
+  float32 SVD on the CPU gave 1.03x / 1.25x at ranks 64 / 96 of 128^2, s_i = i^-3.)"""
+  m, n = shape
+  rank = max(1, int(fraction * min(m, n)))
+  assert svd.resolve_method(m, n, rank, "auto") == "exact"
+  a = jnp.asarray(_matrix(m, n, power, seed), dtype)
+  u, s, v = (np.asarray(x, np.float64) for x in svd.truncated_svd(a, rank))
+  a64 = np.asarray(a, np.float64)  # The teacher's own rounding included: what it saw.
+  values = np.linalg.svd(a64, compute_uv=False)
+  err = np.linalg.norm(a64 - (u * s) @ v.T)
+  assert err <= 1.01 * np.sqrt(np.sum(values[rank:] ** 2)), (power, rank)

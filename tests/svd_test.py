@@ -485,6 +485,37 @@ def test_tiny_and_huge_entries_keep_relative_accuracy(method, scale):
                              np.asarray(svd.singular_values(a)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax"])
+def test_normalize_divides_by_a_power_of_two_without_rounding(xp):
+  rng = np.random.default_rng(3)
+  a = np.stack([rng.standard_normal((5, 4)) * 3.7, np.zeros((5, 4)), rng.standard_normal((5, 4)) * 1e-30,
+                np.full((5, 4), 2.0**100), np.full((5, 4), 3e38)]).astype(np.float32)
+  unit, scale = (np.asarray(x) for x in svd.normalize(a if xp is np else jnp.asarray(a), xp=xp))
+  np.testing.assert_array_equal(unit * scale[:, None, None], a)  # Nothing rounded.
+  mantissa, _ = np.frexp(scale)
+  np.testing.assert_array_equal(mantissa, 0.5)  # Powers of two.
+  peak = np.abs(unit).max(axis=(-2, -1))
+  assert np.all((peak[[0, 2, 3]] >= 0.5) & (peak[[0, 2, 3]] < 1)) and peak[1] == 0 and peak[4] < 4
+
+
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax"])
+@pytest.mark.parametrize("scale", [1e-40, 1e40])
+def test_whitened_factors_of_a_float64_gram_beyond_float32_range(xp, scale):
+  """A float64 Gram near 1e-40 / 1e40 (its scale and square root taken in float64,
+  before the cast): the scale-1 truncation, whitened (not the plain-SVD fallback)."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((12, 5)).astype(np.float32)
+  x = rng.standard_normal((40, 12))
+  gram = x.T @ x
+  ref = svd.whitened_svd(a, gram, 3, xp=np)
+  got = svd.whitened_svd(a, gram * scale, 3, xp=xp)
+  values, ok = svd.whitened_values(a, gram * scale, xp=xp)
+  assert got[3] and ok
+  np.testing.assert_allclose(reconstruct(*got[:3]), reconstruct(*ref[:3]), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[1], np.float64) / np.sqrt(scale), ref[1], rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(values, np.float64)[:3] / np.sqrt(scale), ref[1], rtol=1e-4)
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e20])
 def test_whitened_svd_scale_safe(scale):
   rng = np.random.default_rng(0)

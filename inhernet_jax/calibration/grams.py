@@ -259,13 +259,15 @@ def inherited_output_errors(teacher_params, inherited_params, grams) -> dict[str
 # ----------------------------------------------------------- spectra for allocation
 def whitened_spectra(params, calibration: Mapping[str, Any], spec: InherSpec | None = None
                      ) -> dict[str, np.ndarray]:
-  """Output-energy spectra: the singular values of ``L^T A`` for every kernel.
+  """Output-energy spectra: the singular values of ``F A`` for every kernel.
 
-  ``L L^T`` is the kernel's damped per-row input Gram (see `svd.whitening`), so
-  ``sum_{i>r} s_i^2`` is the (damped) mean squared output error of its best rank-r
-  data-aware truncation, comparable across layers. For rank allocation, in the format of
-  ``budget.allocate(..., spectra=...)``. Where the Gram is not positive definite, the
-  weight's own singular values, with a warning.
+  ``F^T F`` is the kernel's damped per-row input Gram, factored as `svd.whitened_svd`
+  factors it (`svd.whitening_factor`: the Cholesky where it holds, else the Gram's
+  eigendecomposition, so singular Grams of rank-deficient inputs and undamped ones
+  included), so ``sum_{i>r} s_i^2`` is the (damped) mean squared output error of the
+  best rank-r data-aware truncation, the one `inherit` computes, comparable across
+  layers. For rank allocation, in the format of ``budget.allocate(..., spectra=...)``.
+  Where the Gram is not finite, the weight's own singular values, with a warning.
 
   Args:
     params: the teacher's ``params``.
@@ -295,8 +297,7 @@ def whitened_spectra(params, calibration: Mapping[str, Any], spec: InherSpec | N
 
 
 def _spectra(a, gram, count, damping, *, xp):
-  l, ok = svd.whitening(gram / count[..., None, None], damping, xp=xp)
-  return svd.singular_values(xp.swapaxes(l, -1, -2) @ a.astype(l.dtype), xp=xp), ok
+  return svd.whitened_values(a, gram / count[..., None, None], damping, xp=xp)
 
 
 _spectra_jit = jax.jit(_spectra, static_argnames=("xp",))

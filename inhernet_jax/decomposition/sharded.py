@@ -218,9 +218,10 @@ def _group_stage(kernel, bias, gram, bits, index, *, meta, layout, via, parts, k
   if method == "randomized":
     bits = _group(bits, index, layout.groups, (svd.packed_bytes(min(m, n), width),))
     start = _constrain(svd.signs(bits, min(m, n), width), layout.basis)
-  [(factors, params)], ok = compute.decompose_group(
-      (a,), (bias,), grams, counts, start, group_meta=group_meta, method=method, m=m, n=n,
-      rank=rank, power_iters=power_iters, damping=damping, xp=jnp)
+  with svd.batch_sharding(layout.basis.mesh, layout.stack):  # The CPU's SVD per device.
+    [(factors, params)], ok = compute.decompose_group(
+        (a,), (bias,), grams, counts, start, group_meta=group_meta, method=method, m=m, n=n,
+        rank=rank, power_iters=power_iters, damping=damping, xp=jnp)
   up = params["up"]
   params = (params["down"]["kernel"], up["kernel"]) + ((up["bias"],) if "bias" in up else ())
   params = tuple(_leave_stack(x, layout, target) for x, target in zip(params, parts))
