@@ -6,7 +6,8 @@
 # once, in env.sh's one pip call with requirements.txt.
 INHERNET_REQUIREMENTS="tests/requirements.txt ${INHERNET_REQUIREMENTS:-}"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-# Two pytest workers on a 2-core machine: one XLA/BLAS thread each, or their spinning
+# Three pytest workers on a 2-core machine (a third keeps both cores busy while a test
+# waits on a subprocess, a file or a signal): one XLA/BLAS thread each, or their spinning
 # thread pools oversubscribe the cores and slow everything down many times.
 # XLA's CPU backend (LLVM) at -O0: the suite's tiny programs are compiled far more often
 # than they run long (benchmark_step_test: 40.6 s -> 24.9 s of CPU). First: XLA stops
@@ -28,5 +29,5 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 # 8-device mesh runs, a built wheel) are made once, not once on each worker; files go out
 # in tests/conftest.py's order (the longest first, --no-loadscope-reorder), so the two
 # workers finish together.
-exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+exec python -m pytest tests -n "${PYTEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder \
   --durations=30 "$@"
