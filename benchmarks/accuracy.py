@@ -79,25 +79,33 @@ def ratio(a: np.ndarray, rank: int, values: np.ndarray) -> float:
   return float(err / np.sqrt(np.sum(values[rank:] ** 2)))
 
 
-def sweep(shapes, powers, dtypes, fractions):
-  rows = []
+def _cases(shapes, powers, dtypes, fractions, method):
+  """``(m, n, power, dtype, base, teacher, ranks)`` of a sweep: the ranks of ``fractions``
+  that ``auto`` sends to ``method``, every spectrum, every teacher dtype."""
   for m, n in shapes:
     ranks = sorted({r for f in fractions if (r := max(1, int(f * min(m, n))))
-                    and svd.resolve_method(m, n, r, "auto") == "randomized"})
+                    and svd.resolve_method(m, n, r, "auto") == method})
     for power in powers:
       base = matrix(m, n, power)
       for dtype in dtypes:
-        a = base.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-        a = a.astype(np.float32)  # What the method computes on.
-        # The teacher's own rounding (bf16: ~2e-3, a small random perturbation that moves
-        # a flat spectrum's ratios only in the 7th digit, a steep one's tail more).
-        rounding = float(np.linalg.norm(a - base) / np.linalg.norm(base))
-        values = np.linalg.svd(a.astype(np.float64), compute_uv=False)
-        t = time.perf_counter()
-        got = {r: ratio(a, r, values) for r in ranks}
-        rows.append(dict(shape=f"{m}x{n}", power=power, dtype=dtype, rounding=rounding, ratios=got,
-                         worst=max(got.values()), seconds=time.perf_counter() - t))
-        print(json.dumps(rows[-1]), flush=True)
+        teacher = base.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+        yield m, n, power, dtype, base, teacher, ranks
+
+
+def sweep(shapes, powers, dtypes, fractions):
+  rows = []
+  for m, n, power, dtype, base, teacher, ranks in _cases(shapes, powers, dtypes, fractions,
+                                                          "randomized"):
+    a = teacher.astype(np.float32)  # What the method computes on.
+    # The teacher's own rounding (bf16: ~2e-3, a small random perturbation that moves
+    # a flat spectrum's ratios only in the 7th digit, a steep one's tail more).
+    rounding = float(np.linalg.norm(a - base) / np.linalg.norm(base))
+    values = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+    t = time.perf_counter()
+    got = {r: ratio(a, r, values) for r in ranks}
+    rows.append(dict(shape=f"{m}x{n}", power=power, dtype=dtype, rounding=rounding, ratios=got,
+                     worst=max(got.values()), seconds=time.perf_counter() - t))
+    print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
@@ -110,27 +118,22 @@ def _error(a, u, s, v, values, rank) -> float:
 def exact_sweep(shapes, powers, dtypes, fractions):
   """The ranks ``auto`` sends to the exact SVD: host, jitted and the float32 floor."""
   rows = []
-  for m, n in shapes:
-    ranks = sorted({r for f in fractions if (r := max(1, int(f * min(m, n))))
-                    and svd.resolve_method(m, n, r, "auto") == "exact"})
-    for power in powers:
-      base = matrix(m, n, power)
-      for dtype in dtypes:
-        teacher = base.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-        a = teacher.astype(np.float32)
-        u64, values, vt64 = np.linalg.svd(a.astype(np.float64), full_matrices=False)
-        t = time.perf_counter()
-        row = dict(shape=f"{m}x{n}", power=power, dtype=dtype, host={}, jitted={}, floor={})
-        for r in ranks:
-          host = [x[0] for x in svd.exact_svd(a[None], r, xp=np)]
-          jitted = jax.jit(functools.partial(svd.truncated_svd, rank=r))(jnp.asarray(teacher))
-          row["host"][r] = _error(a, *host, values, r)
-          row["jitted"][r] = _error(a, *jitted, values, r)
-          row["floor"][r] = _error(a, *(x.astype(np.float32) for x in (
-              u64[:, :r], values[:r], vt64[:r].T)), values, r)
-        row.update(worst_jitted=max(row["jitted"].values()), seconds=time.perf_counter() - t)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+  for m, n, power, dtype, _, teacher, ranks in _cases(shapes, powers, dtypes, fractions,
+                                                       "exact"):
+    a = teacher.astype(np.float32)
+    u64, values, vt64 = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+    t = time.perf_counter()
+    row = dict(shape=f"{m}x{n}", power=power, dtype=dtype, host={}, jitted={}, floor={})
+    for r in ranks:
+      host = [x[0] for x in svd.exact_svd(a[None], r, xp=np)]
+      jitted = jax.jit(functools.partial(svd.truncated_svd, rank=r))(jnp.asarray(teacher))
+      row["host"][r] = _error(a, *host, values, r)
+      row["jitted"][r] = _error(a, *jitted, values, r)
+      row["floor"][r] = _error(a, *(x.astype(np.float32) for x in (
+          u64[:, :r], values[:r], vt64[:r].T)), values, r)
+    row.update(worst_jitted=max(row["jitted"].values()), seconds=time.perf_counter() - t)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
   return rows
 
 
